@@ -1,0 +1,137 @@
+//! mcvmm-agentctl: drive the in-guest agent from a shell (tests, the lab, by hand).
+
+use std::time::{Duration, Instant};
+
+use mcvmm_guest::client::AgentClient;
+use mcvmm_guest::proto::{decode_hex, encode_hex};
+use mcvmm_guest::records;
+
+const USAGE: &str = "\
+usage: mcvmm-agentctl [--addr HOST:PORT] [--wait SECS] COMMAND
+  --addr HOST:PORT   the agent (default 127.0.0.1:7000)
+  --wait SECS        keep trying to connect this long (default 0: one try)
+commands:
+  ping | status | mem-verify | shutdown
+  write DISK OFFSET HEX          acknowledged write (fsync'd before the reply)
+  read DISK OFFSET LEN           prints hex
+  mem-start MIB PAGES_PER_SEC    start the self-checking memory workload
+  records DISK RUN COUNT         write records 0..COUNT of RUN, one acknowledged write each;
+                                 prints the number acknowledged
+  check-records FILE RUN COUNT   (no agent) checks a disk image holds records 0..COUNT of RUN
+  raw LINE                       send a protocol line as is, print the reply";
+
+fn main() {
+    if let Err(e) = run() {
+        eprintln!("mcvmm-agentctl: {e}");
+        std::process::exit(1);
+    }
+}
+
+fn arg<T: std::str::FromStr>(args: &[String], i: usize, name: &str) -> Result<T, String> {
+    let v = args
+        .get(i)
+        .ok_or_else(|| format!("missing {name}\n{USAGE}"))?;
+    v.parse().map_err(|_| format!("{name}: cannot parse {v:?}"))
+}
+
+fn run() -> Result<(), String> {
+    let mut addr = "127.0.0.1:7000".to_string();
+    let mut wait = 0f64;
+    let mut args: Vec<String> = std::env::args().skip(1).collect();
+    while args.first().is_some_and(|a| a.starts_with("--")) {
+        let flag = args.remove(0);
+        if flag == "--help" {
+            println!("{USAGE}");
+            return Ok(());
+        }
+        if args.is_empty() {
+            return Err(format!("{flag} needs a value"));
+        }
+        let value = args.remove(0);
+        match flag.as_str() {
+            "--addr" => addr = value,
+            "--wait" => {
+                wait = value
+                    .parse()
+                    .map_err(|_| format!("--wait {value}: not a number"))?
+            }
+            _ => return Err(format!("unknown option {flag}\n{USAGE}")),
+        }
+    }
+    let command = args.first().cloned().ok_or(USAGE)?;
+    if command == "check-records" {
+        let file: String = arg(&args, 1, "FILE")?;
+        let run: u64 = arg(&args, 2, "RUN")?;
+        let count: u64 = arg(&args, 3, "COUNT")?;
+        let disk = std::fs::read(&file).map_err(|e| format!("{file}: {e}"))?;
+        let missing = records::missing(&disk, run, count);
+        if missing.is_empty() {
+            println!("all {count} records present");
+            return Ok(());
+        }
+        return Err(format!(
+            "{} of {count} records missing or wrong, first {:?}",
+            missing.len(),
+            &missing[..missing.len().min(10)]
+        ));
+    }
+    let mut c = AgentClient::connect_retry(&addr, Duration::from_secs_f64(wait))
+        .map_err(|e| e.to_string())?;
+    let e = |e: mcvmm_guest::client::ClientError| e.to_string();
+    match command.as_str() {
+        "ping" => c.ping().map_err(e)?,
+        "status" => {
+            for (k, v) in c.status().map_err(e)?.pairs {
+                println!("{k}={v}");
+            }
+        }
+        "mem-verify" => {
+            let (pages, errors) = c.mem_verify().map_err(e)?;
+            println!("pages={pages} errors={errors}");
+            if errors != 0 {
+                return Err(format!("{errors} of {pages} pages fail their pattern"));
+            }
+        }
+        "shutdown" => c.shutdown().map_err(e)?,
+        "write" => {
+            let data = decode_hex(&arg::<String>(&args, 3, "HEX")?).map_err(|e| e.to_string())?;
+            c.write(
+                &arg::<String>(&args, 1, "DISK")?,
+                arg(&args, 2, "OFFSET")?,
+                &data,
+            )
+            .map_err(e)?;
+        }
+        "read" => {
+            let data = c
+                .read(
+                    &arg::<String>(&args, 1, "DISK")?,
+                    arg(&args, 2, "OFFSET")?,
+                    arg(&args, 3, "LEN")?,
+                )
+                .map_err(e)?;
+            println!("{}", encode_hex(&data));
+        }
+        "mem-start" => c
+            .mem_start(arg(&args, 1, "MIB")?, arg(&args, 2, "PAGES_PER_SEC")?)
+            .map_err(e)?,
+        "records" => {
+            let disk: String = arg(&args, 1, "DISK")?;
+            let run: u64 = arg(&args, 2, "RUN")?;
+            let count: u64 = arg(&args, 3, "COUNT")?;
+            let start = Instant::now();
+            for seq in 0..count {
+                c.write(&disk, records::offset(seq), &records::record(run, seq))
+                    .map_err(|err| format!("record {seq}: {err} ({seq} acknowledged)"))?;
+            }
+            let secs = start.elapsed().as_secs_f64();
+            println!(
+                "{count} records acknowledged in {secs:.3} s ({:.0}/s)",
+                count as f64 / secs.max(1e-9)
+            );
+        }
+        "raw" => println!("{}", c.raw(&args[1..].join(" ")).map_err(e)?),
+        other => return Err(format!("unknown command {other:?}\n{USAGE}")),
+    }
+    Ok(())
+}

@@ -1,0 +1,236 @@
+//! The agent's request handling, independent of where it runs: in the guest the disks are
+//! `/dev/vdX`; in unit tests `dev_dir` is a temporary folder of plain files.
+
+use std::fs::OpenOptions;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Instant;
+
+use crate::memload::MemLoad;
+use crate::proto::{encode_hex, Reply, Request, MAX_LINE};
+
+#[derive(Default)]
+struct Counters {
+    requests: AtomicU64,
+    errors: AtomicU64,
+    writes: AtomicU64,
+    write_bytes: AtomicU64,
+    reads: AtomicU64,
+    read_bytes: AtomicU64,
+}
+
+/// What the caller must do after sending a reply.
+#[derive(Debug, PartialEq, Eq)]
+pub enum After {
+    Continue,
+    /// The client asked for the guest to end.
+    Shutdown,
+}
+
+pub struct Agent {
+    dev_dir: PathBuf,
+    started: Instant,
+    /// Distinguishes one run of the agent from the next: after a restore it must not change.
+    boot_id: u64,
+    counters: Counters,
+    mem: Mutex<Option<MemLoad>>,
+}
+
+impl Agent {
+    pub fn new(dev_dir: PathBuf) -> Agent {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0);
+        Agent {
+            dev_dir,
+            started: Instant::now(),
+            boot_id: now ^ (std::process::id() as u64) << 32,
+            counters: Counters::default(),
+            mem: Mutex::new(None),
+        }
+    }
+
+    /// Answers one request line.
+    pub fn handle_line(&self, line: &str) -> (Reply, After) {
+        self.counters.requests.fetch_add(1, Ordering::Relaxed);
+        let result = Request::parse(line)
+            .map_err(|e| e.to_string())
+            .and_then(|req| self.handle(req));
+        match result {
+            Ok(ok) => ok,
+            Err(msg) => {
+                self.counters.errors.fetch_add(1, Ordering::Relaxed);
+                (Reply::Err(msg), After::Continue)
+            }
+        }
+    }
+
+    fn handle(&self, req: Request) -> Result<(Reply, After), String> {
+        let ok = |s: String| Ok((Reply::Ok(s), After::Continue));
+        match req {
+            Request::Ping => ok("pong".into()),
+            Request::Status => ok(self.status()),
+            Request::Shutdown => Ok((Reply::Ok(String::new()), After::Shutdown)),
+            Request::Write { disk, offset, data } => {
+                let file = OpenOptions::new()
+                    .write(true)
+                    .open(self.dev_dir.join(&disk))
+                    .map_err(|e| format!("open {disk}: {e}"))?;
+                file.write_all_at(&data, offset)
+                    .map_err(|e| format!("write {disk} at {offset}: {e}"))?;
+                // The reply is the acknowledgement: it must not leave before the data is
+                // on the device, past the guest's page cache.
+                file.sync_data()
+                    .map_err(|e| format!("fdatasync {disk}: {e}"))?;
+                self.counters.writes.fetch_add(1, Ordering::Relaxed);
+                self.counters
+                    .write_bytes
+                    .fetch_add(data.len() as u64, Ordering::Relaxed);
+                ok(data.len().to_string())
+            }
+            Request::Read { disk, offset, len } => {
+                let file = OpenOptions::new()
+                    .read(true)
+                    .open(self.dev_dir.join(&disk))
+                    .map_err(|e| format!("open {disk}: {e}"))?;
+                let mut buf = vec![0u8; len as usize];
+                file.read_exact_at(&mut buf, offset)
+                    .map_err(|e| format!("read {disk} at {offset}: {e}"))?;
+                self.counters.reads.fetch_add(1, Ordering::Relaxed);
+                self.counters
+                    .read_bytes
+                    .fetch_add(len as u64, Ordering::Relaxed);
+                ok(encode_hex(&buf))
+            }
+            Request::MemStart { mib, pages_per_sec } => {
+                let total_mib = mem_total_kib() / 1024;
+                // Leave room for the kernel and the agent itself, or the guest OOMs.
+                if total_mib != 0 && u64::from(mib) + 32 > total_mib {
+                    return Err(format!(
+                        "{mib} MiB does not fit in a guest with {total_mib} MiB"
+                    ));
+                }
+                let mut mem = self.mem.lock().unwrap_or_else(PoisonError::into_inner);
+                *mem = None; // stop the old writer before allocating the new region
+                *mem = Some(MemLoad::start(mib, pages_per_sec));
+                ok(String::new())
+            }
+            Request::MemVerify => {
+                let mem = self.mem.lock().unwrap_or_else(PoisonError::into_inner);
+                let load = mem.as_ref().ok_or("no memory workload running")?;
+                let v = load.verify();
+                ok(format!("pages={} errors={}", v.pages, v.errors))
+            }
+            Request::MemStop => {
+                *self.mem.lock().unwrap_or_else(PoisonError::into_inner) = None;
+                ok(String::new())
+            }
+        }
+    }
+
+    fn status(&self) -> String {
+        let c = &self.counters;
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let mem = self.mem.lock().unwrap_or_else(PoisonError::into_inner);
+        let (mib, rate, written, passes) = match mem.as_ref() {
+            Some(m) => (
+                m.mib,
+                m.pages_per_sec,
+                get(&m.stats().pages_written),
+                get(&m.stats().passes),
+            ),
+            None => (0, 0, 0, 0),
+        };
+        format!(
+            "boot_id={:016x} uptime_ms={} cpus={} mem_total_kib={} requests={} errors={} \
+             writes={} write_bytes={} reads={} read_bytes={} mem_mib={} mem_rate={} \
+             mem_pages_written={} mem_passes={}",
+            self.boot_id,
+            self.started.elapsed().as_millis(),
+            online_cpus(),
+            mem_total_kib(),
+            get(&c.requests),
+            get(&c.errors),
+            get(&c.writes),
+            get(&c.write_bytes),
+            get(&c.reads),
+            get(&c.read_bytes),
+            mib,
+            rate,
+            written,
+            passes,
+        )
+    }
+}
+
+fn online_cpus() -> u64 {
+    // SAFETY: sysconf has no memory-safety preconditions.
+    let n = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) };
+    n.max(0) as u64
+}
+
+fn mem_total_kib() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("MemTotal:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// Serves one connection until it closes. Returns `After::Shutdown` if the client asked
+/// for the guest to end (the reply has been sent by then).
+pub fn serve_connection(agent: &Agent, stream: TcpStream) -> std::io::Result<After> {
+    stream.set_nodelay(true)?;
+    let mut writer = stream.try_clone()?;
+    let mut reader = BufReader::new(stream);
+    let mut line = Vec::new();
+    loop {
+        line.clear();
+        // One byte over the limit tells a long line from one exactly at it.
+        let n = (&mut reader)
+            .take(MAX_LINE as u64 + 1)
+            .read_until(b'\n', &mut line)?;
+        if n == 0 {
+            return Ok(After::Continue);
+        }
+        if line.last() != Some(&b'\n') {
+            let reply = if line.len() > MAX_LINE {
+                Reply::Err(format!("line longer than {MAX_LINE} bytes"))
+            } else {
+                Reply::Err("connection closed mid-line".into())
+            };
+            let _ = writeln!(writer, "{reply}");
+            return Ok(After::Continue);
+        }
+        line.pop();
+        let (reply, after) = match std::str::from_utf8(&line) {
+            Ok(text) => agent.handle_line(text.trim_end_matches('\r')),
+            Err(_) => (Reply::Err("request is not UTF-8".into()), After::Continue),
+        };
+        writeln!(writer, "{reply}")?;
+        if after == After::Shutdown {
+            return Ok(after);
+        }
+    }
+}
+
+/// Accepts connections forever, a thread each; calls `on_shutdown` when asked to end.
+pub fn serve(listener: TcpListener, agent: Arc<Agent>, on_shutdown: fn()) {
+    for stream in listener.incoming() {
+        let Ok(stream) = stream else { continue };
+        let agent = agent.clone();
+        std::thread::spawn(move || {
+            if let Ok(After::Shutdown) = serve_connection(&agent, stream) {
+                on_shutdown();
+            }
+        });
+    }
+}
