@@ -11,7 +11,16 @@ use mcvmm_guest::client::{AgentClient, ClientError};
 use mcvmm_guest::proto::MAX_LINE;
 use mcvmm_guest::server::{serve, Agent};
 
-fn start_agent() -> (String, PathBuf) {
+/// The agent's stand-in device folder, removed when the test ends (passing or not).
+struct Disks(PathBuf);
+
+impl Drop for Disks {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn start_agent() -> (String, Disks) {
     let dir = std::env::temp_dir().join(format!(
         "mcvmm-agent-test-{}-{:?}",
         std::process::id(),
@@ -23,7 +32,7 @@ fn start_agent() -> (String, PathBuf) {
     let addr = listener.local_addr().expect("addr").to_string();
     let agent = Arc::new(Agent::new(dir.clone()));
     std::thread::spawn(move || serve(listener, agent, || {}));
-    (addr, dir)
+    (addr, Disks(dir))
 }
 
 fn client(addr: &str) -> AgentClient {
@@ -37,7 +46,7 @@ fn acknowledged_write_is_in_the_file_and_reads_back() {
     c.ping().expect("ping");
     c.write("vda", 4096, b"record-1").expect("write");
     assert_eq!(
-        &std::fs::read(dir.join("vda")).expect("read")[4096..4104],
+        &std::fs::read(dir.0.join("vda")).expect("read")[4096..4104],
         b"record-1"
     );
     assert_eq!(c.read("vda", 4096, 8).expect("read"), b"record-1");

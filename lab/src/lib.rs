@@ -1,0 +1,136 @@
+//! The mcvmm lab: Linux test hosts under QEMU's TCG with nested SVM (a real `kvm_amd`
+//! inside), for developing and testing a KVM VMM on machines whose own `/dev/kvm` cannot
+//! boot Linux guests. See the README's "The lab" section.
+//!
+//! ```no_run
+//! use std::time::Duration;
+//! let lab = mcvmm_lab::Lab::start(&mcvmm_lab::LabOptions::default())?;
+//! let out = lab.host(0).run("ls -l /dev/kvm", Duration::from_secs(10))?;
+//! assert!(out.success());
+//! # Ok::<(), mcvmm_lab::LabError>(())
+//! ```
+
+pub mod assets;
+pub mod cleanup;
+pub mod cpio;
+pub mod exec;
+pub mod host;
+pub mod kvm;
+pub mod net;
+pub mod reference;
+pub mod wire;
+
+use std::time::{Duration, Instant};
+
+pub use host::{HostOptions, Output, Stream, TestHost};
+pub use kvm::KvmHost;
+pub use net::LabNet;
+
+use assets::HostKernel;
+
+#[derive(Debug, thiserror::Error)]
+pub enum LabError {
+    #[error(transparent)]
+    Asset(#[from] assets::AssetError),
+    #[error(transparent)]
+    Net(#[from] net::NetError),
+    #[error(transparent)]
+    Host(#[from] host::HostError),
+    #[error("{0}")]
+    Check(String),
+}
+
+#[derive(Debug, Clone)]
+pub struct LabOptions {
+    pub hosts: usize,
+    /// Join the hosts on a lab network (a bridge in a namespace the lab creates).
+    pub network: bool,
+    pub host: HostOptions,
+}
+
+impl Default for LabOptions {
+    fn default() -> Self {
+        LabOptions {
+            hosts: 1,
+            network: false,
+            host: HostOptions::default(),
+        }
+    }
+}
+
+/// Test hosts, and the network joining them; all of it goes when this is dropped.
+pub struct Lab {
+    // Hosts before the network: QEMU holds the taps.
+    hosts: Vec<TestHost>,
+    net: Option<LabNet>,
+    pub boot_time: Duration,
+}
+
+/// The cached test host kernel, downloaded on first use.
+pub fn host_kernel() -> Result<HostKernel, LabError> {
+    match HostKernel::cached() {
+        Ok(k) => Ok(k),
+        Err(_) => {
+            eprintln!("mcvmm-lab: downloading the test host kernel (Debian linux-image-cloud-amd64), once");
+            Ok(HostKernel::fetch()?)
+        }
+    }
+}
+
+impl Lab {
+    pub fn start(opts: &LabOptions) -> Result<Lab, LabError> {
+        if opts.hosts == 0 || opts.hosts > 8 {
+            return Err(LabError::Check(format!(
+                "{} test hosts: the lab runs 1 to 8",
+                opts.hosts
+            )));
+        }
+        if !assets::in_path("qemu-system-x86_64") {
+            return Err(LabError::Check(
+                "qemu-system-x86_64 not found in PATH: install Debian package qemu-system-x86 (scripts/setup.sh does)".into(),
+            ));
+        }
+        cleanup::remove_stale();
+        let kernel = host_kernel()?;
+        let labd = assets::workspace_binary("mcvmm-labd")?;
+        let net = if opts.network {
+            Some(LabNet::create(opts.hosts)?)
+        } else {
+            None
+        };
+        let started = Instant::now();
+        let results: Vec<Result<TestHost, host::HostError>> = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..opts.hosts)
+                .map(|i| {
+                    let (kernel, labd, net) = (&kernel, &labd, net.as_ref());
+                    s.spawn(move || TestHost::boot(i, &opts.host, kernel, labd, net))
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+                .collect()
+        });
+        let mut hosts = Vec::new();
+        for r in results {
+            hosts.push(r?);
+        }
+        Ok(Lab {
+            hosts,
+            net,
+            boot_time: started.elapsed(),
+        })
+    }
+
+    pub fn host(&self, i: usize) -> &TestHost {
+        &self.hosts[i]
+    }
+
+    pub fn hosts(&self) -> &[TestHost] {
+        &self.hosts
+    }
+
+    pub fn net(&self) -> Option<&LabNet> {
+        self.net.as_ref()
+    }
+}
