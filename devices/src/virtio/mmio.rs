@@ -1,0 +1,282 @@
+//! The virtio-mmio transport, version 2 (virtio 1.x, section 4.2.2): a 4 KiB register
+//! window per device. Register accesses arrive on vCPU threads; queue notifications arrive
+//! as ioeventfds on the device loop, which calls [`MmioTransport::notify`].
+
+use std::sync::Arc;
+
+use virtio_queue::{Queue, QueueT};
+use vmm_sys_util::eventfd::EventFd;
+
+use super::{DeviceError, VirtioDevice, VIRTIO_F_VERSION_1};
+use crate::bus::BusDevice;
+use crate::interrupt::{Interrupt, INT_CONFIG};
+use crate::GuestMemory;
+
+pub const WINDOW: u64 = 0x1000;
+/// Offset of QueueNotify, where ioeventfds are registered (datamatch = queue index).
+pub const NOTIFY_OFFSET: u64 = 0x50;
+
+const MAGIC: u32 = 0x7472_6976; // "virt"
+const VENDOR: u32 = 0x4d43_564d; // "MCVM"
+
+const STATUS_DRIVER: u32 = 2;
+const STATUS_DRIVER_OK: u32 = 4;
+const STATUS_FEATURES_OK: u32 = 8;
+const STATUS_FAILED: u32 = 0x80;
+
+pub struct MmioTransport {
+    device: Box<dyn VirtioDevice>,
+    mem: GuestMemory,
+    pub queues: Vec<Queue>,
+    pub queue_events: Vec<EventFd>,
+    pub interrupt: Arc<Interrupt>,
+    status: u32,
+    device_features_sel: u32,
+    driver_features_sel: u32,
+    acked_features: u64,
+    queue_sel: u32,
+    config_generation: u32,
+    active: bool,
+    /// The last error of the device, kept for `status` and the log.
+    pub last_error: Option<String>,
+}
+
+impl MmioTransport {
+    pub fn new(
+        device: Box<dyn VirtioDevice>,
+        mem: GuestMemory,
+        interrupt: Arc<Interrupt>,
+    ) -> Result<MmioTransport, DeviceError> {
+        let mut queues = Vec::new();
+        let mut queue_events = Vec::new();
+        for &size in device.queue_max_sizes() {
+            queues.push(Queue::new(size)?);
+            queue_events.push(EventFd::new(libc::EFD_NONBLOCK)?);
+        }
+        Ok(MmioTransport {
+            device,
+            mem,
+            queues,
+            queue_events,
+            interrupt,
+            status: 0,
+            device_features_sel: 0,
+            driver_features_sel: 0,
+            acked_features: 0,
+            queue_sel: 0,
+            config_generation: 0,
+            active: false,
+            last_error: None,
+        })
+    }
+
+    pub fn device(&self) -> &dyn VirtioDevice {
+        self.device.as_ref()
+    }
+
+    pub fn is_active(&self) -> bool {
+        self.active
+    }
+
+    /// The guest notified queue `index` (its ioeventfd fired).
+    pub fn notify(&mut self, index: usize) {
+        if !self.active || index >= self.queues.len() {
+            return;
+        }
+        let r = self
+            .device
+            .process_queue(index, &mut self.queues, &self.mem, &self.interrupt);
+        self.note(r);
+    }
+
+    /// The device's own fd (a tap) is readable.
+    pub fn io_ready(&mut self) {
+        if !self.active {
+            return;
+        }
+        let r = self
+            .device
+            .process_io(&mut self.queues, &self.mem, &self.interrupt);
+        self.note(r);
+    }
+
+    pub fn wants_io(&self) -> bool {
+        self.active && self.device.wants_io()
+    }
+
+    fn note(&mut self, r: Result<(), DeviceError>) {
+        if let Err(e) = r {
+            // A broken queue is the guest's doing: say so once, mark the device as
+            // needing a reset, and leave the VMM running.
+            if self.last_error.is_none() {
+                eprintln!(
+                    "mcvmm: virtio device type {}: {e}",
+                    self.device.device_type()
+                );
+            }
+            self.last_error = Some(e.to_string());
+            self.status |= 0x40; // DEVICE_NEEDS_RESET
+            self.interrupt.trigger(INT_CONFIG);
+        }
+    }
+
+    fn selected_queue(&mut self) -> Option<&mut Queue> {
+        self.queues.get_mut(self.queue_sel as usize)
+    }
+
+    fn reset(&mut self) {
+        self.device.reset();
+        for q in &mut self.queues {
+            q.reset();
+        }
+        self.status = 0;
+        self.acked_features = 0;
+        self.device_features_sel = 0;
+        self.driver_features_sel = 0;
+        self.queue_sel = 0;
+        self.active = false;
+        self.last_error = None;
+        self.interrupt.set_status(0);
+    }
+
+    fn set_status(&mut self, value: u32) {
+        if value == 0 {
+            self.reset();
+            return;
+        }
+        let newly = value & !self.status;
+        if newly & STATUS_FEATURES_OK != 0 && self.acked_features & VIRTIO_F_VERSION_1 == 0 {
+            // A modern-only device: a driver that did not take VERSION_1 cannot use it.
+            self.status = value & !STATUS_FEATURES_OK;
+            return;
+        }
+        self.status = value;
+        if newly & STATUS_DRIVER_OK != 0 && !self.active {
+            let ready_ok = self
+                .queues
+                .iter()
+                .all(|q| !q.ready() || q.is_valid(&self.mem));
+            let r = if ready_ok {
+                self.device.activate(self.acked_features)
+            } else {
+                Err(DeviceError::Queue(virtio_queue::Error::InvalidSize))
+            };
+            match r {
+                Ok(()) => self.active = true,
+                Err(e) => {
+                    self.last_error = Some(e.to_string());
+                    self.status |= STATUS_FAILED;
+                }
+            }
+        }
+    }
+
+    fn read_reg(&mut self, offset: u64) -> u32 {
+        match offset {
+            0x00 => MAGIC,
+            0x04 => 2,
+            0x08 => self.device.device_type(),
+            0x0c => VENDOR,
+            0x10 => {
+                let f = self.device.features() | VIRTIO_F_VERSION_1;
+                match self.device_features_sel {
+                    0 => f as u32,
+                    1 => (f >> 32) as u32,
+                    _ => 0,
+                }
+            }
+            0x34 => self
+                .selected_queue()
+                .map(|q| u32::from(q.max_size()))
+                .unwrap_or(0),
+            0x44 => self.selected_queue().map(|q| q.ready() as u32).unwrap_or(0),
+            0x60 => self.interrupt.status(),
+            0x70 => self.status,
+            0xfc => self.config_generation,
+            _ => 0,
+        }
+    }
+
+    fn write_reg(&mut self, offset: u64, v: u32) {
+        // Queue layout may only change while the driver sets the device up.
+        let setting_up = self.status & STATUS_DRIVER_OK == 0;
+        match offset {
+            0x14 => self.device_features_sel = v,
+            0x20 => {
+                let offered = self.device.features() | VIRTIO_F_VERSION_1;
+                let shift = match self.driver_features_sel {
+                    0 => 0,
+                    1 => 32,
+                    _ => return,
+                };
+                if self.status & STATUS_FEATURES_OK == 0 {
+                    let mask = 0xffff_ffffu64 << shift;
+                    self.acked_features =
+                        (self.acked_features & !mask) | ((u64::from(v) << shift) & offered);
+                }
+            }
+            0x24 => self.driver_features_sel = v,
+            0x30 => self.queue_sel = v,
+            0x38 if setting_up => {
+                if let Some(q) = self.selected_queue() {
+                    // virtio-queue checks the size (power of two, not above the maximum).
+                    q.set_size(v as u16);
+                }
+            }
+            0x44 if setting_up => {
+                if let Some(q) = self.selected_queue() {
+                    q.set_ready(v == 1);
+                }
+            }
+            0x50 => {
+                // A notify that did not go through the ioeventfd (e.g. a 16-bit write).
+                self.notify(v as usize);
+            }
+            0x64 => self.interrupt.ack(v),
+            0x70 => self.set_status(v),
+            0x80 | 0x84 | 0x90 | 0x94 | 0xa0 | 0xa4 if setting_up => {
+                let (low, high) = if offset % 8 == 0 {
+                    (Some(v), None)
+                } else {
+                    (None, Some(v))
+                };
+                if let Some(q) = self.selected_queue() {
+                    match offset {
+                        0x80 | 0x84 => q.set_desc_table_address(low, high),
+                        0x90 | 0x94 => q.set_avail_ring_address(low, high),
+                        _ => q.set_used_ring_address(low, high),
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+impl BusDevice for MmioTransport {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        if offset >= 0x100 {
+            self.device.read_config(offset - 0x100, data);
+            return;
+        }
+        if data.len() != 4 {
+            data.fill(0);
+            return;
+        }
+        data.copy_from_slice(&self.read_reg(offset).to_le_bytes());
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        if offset >= 0x100 {
+            if self.status & STATUS_DRIVER != 0 {
+                self.device.write_config(offset - 0x100, data);
+                self.config_generation = self.config_generation.wrapping_add(1);
+            }
+            return;
+        }
+        let Ok(bytes) = <[u8; 4]>::try_from(data) else {
+            return;
+        };
+        self.write_reg(offset, u32::from_le_bytes(bytes));
+    }
+}

@@ -1,0 +1,75 @@
+//! virtio devices over the virtio-mmio transport (version 2, "modern" only).
+
+pub mod block;
+pub mod mmio;
+pub mod net;
+pub mod tap;
+
+use std::sync::Arc;
+
+use virtio_queue::Queue;
+
+use crate::interrupt::Interrupt;
+use crate::GuestMemory;
+
+pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
+
+pub const TYPE_NET: u32 = 1;
+pub const TYPE_BLOCK: u32 = 2;
+
+/// The device half of a virtio device; the transport owns queues and registers.
+pub trait VirtioDevice: Send {
+    fn device_type(&self) -> u32;
+    /// Maximum size of each queue; the number of entries is the number of queues.
+    fn queue_max_sizes(&self) -> &[u16];
+    /// Feature bits offered to the driver.
+    fn features(&self) -> u64;
+    /// Reads the device-specific configuration space.
+    fn read_config(&self, offset: u64, data: &mut [u8]);
+    /// Configuration writes are ignored unless a device says otherwise.
+    fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
+    /// The driver set DRIVER_OK: from now on queues carry requests.
+    fn activate(&mut self, acked_features: u64) -> Result<(), DeviceError>;
+    /// Handles the guest's notification of queue `index`.
+    fn process_queue(
+        &mut self,
+        index: usize,
+        queues: &mut [Queue],
+        mem: &GuestMemory,
+        interrupt: &Interrupt,
+    ) -> Result<(), DeviceError>;
+    /// Back to the state before activation (the driver wrote 0 to Status).
+    fn reset(&mut self);
+    /// An extra file descriptor the device loop must watch (a tap), if any.
+    fn io_fd(&self) -> Option<std::os::fd::RawFd> {
+        None
+    }
+    /// `io_fd` became readable.
+    fn process_io(
+        &mut self,
+        _queues: &mut [Queue],
+        _mem: &GuestMemory,
+        _interrupt: &Interrupt,
+    ) -> Result<(), DeviceError> {
+        Ok(())
+    }
+    /// Whether the device wants `io_fd` watched right now (a full RX path says no).
+    fn wants_io(&self) -> bool {
+        true
+    }
+    /// Counters for `status`.
+    fn stats(&self) -> serde_json::Value;
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DeviceError {
+    #[error("virtqueue: {0}")]
+    Queue(#[from] virtio_queue::Error),
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    #[error("driver did not accept VIRTIO_F_VERSION_1")]
+    Legacy,
+}
+
+/// Shared ownership of the interrupt for devices that signal from the device loop.
+pub type SharedInterrupt = Arc<Interrupt>;

@@ -1,0 +1,261 @@
+//! virtio-net on a tap: queue 0 receives, queue 1 transmits. No offloads: every frame
+//! carries the 12-byte virtio-net header of VERSION_1, all zero but `num_buffers`.
+//!
+//! Receive path: a frame read from the tap that finds no guest buffer waits in `pending`,
+//! and the tap is not watched until the guest posts RX buffers (its notify), so a guest
+//! that stops receiving stops the VMM reading, not the VMM spinning.
+
+use std::os::fd::{AsRawFd, RawFd};
+
+use virtio_queue::{Queue, QueueT};
+use vm_memory::{Address, Bytes, GuestAddress};
+
+use super::tap::Tap;
+use super::{DeviceError, VirtioDevice, TYPE_NET};
+use crate::interrupt::{Interrupt, INT_USED_RING};
+use crate::GuestMemory;
+
+const QUEUE_SIZE: u16 = 256;
+const RX: usize = 0;
+const TX: usize = 1;
+const F_MAC: u64 = 1 << 5;
+const HDR_LEN: usize = 12;
+/// Largest frame without offloads (a 64 KiB frame is more than any MTU the guest can set).
+const MAX_FRAME: usize = 65_550;
+
+#[derive(Debug, Default, Clone, serde::Serialize)]
+pub struct NetStats {
+    pub rx_frames: u64,
+    pub rx_bytes: u64,
+    pub rx_dropped: u64,
+    pub tx_frames: u64,
+    pub tx_bytes: u64,
+    pub tx_dropped: u64,
+}
+
+pub struct Net {
+    tap: Tap,
+    mac: [u8; 6],
+    pending: Option<Vec<u8>>,
+    buf: Vec<u8>,
+    stats: NetStats,
+}
+
+impl Net {
+    pub fn new(tap: Tap, mac: [u8; 6]) -> Net {
+        Net {
+            tap,
+            mac,
+            pending: None,
+            buf: vec![0u8; MAX_FRAME],
+            stats: NetStats::default(),
+        }
+    }
+
+    /// Copies `frame` (with a header in front) into the next RX chain. Returns false if
+    /// the guest has posted no buffer.
+    fn deliver(
+        &mut self,
+        frame: &[u8],
+        queue: &mut Queue,
+        mem: &GuestMemory,
+    ) -> Result<bool, DeviceError> {
+        let Some(chain) = queue.pop_descriptor_chain(mem) else {
+            return Ok(false);
+        };
+        let head = chain.head_index();
+        let mut hdr = [0u8; HDR_LEN];
+        hdr[10] = 1; // num_buffers
+        let mut parts: [&[u8]; 2] = [&hdr, frame];
+        let mut written = 0usize;
+        let mut ok = true;
+        for d in chain.take(usize::from(QUEUE_SIZE)) {
+            if parts.iter().all(|p| p.is_empty()) {
+                break;
+            }
+            if !d.is_write_only() {
+                ok = false;
+                break;
+            }
+            let mut room = d.len() as usize;
+            let mut at: GuestAddress = d.addr();
+            for p in parts.iter_mut() {
+                if room == 0 || p.is_empty() {
+                    continue;
+                }
+                let n = room.min(p.len());
+                if mem.write_slice(&p[..n], at).is_err() {
+                    ok = false;
+                    break;
+                }
+                *p = &p[n..];
+                room -= n;
+                written += n;
+                match at.checked_add(n as u64) {
+                    Some(next) => at = next,
+                    None => ok = false,
+                }
+            }
+            if !ok {
+                break;
+            }
+        }
+        if !ok || parts.iter().any(|p| !p.is_empty()) {
+            // Buffers too small or not writable: the frame is lost, the chain returned.
+            self.stats.rx_dropped += 1;
+            queue.add_used(mem, head, 0)?;
+            return Ok(true);
+        }
+        self.stats.rx_frames += 1;
+        self.stats.rx_bytes += frame.len() as u64;
+        queue.add_used(mem, head, written as u32)?;
+        Ok(true)
+    }
+
+    fn receive(
+        &mut self,
+        queues: &mut [Queue],
+        mem: &GuestMemory,
+        interrupt: &Interrupt,
+    ) -> Result<(), DeviceError> {
+        let mut delivered = false;
+        loop {
+            let frame = match self.pending.take() {
+                Some(f) => f,
+                None => match self.tap.read_frame(&mut self.buf) {
+                    Ok(n) => self.buf[..n].to_vec(),
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                    Err(e) => return Err(e.into()),
+                },
+            };
+            if self.deliver(&frame, &mut queues[RX], mem)? {
+                delivered = true;
+            } else {
+                self.pending = Some(frame);
+                break;
+            }
+        }
+        if delivered && queues[RX].needs_notification(mem)? {
+            interrupt.trigger(INT_USED_RING);
+        }
+        Ok(())
+    }
+
+    fn transmit(
+        &mut self,
+        queue: &mut Queue,
+        mem: &GuestMemory,
+        interrupt: &Interrupt,
+    ) -> Result<(), DeviceError> {
+        let mut used_any = false;
+        while let Some(chain) = queue.pop_descriptor_chain(mem) {
+            let head = chain.head_index();
+            let mut frame = Vec::new();
+            let mut ok = true;
+            for d in chain.take(usize::from(QUEUE_SIZE)) {
+                let len = d.len() as usize;
+                if d.is_write_only() || frame.len() + len > MAX_FRAME + HDR_LEN {
+                    ok = false;
+                    break;
+                }
+                let start = frame.len();
+                frame.resize(start + len, 0);
+                if mem.read_slice(&mut frame[start..], d.addr()).is_err() {
+                    ok = false;
+                    break;
+                }
+            }
+            if ok && frame.len() > HDR_LEN {
+                match self.tap.write_frame(&frame[HDR_LEN..]) {
+                    Ok(_) => {
+                        self.stats.tx_frames += 1;
+                        self.stats.tx_bytes += (frame.len() - HDR_LEN) as u64;
+                    }
+                    // A full tap queue drops the frame, as a congested link would.
+                    Err(_) => self.stats.tx_dropped += 1,
+                }
+            } else {
+                self.stats.tx_dropped += 1;
+            }
+            queue.add_used(mem, head, 0)?;
+            used_any = true;
+        }
+        if used_any && queue.needs_notification(mem)? {
+            interrupt.trigger(INT_USED_RING);
+        }
+        Ok(())
+    }
+}
+
+impl VirtioDevice for Net {
+    fn device_type(&self) -> u32 {
+        TYPE_NET
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &[QUEUE_SIZE, QUEUE_SIZE]
+    }
+
+    fn features(&self) -> u64 {
+        F_MAC
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        // mac[6], status u16 (not offered), max_virtqueue_pairs u16
+        let mut config = [0u8; 10];
+        config[..6].copy_from_slice(&self.mac);
+        config[8] = 1;
+        let start = offset as usize;
+        for (i, b) in data.iter_mut().enumerate() {
+            *b = config.get(start + i).copied().unwrap_or(0);
+        }
+    }
+
+    fn activate(&mut self, _acked: u64) -> Result<(), DeviceError> {
+        Ok(())
+    }
+
+    fn process_queue(
+        &mut self,
+        index: usize,
+        queues: &mut [Queue],
+        mem: &GuestMemory,
+        interrupt: &Interrupt,
+    ) -> Result<(), DeviceError> {
+        match index {
+            RX => self.receive(queues, mem, interrupt),
+            TX => self.transmit(&mut queues[TX], mem, interrupt),
+            _ => Ok(()),
+        }
+    }
+
+    fn reset(&mut self) {
+        self.pending = None;
+    }
+
+    fn io_fd(&self) -> Option<RawFd> {
+        Some(self.tap.as_raw_fd())
+    }
+
+    fn process_io(
+        &mut self,
+        queues: &mut [Queue],
+        mem: &GuestMemory,
+        interrupt: &Interrupt,
+    ) -> Result<(), DeviceError> {
+        self.receive(queues, mem, interrupt)
+    }
+
+    fn wants_io(&self) -> bool {
+        self.pending.is_none()
+    }
+
+    fn stats(&self) -> serde_json::Value {
+        let m = self.mac;
+        serde_json::json!({
+            "tap": self.tap.name,
+            "mac": format!("{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}", m[0], m[1], m[2], m[3], m[4], m[5]),
+            "io": self.stats,
+        })
+    }
+}
