@@ -161,6 +161,21 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     }
 }
 
+/// The error and its causes on one line, skipping a cause its parent already quoted.
+fn one_line(e: &anyhow::Error) -> String {
+    let mut msg = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if !msg.contains(&text) {
+            if !msg.is_empty() {
+                msg += ": ";
+            }
+            msg += &text;
+        }
+    }
+    msg
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
@@ -173,7 +188,7 @@ fn main() -> ExitCode {
         // vCPU threads may still be inside KVM_RUN; ending the process ends them.
         Ok(()) => std::process::exit(0),
         Err(e) => {
-            eprintln!("mcvmm: {e:#}");
+            eprintln!("mcvmm: {}", one_line(&e));
             ExitCode::FAILURE
         }
     }

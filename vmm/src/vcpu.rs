@@ -76,6 +76,7 @@ pub fn cpuid_for(base: &CpuId, id: u8, cpus: u8) -> CpuId {
 }
 
 pub struct VcpuThread {
+    #[allow(dead_code)]
     pub handle: JoinHandle<()>,
 }
 

@@ -58,6 +58,8 @@ pub struct VmConfig {
 pub enum VmError {
     #[error("opening /dev/kvm: {0}")]
     Kvm(kvm_ioctls::Error),
+    #[error("opening /dev/kvm: it does not answer as KVM (API version 12)")]
+    NotKvm,
     #[error("{what}: {source}")]
     KvmCall {
         what: &'static str,
@@ -97,9 +99,14 @@ fn kvm_call(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
 
 pub struct Vm {
     pub config: VmConfig,
+    // The VM, its memory and its vCPU threads live as long as this; the checkpoint engine
+    // will use them directly.
+    #[allow(dead_code)]
     pub vm_fd: VmFd,
+    #[allow(dead_code)]
     pub mem: GuestMemory,
     pub devices: Vec<Arc<Mutex<MmioTransport>>>,
+    #[allow(dead_code)]
     pub vcpus: Vec<VcpuThread>,
     pub exit: Arc<VmExit>,
     pub started: Instant,
@@ -109,6 +116,9 @@ pub struct Vm {
 pub fn build(config: VmConfig) -> Result<Vm, VmError> {
     let started = Instant::now();
     let kvm = Kvm::new().map_err(VmError::Kvm)?;
+    if kvm.get_api_version() != 12 {
+        return Err(VmError::NotKvm);
+    }
     let vm_fd = kvm.create_vm().map_err(kvm_call("KVM_CREATE_VM"))?;
 
     let mem_size = config.mem_mib << 20;

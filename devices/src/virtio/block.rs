@@ -122,7 +122,7 @@ impl Block {
                 let in_range = start
                     .and_then(|s| s.checked_add(total))
                     .is_some_and(|end| end <= self.size_bytes());
-                if !in_range || total % SECTOR_SIZE != 0 {
+                if !in_range || !total.is_multiple_of(SECTOR_SIZE) {
                     return (0, status_at, S_IOERR);
                 }
                 let mut offset = start.unwrap_or(0);
@@ -217,10 +217,7 @@ impl VirtioDevice for Block {
     ) -> Result<(), DeviceError> {
         let queue = &mut queues[index];
         let mut used_any = false;
-        loop {
-            let Some(chain) = queue.pop_descriptor_chain(mem) else {
-                break;
-            };
+        while let Some(chain) = queue.pop_descriptor_chain(mem) {
             let head = chain.head_index();
             // The chain iterator stops after queue-size descriptors, so a looping chain
             // ends; such a chain, or one longer than SEG_MAX + 2, is refused whole.

@@ -235,7 +235,7 @@ impl MmioTransport {
             0x64 => self.interrupt.ack(v),
             0x70 => self.set_status(v),
             0x80 | 0x84 | 0x90 | 0x94 | 0xa0 | 0xa4 if setting_up => {
-                let (low, high) = if offset % 8 == 0 {
+                let (low, high) = if offset.is_multiple_of(8) {
                     (Some(v), None)
                 } else {
                     (None, Some(v))

@@ -9,7 +9,7 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
 use mcvmm_lab::reference::{self, GuestImages};
-use mcvmm_lab::{assets, HostOptions, Lab, LabOptions, Stream};
+use mcvmm_lab::{assets, HostOptions, KvmHost, Lab, LabOptions, Stream};
 
 #[derive(Parser)]
 #[command(
@@ -59,6 +59,10 @@ enum Cmd {
         /// vCPUs of each test host.
         #[arg(long, default_value_t = 2)]
         cpus: u32,
+        /// Run on this machine instead when its /dev/kvm is hardware KVM (files go to a
+        /// work folder; only host 0).
+        #[arg(long)]
+        kvm_host: bool,
         /// The command is killed after this many seconds.
         #[arg(long, default_value_t = 600)]
         timeout: u64,
@@ -154,6 +158,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             cpus,
             timeout,
             command,
+            kvm_host,
         } => {
             let mut opts = HostOptions {
                 mem_mib,
@@ -170,25 +175,35 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             if guest {
                 opts.files.extend(GuestImages::locate()?.files());
             }
-            let lab = Lab::start(&LabOptions {
-                hosts,
-                network: net,
-                host: opts,
-            })?;
-            eprintln!(
-                "mcvmm-lab: {hosts} test host(s) up in {:.1} s",
-                lab.boot_time.as_secs_f64()
-            );
-            let out = lab.host(0).run_streaming(
-                &command.join(" "),
-                Duration::from_secs(timeout),
-                &mut |stream, data| {
-                    let _ = match stream {
-                        Stream::Stdout => std::io::stdout().write_all(data),
-                        Stream::Stderr => std::io::stderr().write_all(data),
-                    };
-                },
-            )?;
+            let mut print = |stream: Stream, data: &[u8]| {
+                let _ = match stream {
+                    Stream::Stdout => std::io::stdout().write_all(data),
+                    Stream::Stderr => std::io::stderr().write_all(data),
+                };
+            };
+            let command = command.join(" ");
+            let out = if kvm_host && hosts == 1 && !net {
+                let host = KvmHost::acquire(&opts)?;
+                if let KvmHost::Local { .. } = host {
+                    for (local, dest) in opts.files.iter().chain(&opts.binaries) {
+                        host.put_file(local, dest)?;
+                    }
+                }
+                eprintln!("mcvmm-lab: running on {}", host.describe());
+                host.run_streaming(&command, Duration::from_secs(timeout), &mut print)?
+            } else {
+                let lab = Lab::start(&LabOptions {
+                    hosts,
+                    network: net,
+                    host: opts,
+                })?;
+                eprintln!(
+                    "mcvmm-lab: {hosts} test host(s) up in {:.1} s",
+                    lab.boot_time.as_secs_f64()
+                );
+                lab.host(0)
+                    .run_streaming(&command, Duration::from_secs(timeout), &mut print)?
+            };
             if out.timed_out {
                 eprintln!("mcvmm-lab: command killed after the {timeout} s limit");
             }
