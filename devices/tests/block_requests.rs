@@ -1,0 +1,167 @@
+//! virtio-blk against requests a misbehaving guest can post: descriptors outside guest
+//! memory, looping chains, wrong directions, sectors past the end. Each fails alone with
+//! an I/O error; the device goes on serving good requests.
+
+use std::sync::Arc;
+
+use mcvmm_devices::interrupt::Interrupt;
+use mcvmm_devices::virtio::block::Block;
+use mcvmm_devices::virtio::VirtioDevice;
+use mcvmm_devices::GuestMemory;
+use virtio_queue::{Queue, QueueT};
+use vm_memory::{Bytes, GuestAddress};
+
+const DESC: u64 = 0x1000;
+const AVAIL: u64 = 0x2000;
+const USED: u64 = 0x3000;
+const QSIZE: u16 = 16;
+const NEXT: u16 = 1;
+const WRITE: u16 = 2;
+
+struct Rig {
+    mem: GuestMemory,
+    queues: Vec<Queue>,
+    dev: Block,
+    irq: Arc<Interrupt>,
+    disk: std::path::PathBuf,
+    posted: u16,
+}
+
+impl Rig {
+    fn new() -> Rig {
+        let mem = GuestMemory::from_ranges(&[(GuestAddress(0), 1 << 20)]).expect("memory");
+        let mut q = Queue::new(256).expect("queue");
+        q.set_size(QSIZE);
+        q.set_desc_table_address(Some(DESC as u32), Some(0));
+        q.set_avail_ring_address(Some(AVAIL as u32), Some(0));
+        q.set_used_ring_address(Some(USED as u32), Some(0));
+        q.set_ready(true);
+        assert!(q.is_valid(&mem));
+        let disk = std::env::temp_dir().join(format!(
+            "mcvmm-blk-{}-{:?}",
+            std::process::id(),
+            std::thread::current().id()
+        ));
+        std::fs::write(&disk, vec![0x5au8; 64 * 1024]).expect("disk");
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&disk)
+            .expect("open");
+        let dev = Block::new(file, disk.display().to_string(), false, "test").expect("block");
+        Rig {
+            mem,
+            queues: vec![q],
+            dev,
+            irq: Arc::new(Interrupt::new(5).expect("irq")),
+            disk,
+            posted: 0,
+        }
+    }
+
+    fn desc(&self, i: u16, addr: u64, len: u32, flags: u16, next: u16) {
+        let at = GuestAddress(DESC + 16 * u64::from(i));
+        self.mem.write_obj(addr, at).expect("desc");
+        self.mem
+            .write_obj(len, GuestAddress(at.0 + 8))
+            .expect("desc");
+        self.mem
+            .write_obj(flags, GuestAddress(at.0 + 12))
+            .expect("desc");
+        self.mem
+            .write_obj(next, GuestAddress(at.0 + 14))
+            .expect("desc");
+    }
+
+    fn header(&self, at: u64, rtype: u32, sector: u64) {
+        self.mem.write_obj(rtype, GuestAddress(at)).expect("hdr");
+        self.mem
+            .write_obj(sector, GuestAddress(at + 8))
+            .expect("hdr");
+    }
+
+    /// Posts the chain starting at `head` and lets the device process the queue.
+    fn submit(&mut self, head: u16) -> u16 {
+        self.mem
+            .write_obj(
+                head,
+                GuestAddress(AVAIL + 4 + 2 * u64::from(self.posted % QSIZE)),
+            )
+            .expect("ring");
+        self.posted += 1;
+        self.mem
+            .write_obj(self.posted, GuestAddress(AVAIL + 2))
+            .expect("idx");
+        self.dev
+            .process_queue(0, &mut self.queues, &self.mem, &self.irq)
+            .expect("device must not fail");
+        self.mem
+            .read_obj::<u16>(GuestAddress(USED + 2))
+            .expect("used idx")
+    }
+
+    fn status(&self, at: u64) -> u8 {
+        self.mem.read_obj(GuestAddress(at)).expect("status")
+    }
+}
+
+impl Drop for Rig {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.disk);
+    }
+}
+
+#[test]
+fn a_good_read_then_bad_requests_each_fail_alone() {
+    let mut r = Rig::new();
+    // A good read of sector 1 into guest memory at 0x8000.
+    r.header(0x4000, 0, 1);
+    r.desc(0, 0x4000, 16, NEXT, 1);
+    r.desc(1, 0x8000, 512, WRITE | NEXT, 2);
+    r.desc(2, 0x5000, 1, WRITE, 0);
+    r.mem
+        .write_obj(0xffu8, GuestAddress(0x5000))
+        .expect("poison");
+    assert_eq!(r.submit(0), 1);
+    assert_eq!(r.status(0x5000), 0, "good read: OK");
+    assert_eq!(
+        r.mem.read_obj::<u8>(GuestAddress(0x8000)).expect("data"),
+        0x5a
+    );
+
+    // Data buffer outside guest memory.
+    r.desc(1, 0xffff_0000, 512, WRITE | NEXT, 2);
+    assert_eq!(r.submit(0), 2);
+    assert_eq!(r.status(0x5000), 1, "outside memory: IOERR");
+
+    // A sector past the end of the disk.
+    r.header(0x4000, 0, 1 << 40);
+    r.desc(1, 0x8000, 512, WRITE | NEXT, 2);
+    assert_eq!(r.submit(0), 3);
+    assert_eq!(r.status(0x5000), 1, "past the end: IOERR");
+
+    // A write whose data descriptor is device-writable (wrong direction).
+    r.header(0x4000, 1, 0);
+    assert_eq!(r.submit(0), 4);
+    assert_eq!(r.status(0x5000), 1, "wrong direction: IOERR");
+
+    // A chain that loops back on itself ends (the queue's TTL) and fails.
+    r.header(0x4000, 0, 0);
+    r.desc(3, 0x4000, 16, NEXT, 4);
+    r.desc(4, 0x8000, 512, WRITE | NEXT, 3);
+    assert_eq!(r.submit(3), 5);
+
+    // A header that is too short.
+    r.desc(5, 0x4000, 8, NEXT, 2);
+    assert_eq!(r.submit(5), 6);
+    assert_eq!(r.status(0x5000), 1, "short header: IOERR");
+
+    // And the device still serves a good request afterwards.
+    r.header(0x4000, 0, 2);
+    r.desc(1, 0x8000, 512, WRITE | NEXT, 2);
+    r.mem
+        .write_obj(0xffu8, GuestAddress(0x5000))
+        .expect("poison");
+    assert_eq!(r.submit(0), 7);
+    assert_eq!(r.status(0x5000), 0, "good read after bad ones: OK");
+}
