@@ -198,10 +198,7 @@ impl VirtioDevice for Block {
         let mut config = [0u8; 16];
         config[..8].copy_from_slice(&self.sectors.to_le_bytes());
         config[12..16].copy_from_slice(&SEG_MAX.to_le_bytes());
-        let start = offset as usize;
-        for (i, b) in data.iter_mut().enumerate() {
-            *b = config.get(start + i).copied().unwrap_or(0);
-        }
+        super::copy_config(&config, offset, data);
     }
 
     fn activate(&mut self, _acked: u64) -> Result<(), DeviceError> {

@@ -71,5 +71,18 @@ pub enum DeviceError {
     Legacy,
 }
 
+/// Reads `data.len()` bytes of a config space at `offset`; bytes past its end read as 0
+/// (a driver may probe beyond what a device has).
+pub fn copy_config(config: &[u8], offset: u64, data: &mut [u8]) {
+    let start = usize::try_from(offset).unwrap_or(usize::MAX);
+    for (i, b) in data.iter_mut().enumerate() {
+        *b = start
+            .checked_add(i)
+            .and_then(|at| config.get(at))
+            .copied()
+            .unwrap_or(0);
+    }
+}
+
 /// Shared ownership of the interrupt for devices that signal from the device loop.
 pub type SharedInterrupt = Arc<Interrupt>;

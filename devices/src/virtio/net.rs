@@ -205,10 +205,7 @@ impl VirtioDevice for Net {
         let mut config = [0u8; 10];
         config[..6].copy_from_slice(&self.mac);
         config[8] = 1;
-        let start = offset as usize;
-        for (i, b) in data.iter_mut().enumerate() {
-            *b = config.get(start + i).copied().unwrap_or(0);
-        }
+        super::copy_config(&config, offset, data);
     }
 
     fn activate(&mut self, _acked: u64) -> Result<(), DeviceError> {

@@ -36,6 +36,17 @@ fn mount(source: &str, target: &str, fstype: &str) {
     }
 }
 
+fn sockaddr_in(addr: Ipv4Addr) -> libc::sockaddr_in {
+    libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: 0,
+        sin_addr: libc::in_addr {
+            s_addr: u32::from(addr).to_be(),
+        },
+        sin_zero: [0; 8],
+    }
+}
+
 /// An AF_INET datagram socket, the handle the interface ioctls need.
 struct Sock(libc::c_int);
 
@@ -85,14 +96,7 @@ impl Sock {
         what: &str,
     ) -> std::io::Result<()> {
         let mut req = Self::ifreq(name);
-        let sin = libc::sockaddr_in {
-            sin_family: libc::AF_INET as libc::sa_family_t,
-            sin_port: 0,
-            sin_addr: libc::in_addr {
-                s_addr: u32::from(addr).to_be(),
-            },
-            sin_zero: [0; 8],
-        };
+        let sin = sockaddr_in(addr);
         // SAFETY: sockaddr_in fits in the sockaddr of the union; both are plain data.
         unsafe {
             std::ptr::write_unaligned(
@@ -117,16 +121,8 @@ impl Sock {
         // SAFETY: rtentry is plain old data; all-zero is a valid value.
         let mut rt: libc::rtentry = unsafe { std::mem::zeroed() };
         let to_sockaddr = |a: Ipv4Addr| {
-            let sin = libc::sockaddr_in {
-                sin_family: libc::AF_INET as libc::sa_family_t,
-                sin_port: 0,
-                sin_addr: libc::in_addr {
-                    s_addr: u32::from(a).to_be(),
-                },
-                sin_zero: [0; 8],
-            };
             // SAFETY: sockaddr_in and sockaddr have the same size; plain data.
-            unsafe { std::mem::transmute::<libc::sockaddr_in, libc::sockaddr>(sin) }
+            unsafe { std::mem::transmute::<libc::sockaddr_in, libc::sockaddr>(sockaddr_in(a)) }
         };
         rt.rt_dst = to_sockaddr(Ipv4Addr::UNSPECIFIED);
         rt.rt_genmask = to_sockaddr(Ipv4Addr::UNSPECIFIED);
