@@ -188,3 +188,23 @@ fn bad_input_gets_one_clear_line() {
         out.stderr_text()
     );
 }
+
+#[test]
+fn creates_a_missing_tap_and_ctl_stop_ends_it() {
+    let out = script(
+        "ip netns add mk
+         ip netns exec mk ./mcvmm run --kernel guest/vmlinux --initrd guest/initrd.img --tap made0 \
+           --mac 52:54:00:aa:bb:cc --serial mk.console --api-sock mk.sock > mk.log 2>&1 &
+         pid=$!
+         i=0; until [ -S mk.sock ] && ip -n mk link show made0 >/dev/null 2>&1; do
+           i=$((i + 1)); [ $i -gt 100 ] && { cat mk.log; exit 1; }; sleep 0.1; done
+         ip -n mk -br link show made0
+         ./mcvmm ctl --api-sock mk.sock status | grep '\"mac\"'
+         ./mcvmm ctl --api-sock mk.sock stop
+         rc=0; wait $pid || rc=$?; echo \"mcvmm exit status $rc\"
+         ip netns del mk",
+    );
+    assert!(out.contains("made0") && out.contains("UP"), "{out}");
+    assert!(out.contains("52:54:00:aa:bb:cc"), "{out}");
+    assert!(out.contains("mcvmm exit status 0"), "{out}");
+}
