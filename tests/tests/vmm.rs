@@ -65,8 +65,11 @@ fn boots_from_vmlinux_and_from_bzimage_and_ends_cleanly_on_reset() {
 
 #[test]
 fn smp_guest_sees_its_cpus() {
-    let out = script("start_guest smp bzImage 4 256\nagent smp status\nstop_guest smp");
-    assert!(out.contains("cpus=4"), "{out}");
+    // As many vCPUs as the test host has: with 4 on a 2-vCPU TCG test host, one CI run saw
+    // the guest stall late in boot and, later, the test host's own kvm_amd panic in KVM_RUN
+    // (see the issue notes); 4 vCPUs booted in every other run, by hand and in tests.
+    let out = script("start_guest smp bzImage 2 256\nagent smp status\nstop_guest smp");
+    assert!(out.contains("cpus=2"), "{out}");
 }
 
 #[test]
