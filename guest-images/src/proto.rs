@@ -7,7 +7,7 @@
 //! |-----------------------------------|-------------------------------------|
 //! | `PING`                            | `OK pong`                           |
 //! | `STATUS`                          | `OK key=value key=value ...`        |
-//! | `WRITE <disk> <offset> <hex>`     | `OK <bytes>` — only after `fdatasync` returned |
+//! | `WRITE <disk> <offset> <hex>`     | `OK <bytes>` — only after `fdatasync` returned; at least one byte |
 //! | `READ <disk> <offset> <len>`      | `OK <hex>`                          |
 //! | `MEM START <mib> <pages_per_sec>` | `OK` — (re)starts the memory workload; rate 0 = flat out |
 //! | `MEM VERIFY`                      | `OK pages=<n> errors=<n>`           |
@@ -294,6 +294,7 @@ mod tests {
             "FROB",
             "PING extra",
             "WRITE vda",
+            "WRITE vda 0 ",
             "WRITE vda -1 00",
             "WRITE vda 0 0",
             "WRITE vda 0 zz",
