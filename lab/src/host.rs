@@ -154,6 +154,20 @@ impl TestHost {
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).map_err(io("creating run folder"))?;
         let dir_reg = cleanup::register(Resource::Dir(dir.clone()));
+        // MCVMM_LAB_LOGS keeps consoles after the run (post-mortems of CI failures).
+        let console = match std::env::var_os("MCVMM_LAB_LOGS") {
+            Some(logs) => {
+                let logs = PathBuf::from(logs);
+                std::fs::create_dir_all(&logs).map_err(io("creating MCVMM_LAB_LOGS folder"))?;
+                logs.join(format!("{}{seq}-{name}.console.log", cleanup::prefix()))
+            }
+            None => dir.join("console.log"),
+        };
+        if console != dir.join("console.log") {
+            // Error messages read the console through the run folder either way.
+            std::os::unix::fs::symlink(&console, dir.join("console.log"))
+                .map_err(io("linking the console log"))?;
+        }
 
         let initrd = dir.join("initrd.cpio");
         let mut image = ImageBuilder::new(std::io::BufWriter::new(
@@ -172,8 +186,10 @@ impl TestHost {
         image.finish()?.flush().map_err(io("writing initramfs"))?;
 
         let addr = net.map(|_| net::host_addr(index));
-        let mut append =
-            format!("console=ttyS0 panic=-1 quiet tsc_early_khz=2600000 lab.name={name}");
+        let mut append = format!("console=ttyS0 panic=-1 tsc_early_khz=2600000 lab.name={name}");
+        if std::env::var_os("MCVMM_LAB_VERBOSE").is_none() {
+            append += " quiet";
+        }
         if let Some(a) = addr {
             append += &format!(" lab.ip={a}/{}", net::SUBNET_PREFIX);
         }
@@ -209,7 +225,7 @@ impl TestHost {
             .arg(&initrd)
             .args(["-append", &append])
             .arg("-serial")
-            .arg(format!("file:{}", dir.join("console.log").display()))
+            .arg(format!("file:{}", console.display()))
             .args(["-device", "virtio-serial-pci,id=vser0"])
             .arg("-chardev")
             .arg(format!(

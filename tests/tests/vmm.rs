@@ -74,7 +74,7 @@ fn smp_guest_sees_its_cpus() {
 
 #[test]
 fn a_two_gib_guest_boots() {
-    let out = script("start_guest big vmlinux 2 2048\nagent big status\nstop_guest big");
+    let out = script("start_guest big vmlinux 1 2048\nagent big status\nstop_guest big");
     let kib: u64 = out
         .lines()
         .find_map(|l| l.strip_prefix("mem_total_kib="))
@@ -129,14 +129,14 @@ fn network_carries_sustained_traffic_both_ways() {
 #[test]
 fn sigterm_ends_mcvmm_with_status_zero_and_status_answers() {
     let out = script(
-        "start_guest term vmlinux 2 256
+        "start_guest term vmlinux 1 256
          ./mcvmm ctl --api-sock term.sock status
          kill -TERM $(cat term.pid)
          wait_exit term
          cat term.log
          ip netns del term",
     );
-    assert!(out.contains("\"vcpus\": 2"), "{out}");
+    assert!(out.contains("\"vcpus\": 1"), "{out}");
     assert!(out.contains("\"state\": \"running\""), "{out}");
     assert!(out.contains("mcvmm exit status 0"), "{out}");
     assert!(out.contains("mcvmm: stopped"), "{out}");
