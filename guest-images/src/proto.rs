@@ -12,6 +12,7 @@
 //! | `MEM START <mib> <pages_per_sec>` | `OK` — (re)starts the memory workload; rate 0 = flat out |
 //! | `MEM VERIFY`                      | `OK pages=<n> errors=<n>`           |
 //! | `MEM STOP`                        | `OK`                                |
+//! | `DISKBENCH <disk> <mib>`          | `OK write_mbps=<f> read_mbps=<f>` — sequential, O_DIRECT, 1 MiB requests; overwrites the first MiBs |
 //! | `SHUTDOWN`                        | `OK`, then the guest syncs and resets (i8042) |
 //!
 //! Any failure is `ERR <message>`; the connection stays usable after an `ERR` unless the
@@ -84,6 +85,10 @@ pub enum Request {
     },
     MemVerify,
     MemStop,
+    DiskBench {
+        disk: String,
+        mib: u32,
+    },
     Shutdown,
 }
 
@@ -129,6 +134,13 @@ impl Request {
                     len: len as u32,
                 })
             }
+            "DISKBENCH" => {
+                arity(2, "DISKBENCH", "<disk> <mib>")?;
+                Ok(Request::DiskBench {
+                    disk: disk_name(args[0])?,
+                    mib: number(args[1], "mib")?,
+                })
+            }
             "MEM" => match args.first().copied() {
                 Some("START") => {
                     if args.len() != 3 {
@@ -166,6 +178,7 @@ impl Request {
             Request::MemStart { mib, pages_per_sec } => format!("MEM START {mib} {pages_per_sec}"),
             Request::MemVerify => "MEM VERIFY".into(),
             Request::MemStop => "MEM STOP".into(),
+            Request::DiskBench { disk, mib } => format!("DISKBENCH {disk} {mib}"),
         }
     }
 }
@@ -328,6 +341,7 @@ mod tests {
             Just(Request::Shutdown),
             Just(Request::MemVerify),
             Just(Request::MemStop),
+            (disk, any::<u32>()).prop_map(|(disk, mib)| Request::DiskBench { disk, mib }),
             (
                 disk,
                 any::<u64>(),

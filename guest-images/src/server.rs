@@ -126,6 +126,11 @@ impl Agent {
                 let v = load.verify();
                 ok(format!("pages={} errors={}", v.pages, v.errors))
             }
+            Request::DiskBench { disk, mib } => {
+                let (w, r) = disk_bench(&self.dev_dir.join(&disk), mib)
+                    .map_err(|e| format!("{disk}: {e}"))?;
+                ok(format!("write_mbps={w:.1} read_mbps={r:.1}"))
+            }
             Request::MemStop => {
                 *self.mem.lock().unwrap_or_else(PoisonError::into_inner) = None;
                 ok(String::new())
@@ -166,6 +171,37 @@ impl Agent {
             passes,
         )
     }
+}
+
+/// Sequential write then read of `mib` MiB in 1 MiB requests, bypassing the page cache
+/// where the file system allows it (block devices do); MB/s each way.
+fn disk_bench(path: &std::path::Path, mib: u32) -> std::io::Result<(f64, f64)> {
+    use std::os::unix::fs::OpenOptionsExt;
+    const CHUNK: usize = 1 << 20;
+    #[repr(C, align(4096))]
+    struct Aligned([u8; CHUNK]);
+    let mut buf = Box::new(Aligned([0x5a; CHUNK]));
+    let open = |direct: bool| {
+        OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(if direct { libc::O_DIRECT } else { 0 })
+            .open(path)
+    };
+    let file = open(true).or_else(|_| open(false))?;
+    let start = Instant::now();
+    for i in 0..u64::from(mib) {
+        file.write_all_at(&buf.0, i * CHUNK as u64)?;
+    }
+    file.sync_data()?;
+    let write_s = start.elapsed().as_secs_f64();
+    let start = Instant::now();
+    for i in 0..u64::from(mib) {
+        file.read_exact_at(&mut buf.0, i * CHUNK as u64)?;
+    }
+    let read_s = start.elapsed().as_secs_f64();
+    let mb = f64::from(mib) * CHUNK as f64 / 1e6;
+    Ok((mb / write_s.max(1e-9), mb / read_s.max(1e-9)))
 }
 
 fn online_cpus() -> u64 {

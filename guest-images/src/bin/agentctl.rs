@@ -18,6 +18,8 @@ commands:
   records DISK RUN COUNT         write records 0..COUNT of RUN, one acknowledged write each;
                                  prints the number acknowledged
   check-records FILE RUN COUNT   (no agent) checks a disk image holds records 0..COUNT of RUN
+  diskbench DISK MIB             sequential write+read throughput inside the guest (overwrites!)
+  latency COUNT                  COUNT PINGs one after another; prints median and p99 in µs
   raw LINE                       send a protocol line as is, print the reply";
 
 fn main() {
@@ -129,6 +131,28 @@ fn run() -> Result<(), String> {
                 "{count} records acknowledged in {secs:.3} s ({:.0}/s)",
                 count as f64 / secs.max(1e-9)
             );
+        }
+        "diskbench" => {
+            c.set_timeout(Duration::from_secs(600)).map_err(e)?;
+            let reply = c
+                .call(&mcvmm_guest::proto::Request::DiskBench {
+                    disk: arg(&args, 1, "DISK")?,
+                    mib: arg(&args, 2, "MIB")?,
+                })
+                .map_err(e)?;
+            println!("{reply}");
+        }
+        "latency" => {
+            let count: usize = arg(&args, 1, "COUNT")?;
+            let mut us: Vec<f64> = Vec::with_capacity(count);
+            for _ in 0..count.max(1) {
+                let t = Instant::now();
+                c.ping().map_err(e)?;
+                us.push(t.elapsed().as_secs_f64() * 1e6);
+            }
+            us.sort_by(f64::total_cmp);
+            let at = |q: f64| us[((us.len() - 1) as f64 * q).round() as usize];
+            println!("median_us={:.0} p99_us={:.0}", at(0.5), at(0.99));
         }
         "raw" => println!("{}", c.raw(&args[1..].join(" ")).map_err(e)?),
         other => return Err(format!("unknown command {other:?}\n{USAGE}")),
