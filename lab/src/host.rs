@@ -70,6 +70,9 @@ pub struct HostOptions {
     /// Like `files`, plus the shared libraries each one loads.
     pub binaries: Vec<(PathBuf, String)>,
     pub boot_timeout: Duration,
+    /// One TCG thread for all the host's vCPUs instead of one each. Slower, but guests with
+    /// several vCPUs were seen to freeze multi-threaded TCG test hosts now and then.
+    pub single_thread_tcg: bool,
 }
 
 impl Default for HostOptions {
@@ -81,6 +84,7 @@ impl Default for HostOptions {
             files: Vec::new(),
             binaries: Vec::new(),
             boot_timeout: DEFAULT_BOOT_TIMEOUT,
+            single_thread_tcg: false,
         }
     }
 }
@@ -202,7 +206,12 @@ impl TestHost {
             }
             None => Command::new("qemu-system-x86_64"),
         };
-        cmd.args(["-accel", "tcg,thread=multi"])
+        let tcg = if opts.single_thread_tcg {
+            "tcg,thread=single"
+        } else {
+            "tcg,thread=multi"
+        };
+        cmd.args(["-accel", tcg])
             .args(["-cpu", "qemu64,+svm,+npt,+sse4.1,+sse4.2,+ssse3,+popcnt"])
             .args([
                 "-M",

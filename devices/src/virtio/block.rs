@@ -6,10 +6,12 @@
 //! (status IOERR, or nothing if there is no place for the status); the VMM goes on.
 
 use std::fs::File;
-use std::os::unix::fs::FileExt;
+use std::os::fd::AsRawFd;
 
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{Address, Bytes, GuestAddress};
+use vm_memory::bitmap::BitmapSlice;
+use vm_memory::volatile_memory::Error as VolatileMemoryError;
+use vm_memory::{Address, Bytes, GuestAddress, ReadVolatile, VolatileSlice, WriteVolatile};
 
 use super::{DeviceError, VirtioDevice, TYPE_BLOCK};
 use crate::interrupt::{Interrupt, INT_USED_RING};
@@ -32,9 +34,6 @@ const S_IOERR: u8 = 1;
 const S_UNSUPP: u8 = 2;
 
 const ID_LEN: usize = 20;
-/// Bytes moved per copy step, so a guest descriptor claiming 4 GiB does not make the VMM
-/// allocate 4 GiB.
-const CHUNK: usize = 128 * 1024;
 const SEG_MAX: u32 = 128;
 
 #[derive(Debug, Default, Clone, serde::Serialize)]
@@ -45,6 +44,63 @@ pub struct BlockStats {
     pub read_bytes: u64,
     pub write_bytes: u64,
     pub errors: u64,
+}
+
+/// A file seen from a position that advances: pread/pwrite between it and guest memory.
+struct FileAt<'a> {
+    file: &'a File,
+    offset: u64,
+}
+
+impl ReadVolatile for FileAt<'_> {
+    fn read_volatile<B: BitmapSlice>(
+        &mut self,
+        buf: &mut VolatileSlice<B>,
+    ) -> Result<usize, VolatileMemoryError> {
+        let guard = buf.ptr_guard_mut();
+        // SAFETY: the guard's pointer is valid for writes of buf.len() bytes (VolatileSlice
+        // invariant) for the guard's lifetime; the fd is open.
+        let n = unsafe {
+            libc::pread(
+                self.file.as_raw_fd(),
+                guard.as_ptr().cast(),
+                buf.len(),
+                self.offset as libc::off_t,
+            )
+        };
+        if n < 0 {
+            // A partial read may have happened: count the whole buffer as written.
+            buf.bitmap().mark_dirty(0, buf.len());
+            return Err(VolatileMemoryError::IOError(std::io::Error::last_os_error()));
+        }
+        let n = n as usize;
+        buf.bitmap().mark_dirty(0, n);
+        self.offset += n as u64;
+        Ok(n)
+    }
+}
+
+impl WriteVolatile for FileAt<'_> {
+    fn write_volatile<B: BitmapSlice>(
+        &mut self,
+        buf: &VolatileSlice<B>,
+    ) -> Result<usize, VolatileMemoryError> {
+        let guard = buf.ptr_guard();
+        // SAFETY: the guard's pointer is valid for reads of buf.len() bytes for its lifetime.
+        let n = unsafe {
+            libc::pwrite(
+                self.file.as_raw_fd(),
+                guard.as_ptr().cast(),
+                buf.len(),
+                self.offset as libc::off_t,
+            )
+        };
+        if n < 0 {
+            return Err(VolatileMemoryError::IOError(std::io::Error::last_os_error()));
+        }
+        self.offset += n as u64;
+        Ok(n as usize)
+    }
 }
 
 pub struct Block {
@@ -125,27 +181,22 @@ impl Block {
                 if !in_range || !total.is_multiple_of(SECTOR_SIZE) {
                     return (0, status_at, S_IOERR);
                 }
-                let mut offset = start.unwrap_or(0);
-                let mut buf = vec![0u8; CHUNK.min(total as usize)];
+                let mut at_disk = FileAt {
+                    file: &self.file,
+                    offset: start.unwrap_or(0),
+                };
                 for &(addr, len, _) in data {
-                    let mut done = 0u64;
-                    while done < u64::from(len) {
-                        let n = (u64::from(len) - done).min(CHUNK as u64) as usize;
-                        let Some(at) = addr.checked_add(done) else {
-                            return (0, status_at, S_IOERR);
-                        };
-                        let ok = if rtype == T_IN {
-                            self.file.read_exact_at(&mut buf[..n], offset).is_ok()
-                                && mem.write_slice(&buf[..n], at).is_ok()
-                        } else {
-                            mem.read_slice(&mut buf[..n], at).is_ok()
-                                && self.file.write_all_at(&buf[..n], offset).is_ok()
-                        };
-                        if !ok {
-                            return (0, status_at, S_IOERR);
-                        }
-                        done += n as u64;
-                        offset += n as u64;
+                    // Straight between the file and guest memory: one copy, and the
+                    // bitmap records the guest pages a read fills.
+                    let ok = if rtype == T_IN {
+                        mem.read_exact_volatile_from(addr, &mut at_disk, len as usize)
+                            .is_ok()
+                    } else {
+                        mem.write_all_volatile_to(addr, &mut at_disk, len as usize)
+                            .is_ok()
+                    };
+                    if !ok {
+                        return (0, status_at, S_IOERR);
                     }
                 }
                 if rtype == T_IN {

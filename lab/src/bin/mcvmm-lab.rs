@@ -59,6 +59,9 @@ enum Cmd {
         /// vCPUs of each test host.
         #[arg(long, default_value_t = 2)]
         cpus: u32,
+        /// Run each test host's vCPUs on one TCG thread (slower, steadier with SMP guests).
+        #[arg(long)]
+        single_thread_tcg: bool,
         /// Run on this machine instead when its /dev/kvm is hardware KVM (files go to a
         /// work folder; only host 0).
         #[arg(long)]
@@ -159,10 +162,12 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             timeout,
             command,
             kvm_host,
+            single_thread_tcg,
         } => {
             let mut opts = HostOptions {
                 mem_mib,
                 cpus,
+                single_thread_tcg,
                 with_qemu: qemu,
                 ..HostOptions::default()
             };
