@@ -10,8 +10,9 @@ use std::time::{Duration, Instant};
 
 use crate::host::Stream;
 
-/// How long output may keep coming after the command exited: background children may
-/// hold the pipes open, and what they print later is not this command's.
+/// After the command exited, how long the pipes may stay quiet before the output is
+/// considered complete: background children may hold them open, and what they print
+/// later is not this command's.
 const DRAIN: Duration = Duration::from_millis(300);
 
 /// Runs `sh -c command` in `cwd` in a process group of its own; kills the group after
@@ -70,12 +71,10 @@ pub fn run_shell(
             break (128 + libc::SIGKILL, true);
         }
     };
-    let drain_until = Instant::now() + DRAIN;
-    while let Some(left) = drain_until.checked_duration_since(Instant::now()) {
-        match rx.recv_timeout(left) {
-            Ok((stream, data)) => on_output(stream, &data)?,
-            Err(_) => break,
-        }
+    // Keep forwarding while output still flows; stop at end of file on both pipes, or
+    // after a quiet spell (a background child may hold the pipes open for ever).
+    while let Ok((stream, data)) = rx.recv_timeout(DRAIN) {
+        on_output(stream, &data)?;
     }
     Ok(result)
 }

@@ -152,8 +152,9 @@ fn configure_network(cfg: &GuestConfig) -> std::io::Result<()> {
     };
     // virtio-net probes asynchronously; give it a moment to register eth0.
     let start = Instant::now();
+    // Generous: a loaded nested host can take seconds to probe the device.
     while !std::path::Path::new("/sys/class/net/eth0").exists() {
-        if start.elapsed() > Duration::from_secs(5) {
+        if start.elapsed() > Duration::from_secs(30) {
             return Err(std::io::Error::other(
                 "mcvmm.ip is set but there is no eth0",
             ));
@@ -207,8 +208,8 @@ fn main() {
     };
     let start = Instant::now();
     while TcpStream::connect(("127.0.0.1", cfg.port)).is_err() {
-        if start.elapsed() > Duration::from_secs(10) {
-            end_guest("the agent did not start listening within 10 s");
+        if start.elapsed() > Duration::from_secs(30) {
+            end_guest("the agent did not start listening within 30 s");
         }
         std::thread::sleep(Duration::from_millis(5));
     }
