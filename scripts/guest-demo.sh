@@ -2,9 +2,9 @@
 . ./guest.sh
 set -e
 truncate -s 64M demo-disk.img
-echo "== booting the test guest with mcvmm: 2 vCPUs, 512 MiB, a virtio disk, a virtio NIC on a tap"
+echo "== booting the test guest with mcvmm: 1 vCPU, 512 MiB, a virtio disk, a virtio NIC on a tap"
 t0=$(cut -d' ' -f1 /proc/uptime)
-start_guest demo vmlinux 2 512 --disk demo-disk.img
+start_guest demo vmlinux 1 512 --disk demo-disk.img
 t1=$(cut -d' ' -f1 /proc/uptime)
 awk -v a="$t0" -v b="$t1" 'BEGIN { printf "== the agent answers over TCP %.2f s after mcvmm started\n", b - a }'
 echo "== mcvmm ctl status"
