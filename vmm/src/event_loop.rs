@@ -4,6 +4,7 @@
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::UnixListener;
 
+use mcvmm_devices::virtio::mmio::MmioTransport;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 
 use crate::api::{self, Action};
@@ -55,6 +56,36 @@ fn add(epoll: &Epoll, fd: RawFd, token: u64) -> std::io::Result<()> {
         fd,
         EpollEvent::new(EventSet::IN, token),
     )
+}
+
+/// Watches device `i`'s own fd (a tap) exactly while it can take input: a device with
+/// nowhere to put input stops being woken for it until it has. Only a device the loop just
+/// ran can change its mind, so only that one is looked at (a net device becomes active on
+/// a vCPU thread, and its driver's first RX kick brings it here).
+fn sync_io(
+    epoll: &Epoll,
+    i: usize,
+    dev: &MmioTransport,
+    io_watched: &mut [bool],
+) -> std::io::Result<()> {
+    let Some(fd) = dev.device().io_fd() else {
+        return Ok(());
+    };
+    let want = dev.wants_io();
+    if want != io_watched[i] {
+        let set = if want {
+            EventSet::IN
+        } else {
+            EventSet::empty()
+        };
+        epoll.ctl(
+            ControlOperation::Modify,
+            fd,
+            EpollEvent::new(set, TOKEN_IO | i as u64),
+        )?;
+        io_watched[i] = want;
+    }
+    Ok(())
 }
 
 /// Runs the devices until the VM ends; returns why it ended.
@@ -125,38 +156,17 @@ pub fn run(vm: &Vm, signals: &SignalFd, api: Option<&UnixListener>) -> std::io::
                         .unwrap_or_else(std::sync::PoisonError::into_inner);
                     let _ = dev.queue_events[q].read();
                     dev.notify(q);
+                    sync_io(&epoll, i, &dev, &mut io_watched)?;
                 }
                 t if t & TOKEN_IO != 0 => {
                     let i = (t & 0xff) as usize;
-                    vm.devices[i]
+                    let mut dev = vm.devices[i]
                         .lock()
-                        .unwrap_or_else(std::sync::PoisonError::into_inner)
-                        .io_ready();
+                        .unwrap_or_else(std::sync::PoisonError::into_inner);
+                    dev.io_ready();
+                    sync_io(&epoll, i, &dev, &mut io_watched)?;
                 }
                 _ => {}
-            }
-        }
-        // A device with nowhere to put input stops being woken for it until it has.
-        for (i, dev) in vm.devices.iter().enumerate() {
-            let t = dev
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            let Some(fd) = t.device().io_fd() else {
-                continue;
-            };
-            let want = t.wants_io();
-            if want != io_watched[i] {
-                let set = if want {
-                    EventSet::IN
-                } else {
-                    EventSet::empty()
-                };
-                epoll.ctl(
-                    ControlOperation::Modify,
-                    fd,
-                    EpollEvent::new(set, TOKEN_IO | i as u64),
-                )?;
-                io_watched[i] = want;
             }
         }
     }

@@ -155,6 +155,13 @@ fn io_once(host: &KvmHost, vmm: Vmm) -> Result<(f64, f64, f64, f64), String> {
     ))
 }
 
+fn io_json(samples: &[(f64, f64, f64, f64)]) -> Vec<serde_json::Value> {
+    samples
+        .iter()
+        .map(|s| json!({"write_mbps": s.0, "read_mbps": s.1, "rtt_median_us": s.2, "rtt_p99_us": s.3}))
+        .collect()
+}
+
 fn main() {
     if let Err(e) = bench() {
         eprintln!("mcvmm-bench: {e}");
@@ -275,10 +282,7 @@ fn bench() -> Result<(), String> {
         "guest_mem_mib": MEM_MIB,
         "boot_ms": { "mcvmm": boot[0], "qemu": boot[1] },
         "overhead_mib": { "mcvmm": overhead[0], "qemu": overhead[1] },
-        "io": {
-            "mcvmm": io[0].iter().map(|s| json!({"write_mbps": s.0, "read_mbps": s.1, "rtt_median_us": s.2, "rtt_p99_us": s.3})).collect::<Vec<_>>(),
-            "qemu": io[1].iter().map(|s| json!({"write_mbps": s.0, "read_mbps": s.1, "rtt_median_us": s.2, "rtt_p99_us": s.3})).collect::<Vec<_>>(),
-        },
+        "io": { "mcvmm": io_json(&io[0]), "qemu": io_json(&io[1]) },
         "summary": rows.iter().map(|(n, m, q, t)| json!({"measure": n, "mcvmm": m, "qemu": q, "ratio": m / q, "target": t})).collect::<Vec<_>>(),
     });
     if let Some(dir) = out_path.parent() {
