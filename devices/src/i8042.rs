@@ -3,6 +3,8 @@
 
 use vmm_sys_util::eventfd::EventFd;
 
+use mcvmm_checkpoint::state::I8042State;
+
 use crate::bus::BusDevice;
 
 pub const PORT: u64 = 0x60;
@@ -40,6 +42,24 @@ impl I8042 {
             output: None,
             pending_write: None,
         }
+    }
+
+    pub fn save(&self) -> I8042State {
+        I8042State {
+            status: self.status,
+            control: self.control,
+            outport: self.outport,
+            output: self.output,
+            pending_write: self.pending_write,
+        }
+    }
+
+    pub fn restore(&mut self, s: &I8042State) {
+        self.status = s.status;
+        self.control = s.control;
+        self.outport = s.outport;
+        self.output = s.output;
+        self.pending_write = s.pending_write;
     }
 
     fn respond(&mut self, byte: u8) {

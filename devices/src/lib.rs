@@ -9,6 +9,4 @@ pub mod interrupt;
 pub mod serial;
 pub mod virtio;
 
-/// Guest memory as every device sees it. The bitmap records the pages the VMM itself
-/// writes (DMA into guest buffers), which KVM's dirty log never shows.
-pub type GuestMemory = vm_memory::GuestMemoryMmap<vm_memory::bitmap::AtomicBitmap>;
+pub use mcvmm_checkpoint::GuestMemory;

@@ -6,6 +6,8 @@ use std::sync::Arc;
 use vm_superio::serial::NoEvents;
 use vm_superio::{Serial as Uart, Trigger};
 
+use mcvmm_checkpoint::state::SerialState;
+
 use crate::bus::BusDevice;
 use crate::interrupt::Interrupt;
 
@@ -30,6 +32,45 @@ impl Serial {
     pub fn new(interrupt: Arc<Interrupt>, out: Box<dyn Write + Send>) -> Serial {
         Serial {
             uart: Uart::new(IrqTrigger(interrupt), out),
+        }
+    }
+
+    /// A UART that continues from `state` (a restore).
+    pub fn from_state(
+        state: &SerialState,
+        interrupt: Arc<Interrupt>,
+        out: Box<dyn Write + Send>,
+    ) -> Result<Serial, String> {
+        let s = vm_superio::serial::SerialState {
+            baud_divisor_low: state.baud_divisor_low,
+            baud_divisor_high: state.baud_divisor_high,
+            interrupt_enable: state.interrupt_enable,
+            interrupt_identification: state.interrupt_identification,
+            line_control: state.line_control,
+            line_status: state.line_status,
+            modem_control: state.modem_control,
+            modem_status: state.modem_status,
+            scratch: state.scratch,
+            in_buffer: state.in_buffer.clone(),
+        };
+        let uart = Uart::from_state(&s, IrqTrigger(interrupt), NoEvents, out)
+            .map_err(|e| format!("serial state: {e:?}"))?;
+        Ok(Serial { uart })
+    }
+
+    pub fn save(&self) -> SerialState {
+        let s = self.uart.state();
+        SerialState {
+            baud_divisor_low: s.baud_divisor_low,
+            baud_divisor_high: s.baud_divisor_high,
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            in_buffer: s.in_buffer,
         }
     }
 }

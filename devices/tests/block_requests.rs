@@ -145,11 +145,23 @@ fn a_good_read_then_bad_requests_each_fail_alone() {
     assert_eq!(r.submit(0), 4);
     assert_eq!(r.status(0x5000), 1, "wrong direction: IOERR");
 
-    // A chain that loops back on itself ends (the queue's TTL) and fails.
+    // A chain that loops back on itself fails where it closes: IOERR in its tail.
     r.header(0x4000, 0, 0);
     r.desc(3, 0x4000, 16, NEXT, 4);
-    r.desc(4, 0x8000, 512, WRITE | NEXT, 3);
+    r.desc(4, 0x8000, 512, WRITE | NEXT, 6);
+    r.desc(6, 0x5000, 1, WRITE | NEXT, 3);
+    r.mem
+        .write_obj(0xffu8, GuestAddress(0x5000))
+        .expect("poison");
     assert_eq!(r.submit(3), 5);
+    assert_eq!(r.status(0x5000), 1, "looping chain: IOERR");
+    assert_eq!(
+        r.mem
+            .read_obj::<u32>(GuestAddress(USED + 4 + 8 * 4 + 4))
+            .expect("used len"),
+        0,
+        "looping chain: nothing transferred"
+    );
 
     // A header that is too short.
     r.desc(5, 0x4000, 8, NEXT, 2);

@@ -77,8 +77,20 @@ impl AgentClient {
     pub fn connect_retry(addr: &str, deadline: Duration) -> Result<Self, ClientError> {
         let start = Instant::now();
         loop {
-            match Self::connect(addr, Duration::from_secs(5)) {
-                Ok(c) => return Ok(c),
+            // When retrying, short attempts: a SYN lost while the guest moves (failover)
+            // is sent anew by the next attempt instead of waiting out TCP's one-second
+            // retransmission. A single try gets the whole usual time.
+            let attempt = if deadline.is_zero() {
+                Duration::from_secs(5)
+            } else {
+                Duration::from_secs(1)
+            };
+            match Self::connect(addr, attempt) {
+                Ok(c) => {
+                    c.writer.set_write_timeout(Some(Duration::from_secs(5)))?;
+                    c.set_timeout(Duration::from_secs(5))?;
+                    return Ok(c);
+                }
                 Err(e) if start.elapsed() >= deadline => return Err(e),
                 Err(_) => std::thread::sleep(Duration::from_millis(100)),
             }

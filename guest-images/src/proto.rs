@@ -14,6 +14,7 @@
 //! | `MEM STOP`                        | `OK`                                |
 //! | `DISKBENCH <disk> <mib>`          | `OK write_mbps=<f> read_mbps=<f>` — sequential, O_DIRECT, 1 MiB requests; overwrites the first MiBs |
 //! | `SHUTDOWN`                        | `OK`, then the guest syncs and resets (i8042) |
+//! | `BADCHAIN <disk> outside\|loop`   | `OK bad_status=<n> bad_used_len=<n> good_status=<n>` — takes the disk from the kernel and posts a malformed request, then a good one, straight to the device (see `badchain`); the kernel gets the disk back |
 //!
 //! Any failure is `ERR <message>`; the connection stays usable after an `ERR` unless the
 //! line was too long, in which case the agent answers and closes it.
@@ -89,7 +90,15 @@ pub enum Request {
         disk: String,
         mib: u32,
     },
+    /// An integer loop for `ms` milliseconds: how much CPU the guest gets.
+    CpuBench {
+        ms: u32,
+    },
     Shutdown,
+    BadChain {
+        disk: String,
+        kind: crate::badchain::Kind,
+    },
 }
 
 impl Request {
@@ -141,6 +150,28 @@ impl Request {
                     mib: number(args[1], "mib")?,
                 })
             }
+            "CPUBENCH" => {
+                arity(1, "CPUBENCH", "<ms>")?;
+                let ms: u32 = number(args[0], "ms")?;
+                if ms == 0 || ms > 600_000 {
+                    return Err(ProtoError::Arity {
+                        command: "CPUBENCH",
+                        expected: "<ms> from 1 to 600000",
+                    });
+                }
+                Ok(Request::CpuBench { ms })
+            }
+            "BADCHAIN" => {
+                arity(2, "BADCHAIN", "<disk> outside|loop")?;
+                let kind = crate::badchain::Kind::parse(args[1]).ok_or(ProtoError::Arity {
+                    command: "BADCHAIN",
+                    expected: "<disk> outside|loop",
+                })?;
+                Ok(Request::BadChain {
+                    disk: disk_name(args[0])?,
+                    kind,
+                })
+            }
             "MEM" => match args.first().copied() {
                 Some("START") => {
                     if args.len() != 3 {
@@ -179,6 +210,8 @@ impl Request {
             Request::MemVerify => "MEM VERIFY".into(),
             Request::MemStop => "MEM STOP".into(),
             Request::DiskBench { disk, mib } => format!("DISKBENCH {disk} {mib}"),
+            Request::CpuBench { ms } => format!("CPUBENCH {ms}"),
+            Request::BadChain { disk, kind } => format!("BADCHAIN {disk} {}", kind.name()),
         }
     }
 }
@@ -318,6 +351,8 @@ mod tests {
             "MEM",
             "MEM START 1",
             "MEM VERIFY now",
+            "BADCHAIN vdb",
+            "BADCHAIN vdb sideways",
             "\u{0}\u{1}",
         ];
         for case in cases {
@@ -342,6 +377,15 @@ mod tests {
             Just(Request::MemVerify),
             Just(Request::MemStop),
             (disk, any::<u32>()).prop_map(|(disk, mib)| Request::DiskBench { disk, mib }),
+            (1u32..=600_000).prop_map(|ms| Request::CpuBench { ms }),
+            (disk, any::<bool>()).prop_map(|(disk, outside)| Request::BadChain {
+                disk,
+                kind: if outside {
+                    crate::badchain::Kind::Outside
+                } else {
+                    crate::badchain::Kind::Loop
+                }
+            }),
             (
                 disk,
                 any::<u64>(),

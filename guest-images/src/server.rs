@@ -131,6 +131,23 @@ impl Agent {
                     .map_err(|e| format!("{disk}: {e}"))?;
                 ok(format!("write_mbps={w:.1} read_mbps={r:.1}"))
             }
+            Request::CpuBench { ms } => {
+                let until = std::time::Instant::now() + std::time::Duration::from_millis(ms.into());
+                let (mut x, mut iters) = (0x9e37_79b9_7f4a_7c15u64, 0u64);
+                while std::time::Instant::now() < until {
+                    for _ in 0..10_000 {
+                        x ^= x << 13;
+                        x ^= x >> 7;
+                        x ^= x << 17;
+                    }
+                    iters += 10_000;
+                }
+                ok(format!("iters={iters} x={:x}", x & 0xff))
+            }
+            Request::BadChain { disk, kind } => {
+                let outcome = crate::badchain::run(&disk, kind)?;
+                ok(outcome.to_string())
+            }
             Request::MemStop => {
                 *self.mem.lock().unwrap_or_else(PoisonError::into_inner) = None;
                 ok(String::new())

@@ -97,7 +97,7 @@ impl QemuGuest {
              t0=$(cut -d' ' -f1 /proc/uptime); \
              qemu-system-x86_64 {args} -append '{append}' >{n}.qemu.log 2>&1 & echo $! > {n}.pid; \
              i=0; until grep -q 'mcvmm-guest: ready' {n}.log 2>/dev/null; do \
-               if ! kill -0 $(cat {n}.pid) 2>/dev/null; then echo 'qemu exited:'; cat {n}.qemu.log {n}.log; exit 1; fi; \
+               if ! kill -0 $(cat {n}.pid) 2>/dev/null; then echo 'qemu exited:'; cat {n}.qemu.log; tail -40 {n}.log; exit 1; fi; \
                i=$((i+1)); if [ $i -gt {polls} ]; then echo 'guest not ready in time:'; tail -20 {n}.log; exit 1; fi; \
                sleep 0.02; done; \
              t1=$(cut -d' ' -f1 /proc/uptime); \

@@ -1,5 +1,8 @@
 //! Helpers shared by the integration tests.
 
+pub mod drill;
+pub mod guest;
+
 use std::path::PathBuf;
 use std::process::{Command, Output};
 
@@ -24,4 +27,22 @@ pub fn expect_one_line_failure(out: &Output, needle: &str) {
 
 pub fn repo_root() -> PathBuf {
     mcvmm_lab::assets::workspace_root()
+}
+
+/// A KVM host with what guests need on it: the guest images under `guest/`, `mcvmm`,
+/// `agentctl` and the shell helpers `guest.sh`.
+pub fn guest_host(opts: &mcvmm_lab::HostOptions) -> Result<mcvmm_lab::KvmHost, String> {
+    let e = |e: &dyn std::fmt::Display| e.to_string();
+    let host = mcvmm_lab::KvmHost::acquire(opts).map_err(|x| format!("no KVM host: {x}"))?;
+    let images = mcvmm_lab::reference::GuestImages::locate().map_err(|x| e(&x))?;
+    for (local, dest) in images.files() {
+        host.put_file(&local, &dest).map_err(|x| e(&x))?;
+    }
+    for (name, dest) in [("mcvmm", "mcvmm"), ("mcvmm-agentctl", "agentctl")] {
+        let bin = mcvmm_lab::assets::workspace_binary(name).map_err(|x| e(&x))?;
+        host.put_binary(&bin, dest).map_err(|x| e(&x))?;
+    }
+    host.put_file(&repo_root().join("tests/scripts/guest.sh"), "guest.sh")
+        .map_err(|x| e(&x))?;
+    Ok(host)
 }

@@ -1,15 +1,21 @@
 //! The control socket: one request line per connection, one JSON reply.
 //!
-//! Requests: `status`, `stop`. (Later issues add pause, resume, snapshot, failover.)
+//! Requests: `status`, `stop`, `pause`, `resume` (vCPUs out of KVM_RUN and the devices
+//! parked, and back), `snapshot DIR [incremental]` (see `snapshot`),
+//! `selfcheck EPOCHS INTERVAL_MS [guest-only]` and `epochs EPOCHS INTERVAL_MS` (see
+//! `epochs`); on a replicating primary `verify` (digests with the next checkpoint) and
+//! `failover` (planned switch, see `primary`). A secondary answers `status`, `failover`
+//! and `stop` (see `secondary`).
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde_json::{json, Value};
 
-use crate::vm::Vm;
+use crate::epochs;
+use crate::vm::{Source, Vm};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
@@ -24,10 +30,65 @@ pub enum ApiError {
     NotJson(String),
 }
 
-/// What a request asks the device loop to do after replying.
-pub enum Action {
-    None,
+/// A request on the control socket.
+pub enum Request {
+    Status,
     Stop,
+    Pause,
+    Resume,
+    Epochs(epochs::Request),
+    Snapshot {
+        dir: PathBuf,
+        incremental: bool,
+    },
+    /// Primary: send digests of memory and disks with the next checkpoint.
+    Verify,
+    /// Primary: planned switch to the secondary.
+    Failover,
+    /// Not understood; the reason goes back to the client.
+    Invalid(String),
+}
+
+const KNOWN: &str = "status, stop, pause, resume, snapshot DIR [incremental], \
+                     selfcheck EPOCHS INTERVAL_MS [guest-only], epochs EPOCHS INTERVAL_MS, \
+                     verify, failover";
+
+/// Reads the request line of a connection just accepted (short timeouts: the device loop
+/// waits for it).
+pub fn read_request(stream: &UnixStream) -> Request {
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
+    let _ = stream.set_write_timeout(Some(Duration::from_secs(2)));
+    let mut line = String::new();
+    if BufReader::new(stream).read_line(&mut line).is_err() {
+        return Request::Invalid("no request line within 2 s".into());
+    }
+    let words: Vec<&str> = line.split_whitespace().collect();
+    match words.as_slice() {
+        ["status"] => Request::Status,
+        ["stop"] => Request::Stop,
+        ["pause"] => Request::Pause,
+        ["resume"] => Request::Resume,
+        ["verify"] => Request::Verify,
+        ["failover"] => Request::Failover,
+        ["snapshot", dir] => Request::Snapshot {
+            dir: PathBuf::from(dir),
+            incremental: false,
+        },
+        ["snapshot", dir, "incremental"] => Request::Snapshot {
+            dir: PathBuf::from(dir),
+            incremental: true,
+        },
+        ["snapshot", ..] => Request::Invalid("usage: snapshot DIR [incremental]".into()),
+        ["selfcheck", args @ ..] => match epochs::Request::parse(args, true) {
+            Ok(r) => Request::Epochs(r),
+            Err(e) => Request::Invalid(e.to_string()),
+        },
+        ["epochs", args @ ..] => match epochs::Request::parse(args, false) {
+            Ok(r) => Request::Epochs(r),
+            Err(e) => Request::Invalid(e.to_string()),
+        },
+        _ => Request::Invalid(format!("unknown request {:?}; known: {KNOWN}", line.trim())),
+    }
 }
 
 pub fn status(vm: &Vm) -> Value {
@@ -55,32 +116,14 @@ pub fn status(vm: &Vm) -> Value {
         "vcpus": vm.config.vcpus,
         "memory_mib": vm.config.mem_mib,
         "uptime_ms": vm.started.elapsed().as_millis() as u64,
-        "kernel": vm.config.kernel.display().to_string(),
+        "source": match &vm.config.source {
+            Source::Boot { kernel, .. } => json!({"kernel": kernel.display().to_string()}),
+            Source::Restore(dir) => json!({"restored_from": dir.display().to_string()}),
+            Source::Replica { primary, epoch } => json!({"took_over_from": primary, "epoch": epoch}),
+        },
         "cmdline": vm.cmdline,
         "devices": devices,
     })
-}
-
-/// Serves one connection (already accepted); short timeouts, since the device loop waits.
-pub fn handle(vm: &Vm, stream: UnixStream) -> Action {
-    let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
-    let _ = stream.set_write_timeout(Some(Duration::from_secs(2)));
-    let mut line = String::new();
-    let mut reader = BufReader::new(&stream);
-    if reader.read_line(&mut line).is_err() {
-        return Action::None;
-    }
-    let (reply, action) = match line.trim() {
-        "status" => (status(vm), Action::None),
-        "stop" => (json!({"ok": true}), Action::Stop),
-        other => (
-            json!({"error": format!("unknown request {other:?}; known: status, stop")}),
-            Action::None,
-        ),
-    };
-    let mut w = &stream;
-    let _ = writeln!(w, "{reply}");
-    action
 }
 
 /// `mcvmm ctl`: sends one request and returns the reply.
@@ -89,7 +132,11 @@ pub fn request(sock: &Path, req: &str) -> Result<Value, ApiError> {
         path: sock.display().to_string(),
         source,
     })?;
-    stream.set_read_timeout(Some(Duration::from_secs(30)))?;
+    // A self-check answers when its epochs are done; everything else at once.
+    let long = ["selfcheck", "epochs", "snapshot", "failover"]
+        .iter()
+        .any(|r| req.starts_with(r));
+    stream.set_read_timeout((!long).then(|| Duration::from_secs(30)))?;
     let mut w = &stream;
     writeln!(w, "{req}")?;
     let mut line = String::new();

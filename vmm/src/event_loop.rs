@@ -1,19 +1,31 @@
 //! The device loop: one thread that runs every device. It waits on the queue notifies
-//! (ioeventfds), taps, the control socket, the VM's exit event and SIGTERM/SIGINT.
+//! (ioeventfds) and taps — nested in an epoll of their own, so that parking the devices
+//! is one change — the control socket, the epoch timer, the VM's exit event and
+//! SIGTERM/SIGINT.
 
+use std::io::Write;
 use std::os::fd::{AsRawFd, RawFd};
-use std::os::unix::net::UnixListener;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::time::Instant;
 
 use mcvmm_devices::virtio::mmio::MmioTransport;
+use serde_json::json;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::timerfd::TimerFd;
 
-use crate::api::{self, Action};
+use crate::api::{self, Request};
+use crate::epochs::{EpochRun, PAUSE_LIMIT};
+use crate::primary::Primary;
+use crate::snapshot::{self, Snapshots};
 use crate::vcpu::ExitReason;
 use crate::vm::Vm;
 
 const TOKEN_EXIT: u64 = 1;
 const TOKEN_SIGNAL: u64 = 2;
 const TOKEN_API: u64 = 3;
+const TOKEN_EPOCH: u64 = 4;
+const TOKEN_DEVICES: u64 = 5;
+const TOKEN_REPLICATION: u64 = 6;
 const TOKEN_QUEUE: u64 = 1 << 32;
 const TOKEN_IO: u64 = 2 << 32;
 
@@ -40,6 +52,26 @@ impl SignalFd {
             }
             Ok(SignalFd(fd))
         }
+    }
+}
+
+impl SignalFd {
+    /// Waits up to `ms` for SIGTERM or SIGINT; true if one came (it is consumed).
+    pub fn wait(&self, ms: i32) -> bool {
+        let mut pfd = libc::pollfd {
+            fd: self.0,
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd on the stack.
+        let n = unsafe { libc::poll(&mut pfd, 1, ms) };
+        if n <= 0 {
+            return false;
+        }
+        let mut info = [0u8; 128];
+        // SAFETY: reads at most the buffer's size into it.
+        unsafe { libc::read(self.0, info.as_mut_ptr().cast(), info.len()) };
+        true
     }
 }
 
@@ -88,8 +120,64 @@ fn sync_io(
     Ok(())
 }
 
+/// Parks or unparks every device: while parked, the device fds (nested in their own
+/// epoll) are not watched, so no device runs and nothing is lost (their events wait).
+fn park_devices(epoll: &Epoll, devices: &Epoll, parked: bool) -> std::io::Result<()> {
+    let set = if parked {
+        EventSet::empty()
+    } else {
+        EventSet::IN
+    };
+    epoll.ctl(
+        ControlOperation::Modify,
+        devices.as_raw_fd(),
+        EpollEvent::new(set, TOKEN_DEVICES),
+    )
+}
+
+fn reply(stream: &UnixStream, value: &serde_json::Value) {
+    let mut w = stream;
+    let _ = writeln!(w, "{value}");
+}
+
+/// What this VMM is to its guest's protection.
+pub enum Role {
+    Standalone,
+    /// Replicating to a secondary.
+    Primary(Box<Primary>),
+    /// A secondary that took over: an unprotected primary (what it took over from).
+    TookOver(serde_json::Value),
+}
+
+impl Role {
+    fn status(&self, v: &mut serde_json::Value) {
+        match self {
+            Role::Standalone => {
+                v["role"] = json!("standalone");
+                v["protected"] = json!(false);
+            }
+            Role::Primary(p) => {
+                let r = p.status();
+                v["role"] = json!("primary");
+                v["protected"] = r["protected"].clone();
+                v["replication"] = r;
+            }
+            Role::TookOver(info) => {
+                v["role"] = json!("primary");
+                v["protected"] = json!(false);
+                v["took_over"] = info.clone();
+            }
+        }
+    }
+}
+
 /// Runs the devices until the VM ends; returns why it ended.
-pub fn run(vm: &Vm, signals: &SignalFd, api: Option<&UnixListener>) -> std::io::Result<ExitReason> {
+pub fn run(
+    vm: &Vm,
+    signals: &SignalFd,
+    api: Option<&UnixListener>,
+    role: &mut Role,
+) -> std::io::Result<ExitReason> {
     let epoll = Epoll::new()?;
     add(&epoll, vm.exit.evt.as_raw_fd(), TOKEN_EXIT)?;
     add(&epoll, signals.0, TOKEN_SIGNAL)?;
@@ -97,6 +185,17 @@ pub fn run(vm: &Vm, signals: &SignalFd, api: Option<&UnixListener>) -> std::io::
         l.set_nonblocking(true)?;
         add(&epoll, l.as_raw_fd(), TOKEN_API)?;
     }
+    let mut timer = TimerFd::new()?;
+    add(&epoll, timer.as_raw_fd(), TOKEN_EPOCH)?;
+    let mut epoch_timer = TimerFd::new()?;
+    add(&epoll, epoch_timer.as_raw_fd(), TOKEN_REPLICATION)?;
+    if let Role::Primary(p) = role {
+        let every = std::time::Duration::from_millis(p.epoch_ms);
+        epoch_timer.reset(every, Some(every))?;
+    }
+    let replicating = matches!(role, Role::Primary(_));
+    let devices = Epoll::new()?;
+    add(&epoll, devices.as_raw_fd(), TOKEN_DEVICES)?;
     let mut io_watched = Vec::new();
     for (i, dev) in vm.devices.iter().enumerate() {
         let t = dev
@@ -104,23 +203,40 @@ pub fn run(vm: &Vm, signals: &SignalFd, api: Option<&UnixListener>) -> std::io::
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         for (q, evt) in t.queue_events.iter().enumerate() {
             add(
-                &epoll,
+                &devices,
                 evt.as_raw_fd(),
                 TOKEN_QUEUE | (i as u64) << 8 | q as u64,
             )?;
         }
         if let Some(fd) = t.device().io_fd() {
             // Watched once the driver is up (see below): before that nobody takes input.
-            epoll.ctl(
+            devices.ctl(
                 ControlOperation::Add,
                 fd,
                 EpollEvent::new(EventSet::empty(), TOKEN_IO | i as u64),
             )?;
         }
         io_watched.push(false);
+        // A restored device may be active already, its driver's buffers posted long ago.
+        sync_io(&devices, i, &t, &mut io_watched)?;
+    }
+    // A restored guest may have notified a queue just before the capture, into the old
+    // process's ioeventfd: look at every queue once, as if notified.
+    for (i, dev) in vm.devices.iter().enumerate() {
+        let mut t = dev
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        for q in 0..t.queues.len() {
+            t.notify(q);
+        }
+        sync_io(&devices, i, &t, &mut io_watched)?;
     }
 
+    let mut paused = false;
+    let mut check: Option<EpochRun> = None;
+    let mut snaps = Snapshots::default();
     let mut events = vec![EpollEvent::default(); 64];
+    let mut device_events = vec![EpollEvent::default(); 64];
     loop {
         let n = match epoll.wait(-1, &mut events) {
             Ok(n) => n,
@@ -128,8 +244,7 @@ pub fn run(vm: &Vm, signals: &SignalFd, api: Option<&UnixListener>) -> std::io::
             Err(e) => return Err(e),
         };
         for ev in &events[..n] {
-            let token = ev.data();
-            match token {
+            match ev.data() {
                 TOKEN_EXIT => {
                     let _ = vm.exit.evt.read();
                     if let Some(reason) = vm.exit.reason() {
@@ -140,34 +255,180 @@ pub fn run(vm: &Vm, signals: &SignalFd, api: Option<&UnixListener>) -> std::io::
                 }
                 TOKEN_SIGNAL => return Ok(ExitReason::Stopped),
                 TOKEN_API => {
-                    if let Some(l) = api {
-                        while let Ok((stream, _)) = l.accept() {
-                            let _ = stream.set_nonblocking(false);
-                            if let Action::Stop = api::handle(vm, stream) {
+                    let Some(l) = api else { continue };
+                    while let Ok((stream, _)) = l.accept() {
+                        let _ = stream.set_nonblocking(false);
+                        match api::read_request(&stream) {
+                            Request::Stop => {
+                                reply(&stream, &json!({"ok": true}));
                                 return Ok(ExitReason::Stopped);
+                            }
+                            Request::Pause if !paused => {
+                                let t0 = Instant::now();
+                                match vm.vcpus.pause(PAUSE_LIMIT) {
+                                    Ok(()) => {
+                                        park_devices(&epoll, &devices, true)?;
+                                        paused = true;
+                                        reply(
+                                            &stream,
+                                            &json!({"ok": true, "pause_us": t0.elapsed().as_micros() as u64}),
+                                        );
+                                    }
+                                    Err(e) => reply(&stream, &json!({"error": e.to_string()})),
+                                }
+                            }
+                            Request::Resume if paused => {
+                                vm.vcpus.resume();
+                                park_devices(&epoll, &devices, false)?;
+                                paused = false;
+                                reply(&stream, &json!({"ok": true}));
+                            }
+                            Request::Pause | Request::Resume => reply(
+                                &stream,
+                                &json!({"error": if paused { "already paused" } else { "not paused" }}),
+                            ),
+                            Request::Snapshot { .. } | Request::Epochs(_) if replicating => reply(
+                                &stream,
+                                &json!({"error": "replication owns dirty tracking: no snapshots or epoch runs on a primary"}),
+                            ),
+                            Request::Verify => match role {
+                                Role::Primary(p) => {
+                                    let epoch = p.verify_next();
+                                    reply(&stream, &json!({"ok": true, "epoch": epoch}))
+                                }
+                                _ => reply(&stream, &json!({"error": "not a replicating primary"})),
+                            },
+                            Request::Failover => match role {
+                                Role::Primary(p) if !paused => match p.hand_over(vm) {
+                                    Ok(epoch) => {
+                                        reply(
+                                            &stream,
+                                            &json!({"ok": true, "handed_over_at_epoch": epoch}),
+                                        );
+                                        return Ok(ExitReason::HandedOver(epoch));
+                                    }
+                                    Err(e) => reply(&stream, &json!({"error": e})),
+                                },
+                                Role::Primary(_) => {
+                                    reply(&stream, &json!({"error": "resume the VM first"}))
+                                }
+                                _ => reply(
+                                    &stream,
+                                    &json!({"error": "not a replicating primary: nothing to fail over to"}),
+                                ),
+                            },
+                            Request::Snapshot { .. } if check.is_some() => reply(
+                                &stream,
+                                &json!({"error": "epochs are running; snapshot after them"}),
+                            ),
+                            Request::Snapshot { dir, incremental } => {
+                                let r = snapshot::take(vm, &mut snaps, &dir, incremental, paused);
+                                match r {
+                                    Ok(v) => {
+                                        eprintln!(
+                                            "mcvmm: snapshot {} ({}, {} pages, pause {:.1} ms)",
+                                            dir.display(),
+                                            v["kind"],
+                                            v["pages"],
+                                            v["pause_ms"].as_f64().unwrap_or(0.0)
+                                        );
+                                        reply(&stream, &v)
+                                    }
+                                    Err(e) => reply(
+                                        &stream,
+                                        &json!({"error": format!("snapshot {}: {e}", dir.display())}),
+                                    ),
+                                }
+                            }
+                            Request::Epochs(_) if paused || check.is_some() || snaps.tracking() => {
+                                reply(
+                                    &stream,
+                                    &json!({"error": "the VM is paused, epochs run already, or snapshots track dirty pages"}),
+                                )
+                            }
+                            Request::Epochs(req) => {
+                                let interval = req.interval;
+                                match EpochRun::start(vm, req, stream.try_clone()?) {
+                                    Ok(c) => {
+                                        timer.reset(interval, Some(interval))?;
+                                        check = Some(c);
+                                    }
+                                    Err(e) => reply(&stream, &json!({"error": e.to_string()})),
+                                }
+                            }
+                            Request::Status => {
+                                let mut v = api::status(vm);
+                                v["state"] = json!(if paused { "paused" } else { "running" });
+                                role.status(&mut v);
+                                reply(&stream, &v);
+                            }
+                            Request::Invalid(why) => reply(&stream, &json!({"error": why})),
+                        }
+                    }
+                }
+                TOKEN_EPOCH => {
+                    let _ = timer.wait();
+                    let Some(c) = check.as_mut() else { continue };
+                    let outcome = c.epoch(vm);
+                    if !matches!(outcome, Ok(false)) {
+                        timer.clear()?;
+                        if let Some(c) = check.take() {
+                            let stream = c.reply_to.try_clone();
+                            let mut report = c.finish(vm);
+                            if let Err(e) = outcome {
+                                report["error"] = json!(e.to_string());
+                            }
+                            if let Ok(s) = stream {
+                                reply(&s, &report);
                             }
                         }
                     }
                 }
-                t if t & TOKEN_QUEUE != 0 && t < TOKEN_IO => {
-                    let (i, q) = (((t >> 8) & 0xff) as usize, (t & 0xff) as usize);
-                    let mut dev = vm.devices[i]
-                        .lock()
-                        .unwrap_or_else(std::sync::PoisonError::into_inner);
-                    let _ = dev.queue_events[q].read();
-                    dev.notify(q);
-                    sync_io(&epoll, i, &dev, &mut io_watched)?;
+                TOKEN_REPLICATION => {
+                    let _ = epoch_timer.wait();
+                    // A VM paused by the operator stays paused: its epoch runs on.
+                    if let (Role::Primary(p), false) = (&mut *role, paused) {
+                        p.tick(vm);
+                    }
                 }
-                t if t & TOKEN_IO != 0 => {
-                    let i = (t & 0xff) as usize;
-                    let mut dev = vm.devices[i]
-                        .lock()
-                        .unwrap_or_else(std::sync::PoisonError::into_inner);
-                    dev.io_ready();
-                    sync_io(&epoll, i, &dev, &mut io_watched)?;
+                TOKEN_DEVICES => {
+                    let n = match devices.wait(0, &mut device_events) {
+                        Ok(n) => n,
+                        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                        Err(e) => return Err(e),
+                    };
+                    for dev_ev in &device_events[..n] {
+                        run_device(vm, &devices, dev_ev.data(), &mut io_watched)?;
+                    }
                 }
                 _ => {}
             }
         }
     }
+}
+
+/// Runs the device an event belongs to.
+fn run_device(
+    vm: &Vm,
+    devices: &Epoll,
+    token: u64,
+    io_watched: &mut [bool],
+) -> std::io::Result<()> {
+    if token & TOKEN_QUEUE != 0 && token < TOKEN_IO {
+        let (i, q) = (((token >> 8) & 0xff) as usize, (token & 0xff) as usize);
+        let mut dev = vm.devices[i]
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let _ = dev.queue_events[q].read();
+        dev.notify(q);
+        sync_io(devices, i, &dev, io_watched)?;
+    } else if token & TOKEN_IO != 0 {
+        let i = (token & 0xff) as usize;
+        let mut dev = vm.devices[i]
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        dev.io_ready();
+        sync_io(devices, i, &dev, io_watched)?;
+    }
+    Ok(())
 }

@@ -2,19 +2,32 @@
 
 mod api;
 mod boot;
+mod epochs;
 mod event_loop;
 mod layout;
+mod primary;
+mod secondary;
+mod snapshot;
 mod vcpu;
+mod vcpu_state;
 mod vm;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand};
 
+use crate::event_loop::Role;
 use crate::vcpu::ExitReason;
-use crate::vm::{DiskConfig, SerialOut, VmConfig};
+use crate::vm::{DiskConfig, Restore, Seams, SerialOut, Source, VmConfig};
+use mcvmm_checkpoint::snapshot::{self as snapshot_files, Loaded};
+use mcvmm_checkpoint::state::{DiskShape, VmShape, FORMAT_VERSION};
+use mcvmm_replication::gate::HeldOutput;
+use mcvmm_replication::messages::{Hello, PROTOCOL_VERSION};
+use mcvmm_replication::primary::{self as replication, ForwardedWrites};
 
 #[derive(Parser)]
 #[command(
@@ -29,28 +42,38 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Boot a guest (standalone).
-    Run(RunArgs),
+    /// Run a guest: standalone, as a replicating primary (--primary), or as the secondary
+    /// that receives its checkpoints and takes over when the primary is lost (--secondary).
+    Run(Box<RunArgs>),
     /// Talk to a running mcvmm through its control socket.
     Ctl {
         #[arg(long, value_name = "PATH")]
         api_sock: PathBuf,
-        /// status | stop
-        request: String,
+        /// status | stop | pause | resume | snapshot DIR [incremental] |
+        /// selfcheck EPOCHS INTERVAL_MS [guest-only] | epochs EPOCHS INTERVAL_MS |
+        /// verify (primary: digests checked with the next checkpoint) |
+        /// failover (primary: planned switch; secondary: take over now)
+        #[arg(required = true, num_args = 1..)]
+        request: Vec<String>,
     },
 }
 
 #[derive(Args)]
 struct RunArgs {
     /// Kernel: an ELF vmlinux (PVH entry used when present) or a bzImage.
-    #[arg(long, value_name = "FILE")]
-    kernel: PathBuf,
-    #[arg(long, value_name = "FILE")]
+    #[arg(long, value_name = "FILE", required_unless_present_any = ["restore", "secondary"])]
+    kernel: Option<PathBuf>,
+    #[arg(long, value_name = "FILE", conflicts_with = "restore")]
     initrd: Option<PathBuf>,
+    /// Continue the guest of a snapshot (`mcvmm ctl snapshot`; an incremental one brings
+    /// its parents) instead of booting a kernel. Disks and tap are given again, in the
+    /// same order and sizes; memory and vCPUs come from the snapshot.
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["kernel", "cmdline"])]
+    restore: Option<PathBuf>,
     /// Kernel command line (the user part; mcvmm adds the console, i8042 and virtio-mmio
     /// device entries).
-    #[arg(long, default_value = "")]
-    cmdline: String,
+    #[arg(long)]
+    cmdline: Option<String>,
     /// A raw disk image, as virtio-blk (vda, vdb, ... in order); `,ro` makes it read-only.
     #[arg(long, value_name = "FILE[,ro]")]
     disk: Vec<String>,
@@ -60,17 +83,54 @@ struct RunArgs {
     /// The guest's MAC address.
     #[arg(long, value_name = "MAC", default_value = "52:54:00:12:34:56")]
     mac: String,
-    /// Guest memory in MiB (above 3072, RAM continues past the 4 GiB line).
-    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u64).range(16..=262_144))]
-    mem_mib: u64,
-    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=32))]
-    vcpus: u8,
+    /// Guest memory in MiB (above 3072, RAM continues past the 4 GiB line) [default: 256,
+    /// or the snapshot's].
+    #[arg(long, value_parser = clap::value_parser!(u64).range(16..=262_144))]
+    mem_mib: Option<u64>,
+    /// vCPUs [default: 1, or the snapshot's].
+    #[arg(long, value_parser = clap::value_parser!(u8).range(1..=32))]
+    vcpus: Option<u8>,
     /// Where the guest console goes: `stdio` or a file.
     #[arg(long, default_value = "stdio")]
     serial: String,
     /// Control socket (see `mcvmm ctl`).
     #[arg(long, value_name = "PATH")]
     api_sock: Option<PathBuf>,
+    /// Protect the guest: replicate it to the secondary at --peer, checkpoint every
+    /// --epoch-ms; the guest's network output leaves only once its checkpoint is
+    /// committed there.
+    #[arg(long, requires = "peer", conflicts_with_all = ["secondary", "restore"])]
+    primary: bool,
+    /// The secondary's address (HOST:PORT). The primary waits up to --peer-wait-s for it.
+    #[arg(long, value_name = "HOST:PORT")]
+    peer: Option<String>,
+    /// Epoch length: how often the primary checkpoints. Shorter epochs add less latency to
+    /// the guest's network output, longer ones cost less guest time.
+    #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u64).range(5..=10_000))]
+    epoch_ms: u64,
+    /// How long the primary waits for the secondary to be reachable at start.
+    #[arg(long, default_value_t = 60)]
+    peer_wait_s: u64,
+    /// Page compression on the wire: lz4 (pages that shrink by an eighth or more are sent
+    /// compressed) or none.
+    #[arg(long, default_value = "lz4", value_parser = ["lz4", "none"])]
+    compress: String,
+    /// Receive a primary's checkpoints on --listen and take over when it is lost. Needs
+    /// no kernel: memory, vCPUs and the MAC come from the primary; give the disks (same
+    /// order and sizes as the primary's), and --tap if the guest has a NIC.
+    #[arg(long, requires = "listen", conflicts_with_all = ["kernel", "restore"])]
+    secondary: bool,
+    /// Where the secondary listens (ADDR:PORT).
+    #[arg(long, value_name = "ADDR:PORT")]
+    listen: Option<String>,
+    /// The peer counts as lost after this long without a frame (the secondary takes over;
+    /// the primary goes on unprotected). A closed connection counts at once.
+    #[arg(long, default_value_t = 500, value_parser = clap::value_parser!(u64).range(50..=600_000))]
+    failover_timeout_ms: u64,
+    /// Generation of this primary; a secondary that took over refuses primaries whose
+    /// generation is not above its own.
+    #[arg(long, default_value_t = 1)]
+    generation: u64,
 }
 
 fn parse_mac(s: &str) -> anyhow::Result<[u8; 6]> {
@@ -89,9 +149,39 @@ fn parse_mac(s: &str) -> anyhow::Result<[u8; 6]> {
     Ok(mac)
 }
 
-fn config(args: RunArgs) -> anyhow::Result<(VmConfig, Option<PathBuf>)> {
-    let disks = args
-        .disk
+fn config(
+    args: &RunArgs,
+    snapshot: Option<&Loaded>,
+) -> anyhow::Result<(VmConfig, Option<PathBuf>)> {
+    let source = match (&args.restore, &args.kernel) {
+        (Some(dir), _) => Source::Restore(dir.clone()),
+        (None, Some(kernel)) => Source::Boot {
+            kernel: kernel.clone(),
+            initrd: args.initrd.clone(),
+            cmdline: args.cmdline.clone().unwrap_or_default(),
+        },
+        (None, None) => bail!("--kernel or --restore is needed"),
+    };
+    let shape = snapshot.map(|l| l.shape());
+    Ok((
+        VmConfig {
+            source,
+            disks: disk_configs(&args.disk),
+            tap: args.tap.clone(),
+            mac: parse_mac(&args.mac)?,
+            mem_mib: args.mem_mib.or(shape.map(|s| s.mem_mib)).unwrap_or(256),
+            vcpus: args.vcpus.or(shape.map(|s| s.vcpus)).unwrap_or(1),
+            serial: serial_out(&args.serial),
+        },
+        args.api_sock.clone(),
+    ))
+}
+
+/// Disk chunk size for the initial sync's digests.
+const SYNC_CHUNK: u64 = 1 << 20;
+
+fn disk_configs(disks: &[String]) -> Vec<DiskConfig> {
+    disks
         .iter()
         .map(|d| match d.strip_suffix(",ro") {
             Some(p) => DiskConfig {
@@ -103,44 +193,213 @@ fn config(args: RunArgs) -> anyhow::Result<(VmConfig, Option<PathBuf>)> {
                 read_only: false,
             },
         })
-        .collect();
-    let serial = match args.serial.as_str() {
+        .collect()
+}
+
+fn serial_out(s: &str) -> SerialOut {
+    match s {
         "stdio" => SerialOut::Stdout,
         path => SerialOut::File(path.into()),
+    }
+}
+
+/// The shape the VM will have, known before it is built (for the handshake).
+fn shape_of(cfg: &VmConfig) -> anyhow::Result<VmShape> {
+    let disks = cfg
+        .disks
+        .iter()
+        .map(|d| {
+            let len = std::fs::metadata(&d.path)
+                .with_context(|| format!("disk {}", d.path.display()))?
+                .len();
+            Ok(DiskShape {
+                size_bytes: len / 512 * 512,
+                read_only: d.read_only,
+            })
+        })
+        .collect::<anyhow::Result<_>>()?;
+    Ok(VmShape {
+        mem_mib: cfg.mem_mib,
+        vcpus: cfg.vcpus,
+        disks,
+        net: cfg.tap.as_ref().map(|_| cfg.mac),
+    })
+}
+
+fn bind_api(path: Option<&PathBuf>) -> anyhow::Result<Option<std::os::unix::net::UnixListener>> {
+    match path {
+        Some(p) => {
+            let _ = std::fs::remove_file(p);
+            Ok(Some(
+                std::os::unix::net::UnixListener::bind(p)
+                    .with_context(|| format!("control socket {}", p.display()))?,
+            ))
+        }
+        None => Ok(None),
+    }
+}
+
+/// What a primary sets up before its VM is built.
+struct PrimaryLink {
+    peer: String,
+    stream: std::net::TcpStream,
+    disk_digests: Vec<Vec<u64>>,
+    gate: Arc<HeldOutput>,
+    writes: Arc<ForwardedWrites>,
+    shape: VmShape,
+}
+
+/// Connects to the secondary and agrees on the VM; returns the seams the VM's devices
+/// get.
+fn connect_primary(args: &RunArgs, cfg: &VmConfig) -> anyhow::Result<(PrimaryLink, Seams)> {
+    let peer = args.peer.clone().context("--primary needs --peer")?;
+    let shape = shape_of(cfg)?;
+    let hello = Hello {
+        protocol: PROTOCOL_VERSION,
+        state_format: FORMAT_VERSION,
+        shape: shape.clone(),
+        generation: args.generation,
+        chunk_bytes: SYNC_CHUNK,
+    };
+    eprintln!("mcvmm: primary: connecting to the secondary at {peer}");
+    let (stream, accept) =
+        replication::connect(&peer, &hello, Duration::from_secs(args.peer_wait_s))?;
+    eprintln!(
+        "mcvmm: secondary {peer} accepted the VM (generation {})",
+        args.generation
+    );
+    let tap_out: Arc<OnceLock<std::fs::File>> = Arc::new(OnceLock::new());
+    let out = tap_out.clone();
+    let gate = Arc::new(HeldOutput::new(Box::new(move |frame: &[u8]| {
+        use std::io::Write;
+        match out.get() {
+            Some(mut f) => f.write(frame),
+            None => Err(std::io::Error::other("no tap")),
+        }
+    })));
+    let writes = Arc::new(ForwardedWrites::default());
+    let seams = Seams {
+        disk_writes: Some(writes.clone()),
+        output: Some(gate.clone()),
+        tap_writer: Some(tap_out),
+        ..Seams::default()
     };
     Ok((
-        VmConfig {
-            kernel: args.kernel,
-            initrd: args.initrd,
-            cmdline: args.cmdline,
-            disks,
-            tap: args.tap,
-            mac: parse_mac(&args.mac)?,
-            mem_mib: args.mem_mib,
-            vcpus: args.vcpus,
-            serial,
+        PrimaryLink {
+            peer,
+            stream,
+            disk_digests: accept.disk_digests,
+            gate,
+            writes,
+            shape,
         },
-        args.api_sock,
+        seams,
     ))
 }
 
 fn run(args: RunArgs) -> anyhow::Result<()> {
-    let (cfg, api_sock) = config(args)?;
-    // Blocked before any thread exists, so only the device loop ever sees them.
-    let signals = event_loop::SignalFd::block_and_open().context("setting up signal handling")?;
-    let api = match &api_sock {
-        Some(p) => {
-            let _ = std::fs::remove_file(p);
-            Some(
-                std::os::unix::net::UnixListener::bind(p)
-                    .with_context(|| format!("control socket {}", p.display()))?,
-            )
-        }
+    if args.secondary {
+        return run_secondary(args);
+    }
+    // Everything about a snapshot is checked before anything is built.
+    let snapshot = match &args.restore {
+        Some(dir) => Some(
+            snapshot_files::load(dir).with_context(|| format!("restore from {}", dir.display()))?,
+        ),
         None => None,
     };
-    let vm = vm::build(cfg)?;
-    let reason = event_loop::run(&vm, &signals, api.as_ref()).context("device loop")?;
-    if let Some(p) = &api_sock {
+    let is_primary = args.primary;
+    let epoch_ms = args.epoch_ms;
+    let timeout = Duration::from_millis(args.failover_timeout_ms);
+    let compress = args.compress == "lz4";
+    let (cfg, api_sock) = config(&args, snapshot.as_ref())?;
+    // Blocked before any thread exists, so only the device loop ever sees them.
+    let signals = event_loop::SignalFd::block_and_open().context("setting up signal handling")?;
+    let (link, seams) = if is_primary {
+        let (l, s) = connect_primary(&args, &cfg)?;
+        // The link's threads start now, so the secondary hears heartbeats while the VM
+        // is being built (its silence timer runs from the handshake).
+        let link = replication::start(l.stream, &l.peer, l.gate.clone(), timeout, compress)
+            .context("starting replication")?;
+        (Some((link, l.gate, l.writes, l.shape, l.disk_digests)), s)
+    } else {
+        (None, Seams::default())
+    };
+    let api = bind_api(api_sock.as_ref())?;
+    let vm = match vm::build(cfg, snapshot.as_ref().map(Restore::Snapshot), seams) {
+        Ok(vm) => vm,
+        Err(e) => {
+            // Nothing was started: leave no socket that suggests otherwise.
+            if let Some(p) = &api_sock {
+                let _ = std::fs::remove_file(p);
+            }
+            return Err(e.into());
+        }
+    };
+    drop(snapshot);
+    let role = match link {
+        Some((link, gate, writes, shape, disk_digests)) => {
+            if vm.shape != shape {
+                bail!("the VM built differs from the shape agreed with the secondary");
+            }
+            let mut p = primary::Primary::new(link, gate, writes, epoch_ms);
+            p.start(&vm, disk_digests, SYNC_CHUNK)
+                .map_err(|e| anyhow::anyhow!("starting the initial sync: {e}"))?;
+            Role::Primary(Box::new(p))
+        }
+        None => Role::Standalone,
+    };
+    finish(&vm, &signals, api.as_ref(), api_sock.as_ref(), role)
+}
+
+fn run_secondary(args: RunArgs) -> anyhow::Result<()> {
+    let signals =
+        Arc::new(event_loop::SignalFd::block_and_open().context("setting up signal handling")?);
+    // Until it runs a guest, SIGTERM/SIGINT simply end the secondary.
+    let running = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let watcher = {
+        let (signals, running) = (signals.clone(), running.clone());
+        std::thread::spawn(move || {
+            while !running.load(std::sync::atomic::Ordering::SeqCst) {
+                if signals.wait(100) {
+                    eprintln!("mcvmm: stopped (secondary)");
+                    std::process::exit(0);
+                }
+            }
+        })
+    };
+    let took = secondary::run(secondary::SecondaryConfig {
+        listen: args.listen.clone().context("--secondary needs --listen")?,
+        disks: disk_configs(&args.disk),
+        tap: args.tap.clone(),
+        serial: serial_out(&args.serial),
+        api_sock: args.api_sock.clone(),
+        timeout: Duration::from_millis(args.failover_timeout_ms),
+        generation: args.generation.saturating_sub(1),
+    })?;
+    running.store(true, std::sync::atomic::Ordering::SeqCst);
+    let _ = watcher.join();
+    secondary::refuse_stale_primaries(took.listener, took.generation);
+    let api = bind_api(args.api_sock.as_ref())?;
+    finish(
+        &took.vm,
+        &signals,
+        api.as_ref(),
+        args.api_sock.as_ref(),
+        Role::TookOver(took.info),
+    )
+}
+
+/// Runs the device loop until the VM ends, and says how it ended.
+fn finish(
+    vm: &vm::Vm,
+    signals: &event_loop::SignalFd,
+    api: Option<&std::os::unix::net::UnixListener>,
+    api_sock: Option<&PathBuf>,
+    mut role: Role,
+) -> anyhow::Result<()> {
+    let reason = event_loop::run(vm, signals, api, &mut role).context("device loop")?;
+    if let Some(p) = api_sock {
         let _ = std::fs::remove_file(p);
     }
     use std::io::Write;
@@ -152,6 +411,10 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         }
         ExitReason::Stopped => {
             eprintln!("mcvmm: stopped");
+            Ok(())
+        }
+        ExitReason::HandedOver(epoch) => {
+            eprintln!("mcvmm: handed the guest over to the secondary at epoch {epoch}");
             Ok(())
         }
         ExitReason::TripleFault { vcpu } => {
@@ -179,10 +442,15 @@ fn one_line(e: &anyhow::Error) -> String {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Run(args) => run(args),
-        Command::Ctl { api_sock, request } => api::request(&api_sock, &request)
-            .map(|v| println!("{v:#}"))
-            .map_err(Into::into),
+        Command::Run(args) => run(*args),
+        Command::Ctl { api_sock, request } => {
+            // A reader that went away (`| head`) ends `ctl` quietly, like any filter.
+            // SAFETY: restores a default signal disposition; no other thread exists yet.
+            unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+            api::request(&api_sock, &request.join(" "))
+                .map(|v| println!("{v:#}"))
+                .map_err(Into::into)
+        }
     };
     match result {
         // vCPU threads may still be inside KVM_RUN; ending the process ends them.

@@ -1,13 +1,20 @@
 //! vCPUs: CPUID and initial state, and one thread each running `KVM_RUN`, handling port
 //! and MMIO exits through the buses, and reporting how the guest ended.
 
-use std::sync::{Arc, Mutex, PoisonError};
+use std::cell::Cell;
+use std::os::unix::thread::JoinHandleExt;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::thread::JoinHandle;
+use std::time::Duration;
 
-use kvm_bindings::CpuId;
+use kvm_bindings::{kvm_run, CpuId};
 use kvm_ioctls::{VcpuExit, VcpuFd};
+use mcvmm_checkpoint::state::VcpuState;
 use mcvmm_devices::bus::Bus;
 use vmm_sys_util::eventfd::EventFd;
+
+use crate::vcpu_state;
 
 const KVM_SYSTEM_EVENT_SHUTDOWN: u32 = 1;
 const KVM_SYSTEM_EVENT_RESET: u32 = 2;
@@ -23,6 +30,8 @@ pub enum ExitReason {
     Failed { vcpu: u8, why: String },
     /// SIGTERM/SIGINT or `ctl stop`.
     Stopped,
+    /// `ctl failover`: the secondary runs the guest from this epoch's checkpoint.
+    HandedOver(u64),
 }
 
 /// The first reason wins; the eventfd wakes the device loop.
@@ -55,10 +64,13 @@ impl VmExit {
     }
 }
 
-/// This vCPU's CPUID: what KVM supports, with its APIC id, the CPU count and the
-/// hypervisor bit.
+/// This vCPU's CPUID: what KVM supports, with the hypervisor bit and a topology the guest
+/// can believe: one package of `cpus` cores, one thread each, this vCPU being core `id`
+/// (its APIC id). Leaves copied from the host would describe the host's topology and
+/// disagree with the MP table.
 pub fn cpuid_for(base: &CpuId, id: u8, cpus: u8) -> CpuId {
     let mut cpuid = base.clone();
+    let core_bits = u32::from(cpus).next_power_of_two().trailing_zeros();
     for e in cpuid.as_mut_slice() {
         match e.function {
             1 => {
@@ -68,16 +80,248 @@ pub fn cpuid_for(base: &CpuId, id: u8, cpus: u8) -> CpuId {
                 }
                 e.ecx |= 1 << 31; // running under a hypervisor
             }
-            0xb | 0x1f => e.edx = u32::from(id),
+            // Deterministic cache parameters: cores per package, no cache shared by threads.
+            4 => e.eax = (e.eax & 0x3ff) | (u32::from(cpus - 1) << 26),
+            // Extended topology: level 0 is SMT (1 thread), level 1 cores, then the end.
+            0xb | 0x1f => {
+                (e.eax, e.ebx, e.ecx) = match e.index {
+                    0 => (0, 1, 1 << 8),
+                    1 => (core_bits, u32::from(cpus), (2 << 8) | 1),
+                    n => (0, 0, n & 0xff),
+                };
+                e.edx = u32::from(id);
+            }
+            // AMD: number of cores - 1 and the APIC id bits that number them.
+            0x8000_0008 => e.ecx = (core_bits << 12) | u32::from(cpus - 1),
             _ => {}
         }
     }
     cpuid
 }
 
+/// The signal that kicks a vCPU out of `KVM_RUN`.
+fn kick_signal() -> libc::c_int {
+    libc::SIGRTMIN()
+}
+
+thread_local! {
+    /// This vCPU thread's `kvm_run` area, for the kick handler.
+    static KVM_RUN: Cell<*mut kvm_run> = const { Cell::new(std::ptr::null_mut()) };
+}
+
+extern "C" fn on_kick(_: libc::c_int) {
+    // Setting immediate_exit makes a KVM_RUN in progress return EINTR (the signal
+    // interrupts it) and the next one return at once: a kick between checking for a
+    // pause and entering KVM_RUN cannot be lost.
+    let run = KVM_RUN.with(Cell::get);
+    if !run.is_null() {
+        // SAFETY: set by this thread to its own live kvm_run mapping before any kick
+        // could reach it, and cleared before that mapping goes away.
+        unsafe { std::ptr::write_volatile(&raw mut (*run).immediate_exit, 1) };
+    }
+}
+
+/// Installs the kick handler (once per process).
+pub fn install_kick_handler() -> std::io::Result<()> {
+    // SAFETY: a zeroed sigaction with a handler that only does an async-signal-safe
+    // volatile store; sigaction copies the struct.
+    unsafe {
+        let mut sa: libc::sigaction = std::mem::zeroed();
+        sa.sa_sigaction = on_kick as *const () as usize;
+        // Other syscalls a vCPU thread makes (device I/O behind port and MMIO exits) go
+        // on after a kick; KVM_RUN itself still returns EINTR.
+        sa.sa_flags = libc::SA_RESTART;
+        libc::sigemptyset(&mut sa.sa_mask);
+        if libc::sigaction(kick_signal(), &sa, std::ptr::null_mut()) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+#[derive(Default)]
+struct ControlState {
+    pause: bool,
+    parked: usize,
+    /// Parked vCPUs are to capture their state into `saved`.
+    save: bool,
+    saved: Vec<(u8, Result<VcpuState, String>)>,
+}
+
+/// How the device loop stops and restarts the vCPUs.
+#[derive(Default)]
+pub struct VcpuControl {
+    state: Mutex<ControlState>,
+    changed: Condvar,
+    pause_requested: AtomicBool,
+    /// The MSRs a saved vCPU state carries (KVM's list for this host).
+    msr_indices: Vec<u32>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PauseError {
+    #[error("the vCPUs are not paused")]
+    NotPaused,
+    #[error("vCPU {0}: {1}")]
+    Save(u8, String),
+    #[error("{parked} of {total} vCPUs stopped within {waited:?}")]
+    Timeout {
+        parked: usize,
+        total: usize,
+        waited: Duration,
+    },
+}
+
+impl VcpuControl {
+    fn lock(&self) -> std::sync::MutexGuard<'_, ControlState> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    pub fn new(msr_indices: Vec<u32>) -> VcpuControl {
+        VcpuControl {
+            msr_indices,
+            ..Default::default()
+        }
+    }
+
+    /// Parks the calling vCPU thread while a pause is asked for, capturing its state
+    /// whenever that is asked for meanwhile. The vCPU's own thread does the capture: it
+    /// owns the fd, and it is known to be out of KVM_RUN.
+    fn park(&self, id: u8, vcpu: &VcpuFd) {
+        let mut st = self.lock();
+        st.parked += 1;
+        self.changed.notify_all();
+        while st.pause {
+            if st.save && !st.saved.iter().any(|(i, _)| *i == id) {
+                drop(st);
+                let state = vcpu_state::save(vcpu, id, &self.msr_indices);
+                st = self.lock();
+                st.saved.push((id, state));
+                self.changed.notify_all();
+                continue;
+            }
+            st = self
+                .changed
+                .wait(st)
+                .unwrap_or_else(PoisonError::into_inner);
+        }
+        st.parked -= 1;
+        self.changed.notify_all();
+    }
+}
+
 pub struct VcpuThread {
-    #[allow(dead_code)]
-    pub handle: JoinHandle<()>,
+    handle: JoinHandle<()>,
+}
+
+/// The vCPU threads of a VM, and the way to stop and restart them all.
+pub struct Vcpus {
+    threads: Vec<VcpuThread>,
+    control: Arc<VcpuControl>,
+}
+
+impl Vcpus {
+    pub fn new(control: Arc<VcpuControl>) -> Vcpus {
+        Vcpus {
+            threads: Vec::new(),
+            control,
+        }
+    }
+
+    pub fn push(&mut self, t: VcpuThread) {
+        self.threads.push(t);
+    }
+
+    /// Takes every vCPU out of `KVM_RUN` and keeps it out until `resume`. When this
+    /// returns, each vCPU has completed the exit it was handling (KVM has taken the result
+    /// of a pending port or MMIO read), so its state is whole. A vCPU whose thread has
+    /// ended (the guest is going away) counts as stopped.
+    pub fn pause(&self, limit: Duration) -> Result<(), PauseError> {
+        let started = std::time::Instant::now();
+        let mut st = self.control.lock();
+        st.pause = true;
+        self.control.pause_requested.store(true, Ordering::SeqCst);
+        drop(st);
+        for t in &self.threads {
+            // SAFETY: the thread may have ended, in which case pthread_kill on its (not
+            // yet joined) handle fails harmlessly with ESRCH.
+            unsafe { libc::pthread_kill(t.handle.as_pthread_t(), kick_signal()) };
+        }
+        let mut st = self.control.lock();
+        loop {
+            let live = self
+                .threads
+                .iter()
+                .filter(|t| !t.handle.is_finished())
+                .count();
+            if st.parked >= live {
+                return Ok(());
+            }
+            let waited = started.elapsed();
+            if waited >= limit {
+                let parked = st.parked;
+                drop(st);
+                self.resume();
+                return Err(PauseError::Timeout {
+                    parked,
+                    total: self.threads.len(),
+                    waited,
+                });
+            }
+            // Short waits: a thread that ends instead of parking does not notify.
+            let wait = (limit - waited).min(Duration::from_millis(5));
+            st = self
+                .control
+                .changed
+                .wait_timeout(st, wait)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        }
+    }
+
+    /// Captures every vCPU's state; the vCPUs must be paused (and stay so).
+    pub fn save(&self, limit: Duration) -> Result<Vec<VcpuState>, PauseError> {
+        let started = std::time::Instant::now();
+        let mut st = self.control.lock();
+        if !st.pause {
+            return Err(PauseError::NotPaused);
+        }
+        st.save = true;
+        st.saved.clear();
+        self.control.changed.notify_all();
+        while st.saved.len() < self.threads.len() {
+            let waited = started.elapsed();
+            if waited >= limit {
+                st.save = false;
+                return Err(PauseError::Timeout {
+                    parked: st.saved.len(),
+                    total: self.threads.len(),
+                    waited,
+                });
+            }
+            st = self
+                .control
+                .changed
+                .wait_timeout(st, limit - waited)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        }
+        st.save = false;
+        let mut saved = std::mem::take(&mut st.saved);
+        saved.sort_by_key(|(id, _)| *id);
+        saved
+            .into_iter()
+            .map(|(id, r)| r.map_err(|e| PauseError::Save(id, e)))
+            .collect()
+    }
+
+    /// Lets every vCPU run again.
+    pub fn resume(&self) {
+        let mut st = self.control.lock();
+        st.pause = false;
+        self.control.pause_requested.store(false, Ordering::SeqCst);
+        self.control.changed.notify_all();
+    }
 }
 
 /// Starts vCPU `id`; it runs until the guest ends or fails, then reports to `exit`.
@@ -87,18 +331,27 @@ pub fn spawn(
     pio: Arc<Bus>,
     mmio: Arc<Bus>,
     exit: Arc<VmExit>,
+    control: Arc<VcpuControl>,
 ) -> std::io::Result<VcpuThread> {
     let handle = std::thread::Builder::new()
         .name(format!("vcpu{id}"))
         .spawn(move || {
-            let reason = run(id, &mut vcpu, &pio, &mmio);
+            KVM_RUN.with(|r| r.set(vcpu.get_kvm_run()));
+            let reason = run(id, &mut vcpu, &pio, &mmio, &control);
+            KVM_RUN.with(|r| r.set(std::ptr::null_mut()));
             exit.set(reason);
         })?;
     Ok(VcpuThread { handle })
 }
 
-fn run(id: u8, vcpu: &mut VcpuFd, pio: &Bus, mmio: &Bus) -> ExitReason {
+fn run(id: u8, vcpu: &mut VcpuFd, pio: &Bus, mmio: &Bus, control: &VcpuControl) -> ExitReason {
     loop {
+        if control.pause_requested.load(Ordering::SeqCst) {
+            // Enter once more with immediate_exit set: KVM completes the exit just
+            // handled (a port or MMIO read's data goes into the registers) and returns
+            // EINTR, where the thread parks.
+            vcpu.set_kvm_immediate_exit(1);
+        }
         match vcpu.run() {
             Ok(VcpuExit::IoIn(port, data)) => {
                 if !pio.read(u64::from(port), data) {
@@ -117,7 +370,15 @@ fn run(id: u8, vcpu: &mut VcpuFd, pio: &Bus, mmio: &Bus) -> ExitReason {
                 mmio.write(addr, data);
             }
             Ok(VcpuExit::Hlt) => {}
-            Ok(VcpuExit::Shutdown) => return ExitReason::TripleFault { vcpu: id },
+            Ok(VcpuExit::Shutdown) => {
+                if let (Ok(r), Ok(s)) = (vcpu.get_regs(), vcpu.get_sregs()) {
+                    eprintln!(
+                        "mcvmm: vCPU {id} triple fault at rip {:#x} rsp {:#x} cr0 {:#x} cr3 {:#x} cr4 {:#x} efer {:#x}",
+                        r.rip, r.rsp, s.cr0, s.cr3, s.cr4, s.efer
+                    );
+                }
+                return ExitReason::TripleFault { vcpu: id };
+            }
             Ok(VcpuExit::SystemEvent(KVM_SYSTEM_EVENT_RESET, _)) => {
                 return ExitReason::GuestEnded("reset")
             }
@@ -142,7 +403,12 @@ fn run(id: u8, vcpu: &mut VcpuFd, pio: &Bus, mmio: &Bus) -> ExitReason {
                     why: format!("unexpected exit {other:?}"),
                 }
             }
-            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {}
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                vcpu.set_kvm_immediate_exit(0);
+                if control.pause_requested.load(Ordering::SeqCst) {
+                    control.park(id, vcpu);
+                }
+            }
             Err(e) => {
                 return ExitReason::Failed {
                     vcpu: id,
@@ -150,5 +416,50 @@ fn run(id: u8, vcpu: &mut VcpuFd, pio: &Bus, mmio: &Bus) -> ExitReason {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kvm_bindings::kvm_cpuid_entry2;
+
+    fn entry(function: u32, index: u32) -> kvm_cpuid_entry2 {
+        kvm_cpuid_entry2 {
+            function,
+            index,
+            eax: 0xffff_ffff,
+            ebx: 0xffff_ffff,
+            ecx: 0xffff_ffff,
+            edx: 0xffff_ffff,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn topology_names_this_vcpu_among_its_siblings() {
+        let base = CpuId::from_entries(&[
+            entry(1, 0),
+            entry(0xb, 0),
+            entry(0xb, 1),
+            entry(0xb, 2),
+            entry(0x8000_0008, 0),
+        ])
+        .expect("cpuid");
+        let c = cpuid_for(&base, 2, 3);
+        let get = |f: u32, i: u32| {
+            *c.as_slice()
+                .iter()
+                .find(|e| e.function == f && e.index == i)
+                .expect("leaf")
+        };
+        assert_eq!(get(1, 0).ebx >> 24, 2, "APIC id");
+        assert_eq!((get(1, 0).ebx >> 16) & 0xff, 3, "logical count");
+        assert_ne!(get(1, 0).ecx & (1 << 31), 0, "hypervisor bit");
+        let (smt, core, end) = (get(0xb, 0), get(0xb, 1), get(0xb, 2));
+        assert_eq!((smt.ebx, smt.ecx >> 8 & 0xff, smt.edx), (1, 1, 2));
+        assert_eq!((core.eax, core.ebx, core.ecx >> 8 & 0xff), (2, 3, 2));
+        assert_eq!((end.ebx, end.ecx >> 8 & 0xff), (0, 0));
+        assert_eq!(get(0x8000_0008, 0).ecx & 0xff, 2, "cores - 1");
     }
 }

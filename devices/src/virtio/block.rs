@@ -7,6 +7,10 @@
 
 use std::fs::File;
 use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileExt;
+use std::sync::Arc;
+
+use mcvmm_checkpoint::seams::DiskWriteSink;
 
 use virtio_queue::{Queue, QueueT};
 use vm_memory::bitmap::BitmapSlice;
@@ -110,6 +114,8 @@ pub struct Block {
     read_only: bool,
     id: [u8; ID_LEN],
     stats: BlockStats,
+    /// Replication: this disk's index and where its writes are forwarded.
+    sink: Option<(usize, Arc<dyn DiskWriteSink>)>,
 }
 
 impl Block {
@@ -127,7 +133,42 @@ impl Block {
             read_only,
             id: id_bytes,
             stats: BlockStats::default(),
+            sink: None,
         })
+    }
+
+    /// Forwards every completed write of this disk (index `disk`) to `sink`.
+    pub fn forward_writes(&mut self, disk: usize, sink: Arc<dyn DiskWriteSink>) {
+        self.sink = Some((disk, sink));
+    }
+
+    /// A replicated write: the data is read out of guest memory once, and the same bytes
+    /// go to the file and to the sink, so a guest that changes its buffer meanwhile cannot
+    /// make the two copies differ.
+    fn write_forwarded(
+        &self,
+        data: &[(GuestAddress, u32, bool)],
+        start: u64,
+        total: u64,
+        mem: &GuestMemory,
+    ) -> bool {
+        let Some((disk, sink)) = &self.sink else {
+            return false;
+        };
+        let mut buf = vec![0u8; total as usize];
+        let mut at = 0;
+        for &(addr, len, _) in data {
+            let end = at + len as usize;
+            if mem.read_slice(&mut buf[at..end], addr).is_err() {
+                return false;
+            }
+            at = end;
+        }
+        if self.file.write_all_at(&buf, start).is_err() {
+            return false;
+        }
+        sink.written(*disk, start, buf);
+        true
     }
 
     pub fn path(&self) -> &str {
@@ -181,9 +222,18 @@ impl Block {
                 if !in_range || !total.is_multiple_of(SECTOR_SIZE) {
                     return (0, status_at, S_IOERR);
                 }
+                let start = start.unwrap_or(0);
+                if rtype == T_OUT && self.sink.is_some() {
+                    if !self.write_forwarded(data, start, total, mem) {
+                        return (0, status_at, S_IOERR);
+                    }
+                    self.stats.writes += 1;
+                    self.stats.write_bytes += total;
+                    return (1, status_at, S_OK);
+                }
                 let mut at_disk = FileAt {
                     file: &self.file,
-                    offset: start.unwrap_or(0),
+                    offset: start,
                 };
                 for &(addr, len, _) in data {
                     // Straight between the file and guest memory: one copy, and the
@@ -231,6 +281,31 @@ impl Block {
     }
 }
 
+/// The descriptors of a chain as (address, length, device-writable), at most
+/// SEG_MAX + 3 of them, and whether the chain comes back to a descriptor it already used.
+/// Indices are followed as the driver wrote them, so the loop is seen where it closes
+/// rather than when the queue's own limit cuts the chain.
+fn collect_chain<M>(
+    chain: virtio_queue::DescriptorChain<M>,
+    head: u16,
+) -> (Vec<(GuestAddress, u32, bool)>, bool)
+where
+    M: std::ops::Deref,
+    M::Target: vm_memory::GuestMemory,
+{
+    let mut descs = Vec::new();
+    let mut seen = std::collections::HashSet::new();
+    let mut index = head;
+    for d in chain.take(SEG_MAX as usize + 3) {
+        if !seen.insert(index) {
+            return (descs, true);
+        }
+        descs.push((d.addr(), d.len(), d.is_write_only()));
+        index = d.next();
+    }
+    (descs, false)
+}
+
 impl VirtioDevice for Block {
     fn device_type(&self) -> u32 {
         TYPE_BLOCK
@@ -267,15 +342,15 @@ impl VirtioDevice for Block {
         let mut used_any = false;
         while let Some(chain) = queue.pop_descriptor_chain(mem) {
             let head = chain.head_index();
-            // The chain iterator stops after queue-size descriptors, so a looping chain
-            // ends; such a chain, or one longer than SEG_MAX + 2, is refused whole.
-            let descs: Vec<(GuestAddress, u32, bool)> = chain
-                .take(SEG_MAX as usize + 3)
-                .map(|d| (d.addr(), d.len(), d.is_write_only()))
-                .collect();
-            let (len, status_at, status) = if descs.len() > SEG_MAX as usize + 2 {
+            let (descs, looped) = collect_chain(chain, head);
+            let (len, status_at, status) = if looped || descs.len() > SEG_MAX as usize + 2 {
+                // A loop or an over-long chain is refused whole; its tail (the last
+                // descriptor before the loop closes) is where a driver put its status.
                 let last = descs.last().copied();
-                (0, last.filter(|d| d.2).map(|d| d.0), S_IOERR)
+                let at = last
+                    .filter(|d| d.2 && d.1 > 0)
+                    .and_then(|d| d.0.checked_add(u64::from(d.1) - 1));
+                (0, at, S_IOERR)
             } else {
                 self.execute(&descs, mem)
             };

@@ -8,6 +8,8 @@ use virtio_queue::{Queue, QueueT};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::{DeviceError, VirtioDevice, VIRTIO_F_VERSION_1};
+use mcvmm_checkpoint::state::{QueueState, VirtioMmioState};
+
 use crate::bus::BusDevice;
 use crate::interrupt::{Interrupt, INT_CONFIG};
 use crate::GuestMemory;
@@ -118,6 +120,90 @@ impl MmioTransport {
             self.status |= 0x40; // DEVICE_NEEDS_RESET
             self.interrupt.trigger(INT_CONFIG);
         }
+    }
+
+    /// The transport's state and its queues' (device loop parked, vCPUs paused).
+    pub fn save(&self) -> VirtioMmioState {
+        VirtioMmioState {
+            device_type: self.device.device_type(),
+            status: self.status,
+            device_features_sel: self.device_features_sel,
+            driver_features_sel: self.driver_features_sel,
+            acked_features: self.acked_features,
+            queue_sel: self.queue_sel,
+            config_generation: self.config_generation,
+            active: self.active,
+            interrupt_status: self.interrupt.status(),
+            queues: self
+                .queues
+                .iter()
+                .map(|q| {
+                    let s = q.state();
+                    QueueState {
+                        max_size: s.max_size,
+                        size: s.size,
+                        ready: s.ready,
+                        next_avail: s.next_avail,
+                        next_used: s.next_used,
+                        event_idx: s.event_idx_enabled,
+                        desc_table: s.desc_table,
+                        avail_ring: s.avail_ring,
+                        used_ring: s.used_ring,
+                    }
+                })
+                .collect(),
+        }
+    }
+
+    /// Continues from `s` (a restore, before any vCPU runs): the same negotiation, the
+    /// same queue positions, the device active again if it was. A state that does not
+    /// fit this device (another type, other queues, an invalid queue) is refused.
+    pub fn restore(&mut self, s: &VirtioMmioState) -> Result<(), DeviceError> {
+        if s.device_type != self.device.device_type() || s.queues.len() != self.queues.len() {
+            return Err(DeviceError::State(format!(
+                "device type {} with {} queues in the checkpoint, {} with {} here",
+                s.device_type,
+                s.queues.len(),
+                self.device.device_type(),
+                self.queues.len()
+            )));
+        }
+        let mut queues = Vec::new();
+        for (q, live) in s.queues.iter().zip(&self.queues) {
+            if q.max_size != live.max_size() {
+                return Err(DeviceError::State("queue maximum size differs".into()));
+            }
+            let state = virtio_queue::QueueState {
+                max_size: q.max_size,
+                next_avail: q.next_avail,
+                next_used: q.next_used,
+                event_idx_enabled: q.event_idx,
+                size: q.size,
+                ready: q.ready,
+                desc_table: q.desc_table,
+                avail_ring: q.avail_ring,
+                used_ring: q.used_ring,
+            };
+            queues.push(Queue::try_from(state)?);
+        }
+        self.queues = queues;
+        self.status = s.status;
+        self.device_features_sel = s.device_features_sel;
+        self.driver_features_sel = s.driver_features_sel;
+        self.acked_features = s.acked_features;
+        self.queue_sel = s.queue_sel;
+        self.config_generation = s.config_generation;
+        self.interrupt.set_status(s.interrupt_status);
+        if s.active {
+            self.device.activate(self.acked_features)?;
+            self.active = true;
+        }
+        if s.interrupt_status != 0 {
+            // An interrupt the driver had not yet acknowledged: raise it again (a
+            // spurious one is harmless, a lost one would stall the queue).
+            let _ = self.interrupt.irqfd.write(1);
+        }
+        Ok(())
     }
 
     fn selected_queue(&mut self) -> Option<&mut Queue> {

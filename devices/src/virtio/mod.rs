@@ -69,6 +69,8 @@ pub enum DeviceError {
     Io(#[from] std::io::Error),
     #[error("driver did not accept VIRTIO_F_VERSION_1")]
     Legacy,
+    #[error("checkpointed state does not fit: {0}")]
+    State(String),
 }
 
 /// Reads `data.len()` bytes of a config space at `offset`; bytes past its end read as 0

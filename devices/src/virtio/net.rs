@@ -6,6 +6,9 @@
 //! that stops receiving stops the VMM reading, not the VMM spinning.
 
 use std::os::fd::{AsRawFd, RawFd};
+use std::sync::Arc;
+
+use mcvmm_checkpoint::seams::OutputGate;
 
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Address, Bytes, GuestAddress};
@@ -39,6 +42,8 @@ pub struct Net {
     pending: Option<Vec<u8>>,
     buf: Vec<u8>,
     stats: NetStats,
+    /// Replication: frames the guest sends may have to wait for their checkpoint.
+    gate: Option<Arc<dyn OutputGate>>,
 }
 
 impl Net {
@@ -49,7 +54,13 @@ impl Net {
             pending: None,
             buf: vec![0u8; MAX_FRAME],
             stats: NetStats::default(),
+            gate: None,
         }
+    }
+
+    /// Sends the guest's frames through `gate`.
+    pub fn gate_output(&mut self, gate: Arc<dyn OutputGate>) {
+        self.gate = Some(gate);
     }
 
     /// Copies `frame` (with a header in front) into the next RX chain. Returns false if
@@ -165,7 +176,16 @@ impl Net {
                     break;
                 }
             }
-            if ok && frame.len() > HDR_LEN {
+            let held = ok
+                && frame.len() > HDR_LEN
+                && self
+                    .gate
+                    .as_ref()
+                    .is_some_and(|g| g.hold(&frame[HDR_LEN..]));
+            if held {
+                self.stats.tx_frames += 1;
+                self.stats.tx_bytes += (frame.len() - HDR_LEN) as u64;
+            } else if ok && frame.len() > HDR_LEN {
                 match self.tap.write_frame(&frame[HDR_LEN..]) {
                     Ok(_) => {
                         self.stats.tx_frames += 1;
@@ -185,6 +205,46 @@ impl Net {
         }
         Ok(())
     }
+}
+
+/// When a moved guest's RARP announcements go out, from the moment it starts. A bridge
+/// port that has just come up may still drop the first ones, and one lost frame would
+/// leave switches sending the guest's traffic to its old host until their entries age
+/// out, so they are repeated, densely at first (QEMU sends five over half a second).
+pub const ANNOUNCE_AT_MS: [u64; 8] = [0, 20, 50, 100, 200, 400, 800, 1600];
+
+/// Announces `mac` through `tap` (a handle from [`Tap::writer`]) on the
+/// [`ANNOUNCE_AT_MS`] schedule, from a thread of its own so the guest need not wait.
+pub fn announce_moved(mut tap: std::fs::File, mac: [u8; 6]) -> std::io::Result<()> {
+    use std::io::Write;
+    let frame = rarp_announce(mac);
+    std::thread::Builder::new()
+        .name("announce".into())
+        .spawn(move || {
+            let start = std::time::Instant::now();
+            for at in ANNOUNCE_AT_MS {
+                let due = std::time::Duration::from_millis(at);
+                std::thread::sleep(due.saturating_sub(start.elapsed()));
+                // A full tap queue drops one announcement; the next one follows.
+                let _ = tap.write(&frame);
+            }
+        })
+        .map(|_| ())
+}
+
+/// A RARP "request reverse" frame from `mac` to everyone: what a moved guest announces.
+pub fn rarp_announce(mac: [u8; 6]) -> Vec<u8> {
+    let mut f = Vec::with_capacity(60);
+    f.extend_from_slice(&[0xff; 6]);
+    f.extend_from_slice(&mac);
+    f.extend_from_slice(&[0x80, 0x35]); // ethertype RARP
+    f.extend_from_slice(&[0, 1, 0x08, 0, 6, 4, 0, 3]); // Ethernet/IPv4, opcode 3
+    f.extend_from_slice(&mac);
+    f.extend_from_slice(&[0; 4]);
+    f.extend_from_slice(&mac);
+    f.extend_from_slice(&[0; 4]);
+    f.resize(60, 0);
+    f
 }
 
 impl VirtioDevice for Net {

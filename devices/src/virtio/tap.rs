@@ -105,6 +105,25 @@ impl Tap {
     pub fn write_frame(&mut self, frame: &[u8]) -> std::io::Result<usize> {
         self.file.write(frame)
     }
+
+    /// Throws away every frame queued on the tap; returns how many. A tap held open
+    /// before its guest runs (a secondary waiting to take over) collects floods and
+    /// broadcasts no guest should see late.
+    pub fn drain(&mut self) -> usize {
+        let mut buf = vec![0u8; 65536];
+        let mut n = 0;
+        // The tap is non-blocking: WouldBlock (or any error) ends the queue.
+        while matches!(self.file.read(&mut buf), Ok(len) if len > 0) {
+            n += 1;
+        }
+        n
+    }
+
+    /// A second handle on the same queue, for sending from another thread (held output
+    /// released when its checkpoint is acknowledged).
+    pub fn writer(&self) -> std::io::Result<std::fs::File> {
+        self.file.try_clone()
+    }
 }
 
 impl AsRawFd for Tap {

@@ -17,12 +17,22 @@ commands:
   mem-start MIB PAGES_PER_SEC    start the self-checking memory workload
   records DISK RUN COUNT         write records 0..COUNT of RUN, one acknowledged write each;
                                  prints the number acknowledged
+  records-for DISK RUN SECS      like records, for SECS seconds or until a write fails (a
+                                 failover drill); prints acknowledged=N, and error=... if one
+                                 did; exits 0 either way
+  answer-within SECS             (failover probes) new connections every 100 ms until the
+                                 agent answers a PING; prints answered_ms=N
   check-records FILE RUN COUNT   (no agent) checks a disk image holds records 0..COUNT of RUN
   diskbench DISK MIB             sequential write+read throughput inside the guest (overwrites!)
+  cpubench MS                    an integer loop for MS ms inside the guest; prints iters=N
   latency COUNT                  COUNT PINGs one after another; prints median and p99 in µs
   raw LINE                       send a protocol line as is, print the reply";
 
 fn main() {
+    // Like any filter: a reader that went away (`| grep -q`, `| head`) ends us quietly
+    // instead of making println panic on EPIPE.
+    // SAFETY: restores a default signal disposition before any other thread exists.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
     if let Err(e) = run() {
         eprintln!("mcvmm-agentctl: {e}");
         std::process::exit(1);
@@ -77,6 +87,26 @@ fn run() -> Result<(), String> {
             &missing[..missing.len().min(10)]
         ));
     }
+    if command == "answer-within" {
+        let secs: f64 = arg(&args, 1, "SECS")?;
+        let start = Instant::now();
+        loop {
+            let answered = AgentClient::connect(addr.as_str(), Duration::from_millis(100))
+                .and_then(|c| {
+                    c.set_timeout(Duration::from_secs(1))?;
+                    let mut c = c;
+                    c.ping()
+                });
+            if answered.is_ok() {
+                println!("answered_ms={}", start.elapsed().as_millis());
+                return Ok(());
+            }
+            if start.elapsed().as_secs_f64() > secs {
+                return Err(format!("no answer within {secs} s"));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
     let mut c = AgentClient::connect_retry(&addr, Duration::from_secs_f64(wait))
         .map_err(|e| e.to_string())?;
     let e = |e: mcvmm_guest::client::ClientError| e.to_string();
@@ -88,6 +118,8 @@ fn run() -> Result<(), String> {
             }
         }
         "mem-verify" => {
+            // Every page is read; in a slow (nested) guest a large workload takes a while.
+            c.set_timeout(Duration::from_secs(600)).map_err(e)?;
             let (pages, errors) = c.mem_verify().map_err(e)?;
             println!("pages={pages} errors={errors}");
             if errors != 0 {
@@ -114,13 +146,19 @@ fn run() -> Result<(), String> {
                 .map_err(e)?;
             println!("{}", encode_hex(&data));
         }
-        "mem-start" => c
-            .mem_start(arg(&args, 1, "MIB")?, arg(&args, 2, "PAGES_PER_SEC")?)
-            .map_err(e)?,
+        "mem-start" => {
+            // Every page is written once before the reply.
+            c.set_timeout(Duration::from_secs(600)).map_err(e)?;
+            c.mem_start(arg(&args, 1, "MIB")?, arg(&args, 2, "PAGES_PER_SEC")?)
+                .map_err(e)?
+        }
         "records" => {
             let disk: String = arg(&args, 1, "DISK")?;
             let run: u64 = arg(&args, 2, "RUN")?;
             let count: u64 = arg(&args, 3, "COUNT")?;
+            // A protected guest's replies wait for their checkpoint; a nested lab host
+            // stretches that now and then.
+            c.set_timeout(Duration::from_secs(30)).map_err(e)?;
             let start = Instant::now();
             for seq in 0..count {
                 c.write(&disk, records::offset(seq), &records::record(run, seq))
@@ -131,6 +169,42 @@ fn run() -> Result<(), String> {
                 "{count} records acknowledged in {secs:.3} s ({:.0}/s)",
                 count as f64 / secs.max(1e-9)
             );
+        }
+        "records-for" => {
+            let disk: String = arg(&args, 1, "DISK")?;
+            let run: u64 = arg(&args, 2, "RUN")?;
+            let secs: f64 = arg(&args, 3, "SECS")?;
+            // A request that waits this long has outlived any failover worth the name.
+            c.set_timeout(Duration::from_secs(30)).map_err(e)?;
+            let start = Instant::now();
+            let mut acked = 0u64;
+            let mut error = None;
+            let mut slowest = 0f64;
+            while start.elapsed().as_secs_f64() < secs {
+                let t = Instant::now();
+                match c.write(&disk, records::offset(acked), &records::record(run, acked)) {
+                    Ok(()) => acked += 1,
+                    Err(err) => {
+                        error = Some(err.to_string());
+                        break;
+                    }
+                }
+                slowest = slowest.max(t.elapsed().as_secs_f64());
+            }
+            println!("acknowledged={acked}");
+            println!("slowest_ms={:.0}", slowest * 1e3);
+            if let Some(err) = error {
+                println!("error={err}");
+            }
+        }
+        "cpubench" => {
+            c.set_timeout(Duration::from_secs(700)).map_err(e)?;
+            let reply = c
+                .call(&mcvmm_guest::proto::Request::CpuBench {
+                    ms: arg(&args, 1, "MS")?,
+                })
+                .map_err(e)?;
+            println!("{reply}");
         }
         "diskbench" => {
             c.set_timeout(Duration::from_secs(600)).map_err(e)?;

@@ -13,7 +13,6 @@
 
 use std::time::Duration;
 
-use mcvmm_lab::reference::GuestImages;
 use mcvmm_lab::{HostOptions, KvmHost};
 use serde_json::json;
 
@@ -182,20 +181,11 @@ fn bench() -> Result<(), String> {
             _ => return Err("usage: mcvmm-bench [--runs N] [--out FILE]".into()),
         }
     }
-    let images = GuestImages::locate().map_err(|e| e.to_string())?;
-    let host = KvmHost::acquire(&HostOptions {
+    let host = mcvmm_tests::guest_host(&HostOptions {
         cpus: 4,
         with_qemu: true,
         ..HostOptions::default()
-    })
-    .map_err(|e| e.to_string())?;
-    for (local, dest) in images.files() {
-        host.put_file(&local, &dest).map_err(|e| e.to_string())?;
-    }
-    for (name, dest) in [("mcvmm", "mcvmm"), ("mcvmm-agentctl", "agentctl")] {
-        let bin = mcvmm_lab::assets::workspace_binary(name).map_err(|e| e.to_string())?;
-        host.put_binary(&bin, dest).map_err(|e| e.to_string())?;
-    }
+    })?;
     eprintln!(
         "mcvmm-bench: on {}; {runs} boots per VMM, alternating",
         host.describe()

@@ -1,0 +1,175 @@
+//! Everything of a VM that is not RAM, as plain data: what a checkpoint carries besides
+//! pages. Live objects (vCPU fds, devices) produce and consume these; nothing here knows
+//! how. The whole is versioned by [`FORMAT_VERSION`]; a change to any type here must bump
+//! it.
+
+use kvm_bindings::{
+    kvm_clock_data, kvm_cpuid_entry2, kvm_debugregs, kvm_irqchip, kvm_lapic_state, kvm_mp_state,
+    kvm_pit_state2, kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave,
+};
+use serde::{Deserialize, Serialize};
+
+/// Version of the state types and of the snapshot layout.
+pub const FORMAT_VERSION: u32 = 1;
+
+/// What a VM must look like for a checkpoint to fit it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmShape {
+    pub mem_mib: u64,
+    pub vcpus: u8,
+    pub disks: Vec<DiskShape>,
+    /// The NIC's MAC, if the VM has one.
+    pub net: Option<[u8; 6]>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskShape {
+    pub size_bytes: u64,
+    pub read_only: bool,
+}
+
+impl VmShape {
+    /// Why `other` (the VM being restored into) differs, if it does.
+    pub fn mismatch(&self, other: &VmShape) -> Option<String> {
+        if self.mem_mib != other.mem_mib {
+            return Some(format!(
+                "memory: the checkpoint has {} MiB, this VM {} MiB",
+                self.mem_mib, other.mem_mib
+            ));
+        }
+        if self.vcpus != other.vcpus {
+            return Some(format!(
+                "vCPUs: the checkpoint has {}, this VM {}",
+                self.vcpus, other.vcpus
+            ));
+        }
+        if self.disks.len() != other.disks.len() {
+            return Some(format!(
+                "disks: the checkpoint has {}, this VM {}",
+                self.disks.len(),
+                other.disks.len()
+            ));
+        }
+        for (i, (a, b)) in self.disks.iter().zip(&other.disks).enumerate() {
+            if a != b {
+                return Some(format!(
+                    "disk {}: the checkpoint's is {} bytes{}, this one {} bytes{}",
+                    i + 1,
+                    a.size_bytes,
+                    if a.read_only { " read-only" } else { "" },
+                    b.size_bytes,
+                    if b.read_only { " read-only" } else { "" },
+                ));
+            }
+        }
+        if self.net.is_some() != other.net.is_some() {
+            return Some(format!(
+                "network: the checkpoint {} a NIC, this VM {}",
+                if self.net.is_some() { "has" } else { "has no" },
+                if other.net.is_some() {
+                    "has one"
+                } else {
+                    "has none"
+                }
+            ));
+        }
+        None
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Msr {
+    pub index: u32,
+    pub data: u64,
+}
+
+/// One vCPU, complete: what KVM needs to continue it exactly.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct VcpuState {
+    pub id: u8,
+    pub cpuid: Vec<kvm_cpuid_entry2>,
+    pub tsc_khz: Option<u32>,
+    pub mp_state: kvm_mp_state,
+    pub regs: kvm_regs,
+    pub sregs: kvm_sregs,
+    pub xsave: kvm_xsave,
+    pub xcrs: kvm_xcrs,
+    pub debugregs: kvm_debugregs,
+    pub lapic: kvm_lapic_state,
+    pub msrs: Vec<Msr>,
+    pub events: kvm_vcpu_events,
+}
+
+/// The in-kernel devices of the VM.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct VmState {
+    pub pic_master: kvm_irqchip,
+    pub pic_slave: kvm_irqchip,
+    pub ioapic: kvm_irqchip,
+    pub pit: kvm_pit_state2,
+    pub clock: kvm_clock_data,
+}
+
+/// A virtqueue's position and layout (mirrors `virtio_queue::QueueState`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QueueState {
+    pub max_size: u16,
+    pub size: u16,
+    pub ready: bool,
+    pub next_avail: u16,
+    pub next_used: u16,
+    pub event_idx: bool,
+    pub desc_table: u64,
+    pub avail_ring: u64,
+    pub used_ring: u64,
+}
+
+/// A virtio-mmio transport and the negotiation its driver did.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VirtioMmioState {
+    pub device_type: u32,
+    pub status: u32,
+    pub device_features_sel: u32,
+    pub driver_features_sel: u32,
+    pub acked_features: u64,
+    pub queue_sel: u32,
+    pub config_generation: u32,
+    pub active: bool,
+    pub interrupt_status: u32,
+    pub queues: Vec<QueueState>,
+}
+
+/// The 16550 UART (mirrors `vm_superio::SerialState`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SerialState {
+    pub baud_divisor_low: u8,
+    pub baud_divisor_high: u8,
+    pub interrupt_enable: u8,
+    pub interrupt_identification: u8,
+    pub line_control: u8,
+    pub line_status: u8,
+    pub modem_control: u8,
+    pub modem_status: u8,
+    pub scratch: u8,
+    pub in_buffer: Vec<u8>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct I8042State {
+    pub status: u8,
+    pub control: u8,
+    pub outport: u8,
+    pub output: Option<u8>,
+    pub pending_write: Option<u8>,
+}
+
+/// All of a VM's state but RAM.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct MachineState {
+    pub cmdline: String,
+    pub vcpus: Vec<VcpuState>,
+    pub vm: VmState,
+    pub serial: SerialState,
+    pub i8042: I8042State,
+    pub virtio: Vec<VirtioMmioState>,
+}

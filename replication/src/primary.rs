@@ -1,0 +1,629 @@
+//! The primary's side of the stream: the handshake, then a sender thread that writes the
+//! initial sync and each epoch's checkpoint, and a reader thread that takes the
+//! secondary's acks (releasing held output) and notices when it is gone.
+//!
+//! The device loop makes a [`Capture`] at each pause and hands it over with
+//! [`Link::submit`]; it never waits for the network. If the previous checkpoint is still
+//! being written when the next epoch ends, the loop lets the epoch run on (it stretches).
+
+use std::fs::File;
+use std::io::{BufWriter, Read, Write};
+use std::net::{TcpStream, ToSocketAddrs};
+use std::os::unix::fs::FileExt;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TrySendError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
+
+use mcvmm_checkpoint::seams::DiskWriteSink;
+use mcvmm_checkpoint::state::MachineState;
+use mcvmm_checkpoint::{GuestMemory, PAGE_SIZE};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+
+use crate::gate::HeldOutput;
+use crate::messages::{self, Accept, End, Hello, PageEncoding, MAX_RUN_PAGES};
+use crate::wire::{self, Kind, WireError};
+use mcvmm_checkpoint::digest;
+
+/// Idle time after which the sender says it is alive.
+pub const HEARTBEAT: Duration = Duration::from_millis(50);
+
+#[derive(Debug, thiserror::Error)]
+pub enum PrimaryError {
+    #[error("secondary {peer}: {source}")]
+    Connect {
+        peer: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("secondary {peer}: no answer to the handshake: {source}")]
+    Handshake {
+        peer: String,
+        #[source]
+        source: WireError,
+    },
+    #[error("secondary {peer} refused: {reason}")]
+    Refused { peer: String, reason: String },
+    #[error("secondary {peer}: unexpected {kind:?} frame in the handshake")]
+    Unexpected { peer: String, kind: Kind },
+}
+
+/// A guest write forwarded to the secondary.
+pub struct Forwarded {
+    pub disk: u32,
+    pub offset: u64,
+    pub data: Vec<u8>,
+}
+
+/// Collects the guest's disk writes of the epoch in progress.
+#[derive(Default)]
+pub struct ForwardedWrites {
+    writes: Mutex<Vec<Forwarded>>,
+}
+
+impl ForwardedWrites {
+    /// The writes since the last call (at a pause: those of the epoch that just ended).
+    pub fn take(&self) -> Vec<Forwarded> {
+        std::mem::take(&mut *self.writes.lock().unwrap_or_else(PoisonError::into_inner))
+    }
+}
+
+impl DiskWriteSink for ForwardedWrites {
+    fn written(&self, disk: usize, offset: u64, data: Vec<u8>) {
+        self.writes
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(Forwarded {
+                disk: disk as u32,
+                offset,
+                data,
+            });
+    }
+}
+
+/// One epoch's checkpoint, taken at its pause.
+pub struct Capture {
+    pub epoch: u64,
+    pub addrs: Vec<GuestAddress>,
+    pub data: Vec<u8>,
+    pub state: MachineState,
+    pub writes: Vec<Forwarded>,
+    pub memory_digest: Option<u64>,
+    pub disk_digests: Option<Vec<u64>>,
+    pub taken: Instant,
+}
+
+/// What the initial sync copies: all RAM (while the guest runs; pages written meanwhile
+/// are in the first checkpoint) and every disk chunk whose digest differs from the
+/// secondary's.
+pub struct SyncSource {
+    pub mem: GuestMemory,
+    pub disks: Vec<File>,
+    pub theirs: Vec<Vec<u64>>,
+    pub chunk: u64,
+}
+
+enum Job {
+    Sync(SyncSource),
+    Epoch(Box<Capture>),
+    Takeover(u64),
+}
+
+/// What `status` shows of the link.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct LinkStats {
+    pub peer: String,
+    pub lost: Option<String>,
+    pub synced: bool,
+    pub sync_total_bytes: u64,
+    pub sync_sent_bytes: u64,
+    pub sync_skipped_bytes: u64,
+    pub sync_percent: f64,
+    pub sync_rate_mib_s: f64,
+    pub sync_eta_s: f64,
+    pub sync_ms: u64,
+    pub sent_epoch: u64,
+    pub acked_epoch: u64,
+    pub bytes_sent: u64,
+    pub last_epoch_wire_bytes: u64,
+    pub last_epoch_page_bytes: u64,
+    pub total_epoch_wire_bytes: u64,
+    pub total_epoch_page_bytes: u64,
+    pub last_ack_latency_us: u64,
+}
+
+/// The connection to the secondary, shared by the device loop and the two threads.
+pub struct Link {
+    stats: Mutex<LinkStats>,
+    lost: AtomicBool,
+    acked: AtomicU64,
+    /// Epochs handed over whose checkpoint is not completely written yet.
+    in_flight: AtomicU64,
+    taken: Mutex<Vec<(u64, Instant)>>,
+    handed_over: AtomicBool,
+    gate: Arc<HeldOutput>,
+    jobs: Mutex<Option<SyncSender<Job>>>,
+    compress: bool,
+}
+
+impl Link {
+    fn stats(&self) -> MutexGuard<'_, LinkStats> {
+        self.stats.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    pub fn snapshot(&self) -> LinkStats {
+        self.stats().clone()
+    }
+
+    pub fn is_lost(&self) -> bool {
+        self.lost.load(Ordering::SeqCst)
+    }
+
+    pub fn is_synced(&self) -> bool {
+        self.stats().synced
+    }
+
+    pub fn acked(&self) -> u64 {
+        self.acked.load(Ordering::SeqCst)
+    }
+
+    pub fn busy(&self) -> bool {
+        self.in_flight.load(Ordering::SeqCst) > 0
+    }
+
+    pub fn handed_over(&self) -> bool {
+        self.handed_over.load(Ordering::SeqCst)
+    }
+
+    /// The secondary is gone: say so loudly, release held output, go on unprotected.
+    pub fn lose(&self, why: &str) {
+        if self.lost.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        if self.handed_over() {
+            // The secondary runs the guest now; closing the link is what it does next.
+            return;
+        }
+        eprintln!(
+            "mcvmm: SECONDARY LOST ({why}): held output released; the guest runs UNPROTECTED"
+        );
+        self.stats().lost = Some(why.to_string());
+        self.gate.open();
+        // Dropping the channel ends the sender thread.
+        self.jobs
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+    }
+
+    fn send(&self, job: Job) -> bool {
+        let jobs = self.jobs.lock().unwrap_or_else(PoisonError::into_inner);
+        match jobs.as_ref().map(|j| j.try_send(job)) {
+            Some(Ok(())) => true,
+            Some(Err(TrySendError::Full(_))) | Some(Err(TrySendError::Disconnected(_))) | None => {
+                false
+            }
+        }
+    }
+
+    /// Starts the initial sync.
+    pub fn start_sync(&self, source: SyncSource) -> bool {
+        self.send(Job::Sync(source))
+    }
+
+    /// Hands over a checkpoint; `false` if the link is gone (nothing will be sent).
+    pub fn submit(&self, capture: Capture) -> bool {
+        self.in_flight.fetch_add(1, Ordering::SeqCst);
+        self.taken
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push((capture.epoch, capture.taken));
+        if self.send(Job::Epoch(Box::new(capture))) {
+            true
+        } else {
+            self.in_flight.fetch_sub(1, Ordering::SeqCst);
+            false
+        }
+    }
+
+    /// Asks the secondary to take over once `epoch` is acknowledged.
+    pub fn takeover(&self, epoch: u64) -> bool {
+        self.send(Job::Takeover(epoch))
+    }
+}
+
+/// Connects to the secondary (retrying until `wait` is over: it may be starting) and
+/// does the handshake.
+pub fn connect(
+    peer: &str,
+    hello: &Hello,
+    wait: Duration,
+) -> Result<(TcpStream, Accept), PrimaryError> {
+    let started = Instant::now();
+    let connect_err = |source| PrimaryError::Connect {
+        peer: peer.to_string(),
+        source,
+    };
+    let mut said = false;
+    let mut stream = loop {
+        let addrs: Vec<_> = peer.to_socket_addrs().map_err(connect_err)?.collect();
+        let attempt = addrs
+            .first()
+            .ok_or_else(|| connect_err(std::io::Error::other("no address")))
+            .and_then(|a| {
+                TcpStream::connect_timeout(a, Duration::from_secs(2)).map_err(connect_err)
+            });
+        match attempt {
+            Ok(s) => break s,
+            Err(e) if started.elapsed() >= wait => return Err(e),
+            Err(e) => {
+                if !said {
+                    eprintln!("mcvmm: waiting for the secondary ({e})");
+                    said = true;
+                }
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        }
+    };
+    let _ = stream.set_nodelay(true);
+    let hs = |source| PrimaryError::Handshake {
+        peer: peer.to_string(),
+        source,
+    };
+    wire::write_frame(&mut stream, Kind::Hello, 0, &[&messages::encode(hello)])
+        .map_err(|e| hs(WireError::Io(e)))?;
+    // Reading its disks' digests takes the secondary a while.
+    stream
+        .set_read_timeout(Some(Duration::from_secs(120)))
+        .map_err(connect_err)?;
+    let mut payload = Vec::new();
+    let h = wire::read_frame(&mut stream, &mut payload).map_err(hs)?;
+    match h.kind {
+        Kind::Accept => Ok((stream, messages::decode(&h, &payload).map_err(hs)?)),
+        Kind::Refuse => Err(PrimaryError::Refused {
+            peer: peer.to_string(),
+            reason: String::from_utf8_lossy(&payload).into_owned(),
+        }),
+        kind => Err(PrimaryError::Unexpected {
+            peer: peer.to_string(),
+            kind,
+        }),
+    }
+}
+
+/// Starts the sender and reader threads on a connection that passed the handshake.
+pub fn start(
+    stream: TcpStream,
+    peer: &str,
+    gate: Arc<HeldOutput>,
+    timeout: Duration,
+    compress: bool,
+) -> std::io::Result<Arc<Link>> {
+    let (tx, rx) = mpsc::sync_channel(2);
+    let link = Arc::new(Link {
+        stats: Mutex::new(LinkStats {
+            peer: peer.to_string(),
+            ..LinkStats::default()
+        }),
+        lost: AtomicBool::new(false),
+        acked: AtomicU64::new(0),
+        in_flight: AtomicU64::new(0),
+        taken: Mutex::new(Vec::new()),
+        handed_over: AtomicBool::new(false),
+        gate,
+        jobs: Mutex::new(Some(tx)),
+        compress,
+    });
+    let mut reader = stream.try_clone()?;
+    reader.set_read_timeout(Some(timeout))?;
+    stream.set_write_timeout(Some(timeout.max(Duration::from_secs(5))))?;
+    let l = link.clone();
+    std::thread::Builder::new()
+        .name("repl-send".into())
+        .spawn(move || {
+            let mut w = BufWriter::with_capacity(1 << 20, stream);
+            if let Err(e) = sender(&l, &rx, &mut w) {
+                l.lose(&format!("sending: {e}"));
+            }
+        })?;
+    let l = link.clone();
+    std::thread::Builder::new()
+        .name("repl-recv".into())
+        .spawn(move || {
+            let why = acks(&l, &mut reader, timeout);
+            l.lose(&why);
+        })?;
+    Ok(link)
+}
+
+fn sender(link: &Link, rx: &Receiver<Job>, w: &mut BufWriter<TcpStream>) -> std::io::Result<()> {
+    let mut scratch = Vec::new();
+    loop {
+        match rx.recv_timeout(HEARTBEAT) {
+            Ok(Job::Sync(src)) => sync(link, &src, w, &mut scratch)?,
+            Ok(Job::Epoch(c)) => {
+                let r = epoch(link, &c, w, &mut scratch);
+                link.in_flight.fetch_sub(1, Ordering::SeqCst);
+                r?;
+            }
+            Ok(Job::Takeover(n)) => {
+                let waited = Instant::now();
+                while link.acked() < n && !link.is_lost() {
+                    if waited.elapsed() > Duration::from_secs(10) {
+                        return Err(std::io::Error::other(format!(
+                            "no ack of epoch {n} to hand over at"
+                        )));
+                    }
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                wire::write_frame(w, Kind::Takeover, n, &[])?;
+                w.flush()?;
+                link.handed_over.store(true, Ordering::SeqCst);
+            }
+            Err(RecvTimeoutError::Timeout) => {
+                wire::write_frame(w, Kind::Heartbeat, 0, &[])?;
+                w.flush()?;
+            }
+            Err(RecvTimeoutError::Disconnected) => return Ok(()),
+        }
+    }
+}
+
+/// Writes one page run, compressed when that saves at least an eighth. Returns the bytes
+/// put on the wire.
+fn page_run(
+    w: &mut impl Write,
+    epoch: u64,
+    gpa: u64,
+    data: &[u8],
+    compress: bool,
+    scratch: &mut Vec<u8>,
+) -> std::io::Result<usize> {
+    let count = (data.len() as u64 / PAGE_SIZE) as u32;
+    if compress {
+        scratch.resize(lz4_flex::block::get_maximum_output_size(data.len()), 0);
+        if let Ok(n) = lz4_flex::block::compress_into(data, scratch) {
+            if n < data.len() - data.len() / 8 {
+                let h = messages::pages_header(gpa, count, PageEncoding::Lz4);
+                return wire::write_frame(w, Kind::Pages, epoch, &[&h, &scratch[..n]]);
+            }
+        }
+    }
+    let h = messages::pages_header(gpa, count, PageEncoding::Raw);
+    wire::write_frame(w, Kind::Pages, epoch, &[&h, data])
+}
+
+fn sync(
+    link: &Link,
+    src: &SyncSource,
+    w: &mut BufWriter<TcpStream>,
+    scratch: &mut Vec<u8>,
+) -> std::io::Result<()> {
+    let started = Instant::now();
+    let ram: u64 = src.mem.iter().map(|r| r.len()).sum();
+    let disks: Vec<u64> = src
+        .disks
+        .iter()
+        .map(|f| f.metadata().map(|m| m.len()))
+        .collect::<std::io::Result<_>>()?;
+    let total = ram + disks.iter().sum::<u64>();
+    link.stats().sync_total_bytes = total;
+    let mut done = 0u64;
+    let mut last_report = Instant::now();
+    let mut report = |link: &Link, done: u64, force: bool| {
+        let secs = started.elapsed().as_secs_f64().max(1e-3);
+        let rate = done as f64 / secs;
+        let mut s = link.stats();
+        s.sync_sent_bytes = done;
+        s.sync_percent = 100.0 * done as f64 / total.max(1) as f64;
+        s.sync_rate_mib_s = rate / (1 << 20) as f64;
+        s.sync_eta_s = (total - done) as f64 / rate.max(1.0);
+        if force || last_report.elapsed() >= Duration::from_secs(1) {
+            last_report = Instant::now();
+            eprintln!(
+                "mcvmm: sync {:.0}% ({} of {} MiB, {:.0} MiB/s, ETA {:.1} s)",
+                s.sync_percent,
+                done >> 20,
+                total >> 20,
+                s.sync_rate_mib_s,
+                s.sync_eta_s
+            );
+        }
+    };
+    // RAM: runs of non-zero pages (the secondary's image starts zeroed).
+    let batch = MAX_RUN_PAGES as usize * PAGE_SIZE as usize;
+    let mut buf = vec![0u8; batch];
+    let mut skipped = 0u64;
+    // Long stretches of zero pages send nothing: say we are alive meanwhile.
+    let mut last_frame = Instant::now();
+    let mut alive = |w: &mut BufWriter<TcpStream>, sent: bool| -> std::io::Result<()> {
+        if link.is_lost() {
+            return Err(std::io::Error::other("the secondary is gone"));
+        }
+        if sent {
+            last_frame = Instant::now();
+        } else if last_frame.elapsed() >= HEARTBEAT {
+            wire::write_frame(w, Kind::Heartbeat, 0, &[])?;
+            w.flush()?;
+            last_frame = Instant::now();
+        }
+        Ok(())
+    };
+    for region in src.mem.iter() {
+        let (start, len) = (region.start_addr().0, region.len());
+        let mut at = 0;
+        while at < len {
+            let n = (len - at).min(batch as u64) as usize;
+            src.mem
+                .read_slice(&mut buf[..n], GuestAddress(start + at))
+                .map_err(|e| std::io::Error::other(format!("reading guest memory: {e}")))?;
+            let pages: Vec<bool> = buf[..n]
+                .chunks_exact(PAGE_SIZE as usize)
+                .map(|p| !is_zero(p))
+                .collect();
+            let mut any = false;
+            let mut i = 0;
+            while i < pages.len() {
+                if !pages[i] {
+                    skipped += PAGE_SIZE;
+                    i += 1;
+                    continue;
+                }
+                let j = (i..pages.len()).find(|&k| !pages[k]).unwrap_or(pages.len());
+                let bytes = &buf[i * PAGE_SIZE as usize..j * PAGE_SIZE as usize];
+                let sent = page_run(
+                    w,
+                    0,
+                    start + at + i as u64 * PAGE_SIZE,
+                    bytes,
+                    link.compress,
+                    scratch,
+                )?;
+                link.stats().bytes_sent += sent as u64;
+                any = true;
+                i = j;
+            }
+            alive(w, any)?;
+            at += n as u64;
+            done += n as u64;
+            report(link, done, false);
+        }
+    }
+    // Disks: only the chunks whose digest differs from the secondary's.
+    let mut chunk = vec![0u8; src.chunk as usize];
+    for (d, (file, size)) in src.disks.iter().zip(&disks).enumerate() {
+        let theirs = src.theirs.get(d);
+        let mut offset = 0u64;
+        let mut i = 0;
+        while offset < *size {
+            let n = (size - offset).min(src.chunk) as usize;
+            file.read_exact_at(&mut chunk[..n], offset)?;
+            let same = theirs.and_then(|t| t.get(i)) == Some(&digest::of(&chunk[..n]));
+            if same {
+                skipped += n as u64;
+            } else {
+                let h = messages::disk_header(d as u32, offset);
+                let sent = wire::write_frame(w, Kind::DiskChunk, 0, &[&h, &chunk[..n]])?;
+                link.stats().bytes_sent += sent as u64;
+            }
+            alive(w, !same)?;
+            offset += n as u64;
+            i += 1;
+            done += n as u64;
+            report(link, done, false);
+        }
+    }
+    let sent = wire::write_frame(w, Kind::SyncDone, 0, &[])?;
+    w.flush()?;
+    report(link, done, true);
+    let mut s = link.stats();
+    s.bytes_sent += sent as u64;
+    s.sync_skipped_bytes = skipped;
+    s.sync_ms = started.elapsed().as_millis() as u64;
+    s.synced = true;
+    eprintln!(
+        "mcvmm: initial sync done in {} ms ({} MiB on the wire, {} MiB skipped: zero pages and disk chunks the secondary had)",
+        s.sync_ms,
+        s.bytes_sent >> 20,
+        skipped >> 20
+    );
+    Ok(())
+}
+
+fn is_zero(page: &[u8]) -> bool {
+    page.chunks_exact(8)
+        .all(|w| u64::from_ne_bytes([w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7]]) == 0)
+}
+
+fn epoch(
+    link: &Link,
+    c: &Capture,
+    w: &mut BufWriter<TcpStream>,
+    scratch: &mut Vec<u8>,
+) -> std::io::Result<()> {
+    let mut wire_bytes = 0;
+    for fw in &c.writes {
+        let h = messages::disk_header(fw.disk, fw.offset);
+        wire_bytes += wire::write_frame(w, Kind::DiskWrite, c.epoch, &[&h, &fw.data])?;
+    }
+    wire_bytes += wire::write_frame(w, Kind::Begin, c.epoch, &[])?;
+    let page = PAGE_SIZE as usize;
+    let mut i = 0;
+    while i < c.addrs.len() {
+        // A run: consecutive addresses, at most MAX_RUN_PAGES.
+        let mut j = i + 1;
+        while j < c.addrs.len()
+            && j - i < MAX_RUN_PAGES as usize
+            && c.addrs[j].0 == c.addrs[j - 1].0 + PAGE_SIZE
+        {
+            j += 1;
+        }
+        wire_bytes += page_run(
+            w,
+            c.epoch,
+            c.addrs[i].0,
+            &c.data[i * page..j * page],
+            link.compress,
+            scratch,
+        )?;
+        i = j;
+    }
+    wire_bytes += wire::write_frame(w, Kind::State, c.epoch, &[&messages::encode(&c.state)])?;
+    let end = End {
+        pages: c.addrs.len() as u64,
+        disk_writes: c.writes.len() as u64,
+        memory_digest: c.memory_digest,
+        disk_digests: c.disk_digests.clone(),
+    };
+    wire_bytes += wire::write_frame(w, Kind::End, c.epoch, &[&messages::encode(&end)])?;
+    w.flush()?;
+    let mut s = link.stats();
+    s.sent_epoch = c.epoch;
+    s.bytes_sent += wire_bytes as u64;
+    s.last_epoch_wire_bytes = wire_bytes as u64;
+    s.last_epoch_page_bytes = c.data.len() as u64;
+    s.total_epoch_wire_bytes += wire_bytes as u64;
+    s.total_epoch_page_bytes += c.data.len() as u64;
+    Ok(())
+}
+
+/// Reads the secondary's frames until it is gone; returns why.
+fn acks(link: &Link, r: &mut impl Read, timeout: Duration) -> String {
+    let mut payload = Vec::new();
+    loop {
+        let h = match wire::read_frame_within(r, &mut payload, timeout) {
+            Ok(h) => h,
+            Err(e) => return e.to_string(),
+        };
+        match h.kind {
+            Kind::Ack => {
+                let n = h.epoch;
+                if n <= link.acked() {
+                    return format!("ack of epoch {n} after epoch {}", link.acked());
+                }
+                link.acked.store(n, Ordering::SeqCst);
+                link.gate.release_through(n);
+                let mut taken = link.taken.lock().unwrap_or_else(PoisonError::into_inner);
+                let latency = taken
+                    .iter()
+                    .find(|t| t.0 == n)
+                    .map(|t| t.1.elapsed().as_micros() as u64);
+                taken.retain(|t| t.0 > n);
+                drop(taken);
+                let mut s = link.stats();
+                s.acked_epoch = n;
+                if let Some(l) = latency {
+                    s.last_ack_latency_us = l;
+                }
+            }
+            Kind::Heartbeat => {}
+            Kind::Refuse => {
+                return format!(
+                    "the secondary dropped the link: {}",
+                    String::from_utf8_lossy(&payload)
+                )
+            }
+            kind => return format!("unexpected {kind:?} frame from the secondary"),
+        }
+    }
+}

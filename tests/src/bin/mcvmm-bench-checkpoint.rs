@@ -1,0 +1,327 @@
+//! Benchmark of the checkpoint engine, in one KVM host (a lab test host here), side by side:
+//!
+//! * epoch pause time against dirty-set size: a 1 GiB guest running the agent's memory
+//!   workload at several rates, `mcvmm ctl epochs` (pause, dirty log, copy into a staging
+//!   buffer, state capture, resume) — median and p99 of each step, the host's memcpy
+//!   bandwidth measured in the same run, and pause / (dirty bytes / memcpy bandwidth);
+//! * snapshot and restore of 256 MiB and 2 GiB guests: mcvmm (`ctl snapshot`, `run
+//!   --restore`) and QEMU (`migrate` to a file, `-incoming` from it), each until the agent
+//!   answers again.
+//!
+//! Prints a table and writes JSON (default `bench-results/checkpoint.json`).
+//! Usage: mcvmm-bench-checkpoint [--epochs N] [--snapshots-only] [--out FILE]
+
+use std::time::Duration;
+
+use mcvmm_lab::{HostOptions, KvmHost};
+use serde_json::{json, Value};
+
+const EPOCH_MS: u64 = 100;
+
+fn run(host: &KvmHost, script: &str, secs: u64) -> Result<String, String> {
+    let out = host
+        .run(
+            &format!(". ./guest.sh\nset -e\n{script}"),
+            Duration::from_secs(secs),
+        )
+        .map_err(|e| e.to_string())?;
+    if !out.success() {
+        return Err(format!(
+            "script failed ({}):\n{}{}",
+            out.status,
+            out.stdout_text(),
+            out.stderr_text()
+        ));
+    }
+    Ok(out.stdout_text())
+}
+
+/// The JSON object printed after the line `== name`.
+fn report(out: &str, name: &str) -> Result<Value, String> {
+    let marker = format!("== {name}\n");
+    let at = out
+        .find(&marker)
+        .ok_or_else(|| format!("no {name} in {out}"))?;
+    serde_json::Deserializer::from_str(&out[at + marker.len()..])
+        .into_iter()
+        .next()
+        .and_then(Result::ok)
+        .ok_or_else(|| format!("{name}: not JSON in {out}"))
+}
+
+/// The number after `key` at the start of a line (`key=12`, `downtime: 12 ms`).
+fn number(text: &str, key: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(key))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+}
+
+/// Epochs at one memory-workload rate (pages per second; None = idle).
+fn epochs_at(host: &KvmHost, rate: Option<u64>, epochs: u32) -> Result<Value, String> {
+    let load = match rate {
+        Some(r) => format!("agent ep mem-start 256 {r}"),
+        None => "true".into(),
+    };
+    let out = run(
+        host,
+        &format!(
+            "start_guest ep vmlinux 1 1024 >/dev/null
+             {load} >/dev/null
+             sleep 2
+             echo '== epochs'; ./mcvmm ctl --api-sock ep.sock epochs {epochs} {EPOCH_MS}
+             kill_guest ep; ip netns del ep"
+        ),
+        600,
+    )?;
+    report(&out, "epochs")
+}
+
+/// mcvmm: snapshot of a running guest, then a new process restored from it until the
+/// agent answers. Returns (snapshot ms, pause ms, restore ms).
+fn mcvmm_snapshot(host: &KvmHost, mib: u64) -> Result<(f64, f64, f64), String> {
+    let out = run(
+        host,
+        &format!(
+            "start_guest sn vmlinux 1 {mib} >/dev/null
+             agent sn mem-start {load} 0 >/dev/null
+             sleep 2
+             echo '== snapshot'; ./mcvmm ctl --api-sock sn.sock snapshot sn.snap
+             kill_guest sn
+             t0=$(cut -d' ' -f1 /proc/uptime)
+             restore_guest sn sn.snap >/dev/null
+             t1=$(cut -d' ' -f1 /proc/uptime)
+             awk -v a=$t0 -v b=$t1 'BEGIN {{ printf \"restore_ms=%d\\n\", (b - a) * 1000 }}'
+             agent sn mem-verify
+             kill_guest sn; ip netns del sn; rm -rf sn.snap",
+            load = (mib / 4).min(256),
+        ),
+        900,
+    )?;
+    let snap = report(&out, "snapshot")?;
+    if !out.contains(" errors=0") {
+        return Err(format!("mcvmm: memory did not verify after restore: {out}"));
+    }
+    Ok((
+        snap["total_ms"].as_f64().unwrap_or(f64::NAN),
+        snap["pause_ms"].as_f64().unwrap_or(f64::NAN),
+        number(&out, "restore_ms=").ok_or(format!("no restore time: {out}"))?,
+    ))
+}
+
+/// QEMU microvm: `migrate` to a file (HMP on a fifo), then `-incoming` from it until the
+/// agent answers. Returns (migrate ms, downtime ms as QEMU reports it, restore ms).
+fn qemu_snapshot(host: &KvmHost, mib: u64) -> Result<(f64, f64, f64), String> {
+    let qemu = |extra: &str| {
+        format!(
+            "qemu-system-x86_64 -M microvm,acpi=off -accel kvm -cpu host -m {mib} -smp 1 \
+             -nodefaults -no-user-config -display none -serial file:q.console \
+             -kernel guest/vmlinux -initrd guest/initrd.img \
+             -append 'console=ttyS0 reboot=t acpi=off panic=-1 mcvmm.ip=10.99.0.2/24' \
+             -netdev tap,id=n0,ifname=gtap,script=no,downscript=no \
+             -device virtio-net-device,netdev=n0,mac=52:54:00:12:34:56 {extra}"
+        )
+    };
+    let out = run(
+        host,
+        &format!(
+            "ip netns add q; ip netns exec q ip link set lo up
+             ip netns exec q ip tuntap add dev gtap mode tap
+             ip netns exec q ip addr add 10.99.0.1/24 dev gtap; ip netns exec q ip link set gtap up
+             rm -f mon.in mon.out; mkfifo mon.in
+             ip netns exec q {first} -monitor stdio <mon.in >mon.out 2>&1 &
+             qpid=$!
+             exec 3>mon.in
+             a='ip netns exec q ./agentctl --addr 10.99.0.2:7000'
+             $a --wait 90 ping >/dev/null
+             $a mem-start {load} 0 >/dev/null
+             $a status | grep boot_id
+             sleep 2
+             t0=$(cut -d' ' -f1 /proc/uptime)
+             echo 'migrate \"exec:cat > q.mig\"' >&3
+             i=0; until grep -q 'Migration status: completed' mon.out; do
+               i=$((i + 1)); [ $i -gt 6000 ] && {{ cat mon.out; exit 1; }}
+               echo 'info migrate' >&3; sleep 0.1; done
+             t1=$(cut -d' ' -f1 /proc/uptime)
+             grep -m1 '^downtime' mon.out || true
+             echo quit >&3; exec 3>&-; wait $qpid 2>/dev/null || true
+             t2=$(cut -d' ' -f1 /proc/uptime)
+             ip netns exec q {second} -incoming 'exec:cat q.mig' >q2.out 2>&1 &
+             qpid=$!
+             $a --wait 120 ping >/dev/null
+             t3=$(cut -d' ' -f1 /proc/uptime)
+             $a status | grep boot_id
+             $a mem-verify || true
+             kill -9 $qpid; wait $qpid 2>/dev/null || true
+             ip netns del q; rm -f q.mig mon.in mon.out
+             awk -v a=$t0 -v b=$t1 -v c=$t2 -v d=$t3 'BEGIN {{ printf \"migrate_ms=%d\\nrestore_ms=%d\\n\", (b - a) * 1000, (d - c) * 1000 }}'",
+            first = qemu(""),
+            second = qemu("-monitor none"),
+            load = (mib / 4).min(256),
+        ),
+        900,
+    )?;
+    let boots: Vec<&str> = out.lines().filter(|l| l.starts_with("boot_id=")).collect();
+    if boots.len() != 2 || boots[0] != boots[1] {
+        return Err(format!(
+            "QEMU: the guest after -incoming is not the one migrated: {out}"
+        ));
+    }
+    if !out.contains(" errors=0") {
+        return Err(format!("QEMU: memory did not verify after restore: {out}"));
+    }
+    Ok((
+        number(&out, "migrate_ms=").ok_or(format!("no migrate time: {out}"))?,
+        number(&out, "downtime:").unwrap_or(f64::NAN),
+        number(&out, "restore_ms=").ok_or(format!("no restore time: {out}"))?,
+    ))
+}
+
+fn main() {
+    if let Err(e) = bench() {
+        eprintln!("mcvmm-bench-checkpoint: {e}");
+        std::process::exit(1);
+    }
+}
+
+fn bench() -> Result<(), String> {
+    let mut epochs = 50u32;
+    let mut snapshots_only = false;
+    let mut out_path = mcvmm_tests::repo_root().join("bench-results/checkpoint.json");
+    let mut args = std::env::args().skip(1).peekable();
+    while let Some(a) = args.next() {
+        if a == "--snapshots-only" {
+            snapshots_only = true;
+            continue;
+        }
+        match (a.as_str(), args.next()) {
+            ("--epochs", Some(v)) => {
+                epochs = v
+                    .parse()
+                    .map_err(|_| format!("--epochs {v}: not a number"))?
+            }
+            ("--out", Some(v)) => out_path = v.into(),
+            _ => {
+                return Err(
+                    "usage: mcvmm-bench-checkpoint [--epochs N] [--snapshots-only] [--out FILE]"
+                        .into(),
+                )
+            }
+        }
+    }
+    // Room for a 2 GiB guest, its snapshot file (the test host's disk is its RAM) and QEMU.
+    let host = mcvmm_tests::guest_host(&HostOptions {
+        cpus: 2,
+        mem_mib: 7168,
+        with_qemu: true,
+        ..HostOptions::default()
+    })?;
+    eprintln!("mcvmm-bench-checkpoint: on {}", host.describe());
+
+    // Dirty-set sizes: idle, then workload rates aimed at 1k, 10k, 50k pages per epoch
+    // (what the guest reaches under nested TCG is what the table reports).
+    let per_sec = 1000 / EPOCH_MS;
+    let mut rows = Vec::new();
+    let targets = [
+        ("idle", None),
+        ("1k", Some(1_000 * per_sec)),
+        ("10k", Some(10_000 * per_sec)),
+        ("50k", Some(50_000 * per_sec)),
+    ];
+    for (label, rate) in targets.into_iter().filter(|_| !snapshots_only) {
+        let r = epochs_at(&host, rate, epochs)?;
+        let pages = r["dirty_pages_per_epoch"]["median"].as_f64().unwrap_or(0.0);
+        let gbps = r["memcpy_gbps"].as_f64().unwrap_or(f64::NAN);
+        let copy_bound_us = pages * 4096.0 / (gbps * 1e9) * 1e6;
+        let pause = r["pause_us"]["median"].as_f64().unwrap_or(f64::NAN);
+        eprintln!(
+            "  epochs {label:>4}: {pages:.0} pages/epoch, pause median {pause:.0} µs, memcpy {gbps:.2} GB/s"
+        );
+        rows.push(json!({
+            "target": label,
+            "report": r,
+            "copy_bound_us": copy_bound_us,
+            "pause_over_copy_bound": pause / copy_bound_us,
+            "target_us": 1.5 * copy_bound_us + 500.0,
+        }));
+    }
+
+    let mut snaps = Vec::new();
+    // A failed run is reported as such (NaN in the table, the reason in the JSON) so that
+    // one flaky measurement does not lose the others.
+    let nan = (f64::NAN, f64::NAN, f64::NAN);
+    let mut errors = Vec::new();
+    for mib in [256u64, 2048] {
+        let m = mcvmm_snapshot(&host, mib).unwrap_or_else(|e| {
+            errors.push(format!("mcvmm {mib} MiB: {e}"));
+            nan
+        });
+        eprintln!("  snapshot {mib} MiB mcvmm: {m:?}");
+        let q = qemu_snapshot(&host, mib).unwrap_or_else(|e| {
+            errors.push(format!("QEMU {mib} MiB: {e}"));
+            nan
+        });
+        eprintln!("  snapshot {mib} MiB QEMU:  {q:?}");
+        snaps.push(json!({
+            "mem_mib": mib,
+            "mcvmm": {"snapshot_ms": m.0, "pause_ms": m.1, "restore_ms": m.2},
+            "qemu": {"migrate_ms": q.0, "downtime_ms": q.1, "restore_ms": q.2},
+            "snapshot_ratio": m.0 / q.0,
+            "restore_ratio": m.2 / q.2,
+        }));
+    }
+
+    println!("\nEpoch pause vs dirty-set size (1 GiB guest, {EPOCH_MS} ms epochs, {epochs} epochs each; µs)\n");
+    println!("| target | dirty pages/epoch (median) | pause median | pause p99 | vCPU stop | dirty log | copy | state | resume | memcpy GB/s | pause / copy bound | target (1.5×bound+500) |");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
+    for row in &rows {
+        let r = &row["report"];
+        let m = |k: &str| r[k]["median"].as_f64().unwrap_or(f64::NAN);
+        println!(
+            "| {} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.2} | {:.1} | {:.0} |",
+            row["target"].as_str().unwrap_or(""),
+            m("dirty_pages_per_epoch"),
+            m("pause_us"),
+            r["pause_us"]["p99"].as_f64().unwrap_or(f64::NAN),
+            m("vcpu_stop_us"),
+            m("dirty_log_us"),
+            m("copy_us"),
+            m("state_us"),
+            m("resume_us"),
+            r["memcpy_gbps"].as_f64().unwrap_or(f64::NAN),
+            row["pause_over_copy_bound"].as_f64().unwrap_or(f64::NAN),
+            row["target_us"].as_f64().unwrap_or(f64::NAN),
+        );
+    }
+    println!("\nSnapshot and restore (ms; until the agent answers again)\n");
+    println!("| guest | mcvmm snapshot | mcvmm pause | QEMU migrate | QEMU downtime | ratio | mcvmm restore | QEMU restore | ratio |");
+    println!("|---|---|---|---|---|---|---|---|---|");
+    for s in &snaps {
+        let f = |a: &str, b: &str| s[a][b].as_f64().unwrap_or(f64::NAN);
+        println!(
+            "| {} MiB | {:.0} | {:.0} | {:.0} | {:.0} | {:.2} | {:.0} | {:.0} | {:.2} |",
+            s["mem_mib"],
+            f("mcvmm", "snapshot_ms"),
+            f("mcvmm", "pause_ms"),
+            f("qemu", "migrate_ms"),
+            f("qemu", "downtime_ms"),
+            s["snapshot_ratio"].as_f64().unwrap_or(f64::NAN),
+            f("mcvmm", "restore_ms"),
+            f("qemu", "restore_ms"),
+            s["restore_ratio"].as_f64().unwrap_or(f64::NAN),
+        );
+    }
+    let json = json!({
+        "host": host.describe(),
+        "epoch_ms": EPOCH_MS,
+        "epochs": rows,
+        "snapshots": snaps,
+        "errors": errors,
+    });
+    if let Some(dir) = out_path.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    }
+    let text = serde_json::to_string_pretty(&json).map_err(|e| e.to_string())?;
+    std::fs::write(&out_path, text).map_err(|e| format!("{}: {e}", out_path.display()))?;
+    eprintln!("mcvmm-bench-checkpoint: wrote {}", out_path.display());
+    Ok(())
+}

@@ -1,0 +1,239 @@
+//! mcvmm-bench-replication: what protection costs the guest and what failover takes,
+//! measured side by side in one run on two lab test hosts (primary on one, secondary on
+//! the other, the client on the lab network).
+//!
+//! For the same guest, unprotected and then protected at several epoch lengths: CPU-bound
+//! work (an integer loop in the guest), memory dirtying (pages the guest writes per
+//! second, as fast as it can), disk writes (in-guest sequential O_DIRECT), and
+//! request/response latency to the agent. For protected runs also the pause-time
+//! distribution and bytes per epoch, with and without page compression. Then failover
+//! rounds (SIGKILL of the primary at random moments). Prints tables, writes JSON.
+//!
+//! Usage: mcvmm-bench-replication [--epochs-ms LIST] [--failovers N] [--out FILE]
+
+use std::time::Duration;
+
+use mcvmm_lab::Lab;
+use mcvmm_tests::drill::{self, agent, run_ok, value, Kill, PRIMARY};
+use serde_json::{json, Value};
+
+const MEM_MIB: u32 = 128;
+
+fn status(lab: &Lab) -> Result<Value, String> {
+    let s = run_ok(
+        lab.host(PRIMARY),
+        "status",
+        "./mcvmm ctl --api-sock p.sock status",
+        20,
+    )?;
+    serde_json::from_str(&s).map_err(|e| format!("status: {e}: {s}"))
+}
+
+/// The guest workloads, in the order they run; the guest is up and answering.
+fn workloads(lab: &Lab, ns: &str, protected: bool) -> Result<Value, String> {
+    let lat = agent(ns, &["latency", "300"])?;
+    let cpu = agent(ns, &["cpubench", "4000"])?;
+    let disk = agent(ns, &["diskbench", "vdb", "16"])?;
+    let write_mbps = disk
+        .split_whitespace()
+        .find_map(|f| f.strip_prefix("write_mbps="))
+        .and_then(|v| v.parse::<f64>().ok())
+        .unwrap_or(0.0);
+    // Memory: as fast as the guest can dirty pages, over a fixed window.
+    agent(ns, &["mem-start", "32", "0"])?;
+    let before = agent(ns, &["status"])?;
+    let repl_before = if protected { Some(status(lab)?) } else { None };
+    std::thread::sleep(Duration::from_secs(4));
+    let after = agent(ns, &["status"])?;
+    let repl_after = if protected { Some(status(lab)?) } else { None };
+    agent(ns, &["raw", "MEM STOP"])?;
+    let uptime = |s: &str| value(s, "uptime_ms").unwrap_or(0) as f64;
+    let written = |s: &str| value(s, "mem_pages_written").unwrap_or(0) as f64;
+    let secs = ((uptime(&after) - uptime(&before)) / 1e3).max(1e-3);
+    let pages_per_s = (written(&after) - written(&before)) / secs;
+    let mut out = json!({
+        "latency_median_us": value(&lat, "median_us"),
+        "latency_p99_us": value(&lat, "p99_us"),
+        "cpu_iters_per_s": value(&cpu, "iters").unwrap_or(0) as f64 / 4.0,
+        "disk_write_mbps": write_mbps,
+        "mem_pages_per_s": pages_per_s,
+    });
+    if let (Some(b), Some(a)) = (repl_before, repl_after) {
+        let r = |v: &Value, k: &str| v["replication"]["bytes_per_epoch"][k].as_u64().unwrap_or(0);
+        let e = |v: &Value| v["replication"]["last_sent_epoch"].as_u64().unwrap_or(0);
+        let epochs = (e(&a) - e(&b)).max(1);
+        out["mem_phase"] = json!({
+            "epochs": epochs,
+            "wire_bytes_per_epoch": (r(&a, "total_wire") - r(&b, "total_wire")) / epochs,
+            "page_bytes_per_epoch": (r(&a, "total_pages") - r(&b, "total_pages")) / epochs,
+        });
+        out["replication"] = a["replication"].clone();
+    }
+    Ok(out)
+}
+
+fn stop_guest(lab: &Lab, ns: &str) {
+    let _ = agent(ns, &["shutdown"]);
+    std::thread::sleep(Duration::from_secs(1));
+    drill::clean(lab);
+}
+
+fn config(lab: &Lab, ns: &str, name: &str, extra: Option<&str>) -> Result<Value, String> {
+    eprintln!("bench: {name}");
+    match extra {
+        None => drill::start_standalone(lab, MEM_MIB)?,
+        Some(flags) => drill::start_pair(lab, MEM_MIB, flags)?,
+    }
+    agent(ns, &["--wait", "60", "ping"])?;
+    let r = workloads(lab, ns, extra.is_some());
+    stop_guest(lab, ns);
+    let mut r = r?;
+    r["name"] = json!(name);
+    Ok(r)
+}
+
+fn f(v: &Value, k: &str) -> f64 {
+    v[k].as_f64().unwrap_or(0.0)
+}
+
+fn main() {
+    let mut epochs: Vec<u64> = vec![20, 50, 100];
+    let mut failovers = 3usize;
+    let mut out = mcvmm_tests::repo_root().join("bench-results/replication.json");
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        match (a.as_str(), args.next()) {
+            ("--epochs-ms", Some(v)) => {
+                epochs = v.split(',').filter_map(|x| x.parse().ok()).collect();
+            }
+            ("--failovers", Some(v)) => failovers = v.parse().unwrap_or(3),
+            ("--out", Some(v)) => out = v.into(),
+            _ => {
+                eprintln!(
+                    "usage: mcvmm-bench-replication [--epochs-ms 20,50,100] [--failovers N] [--out FILE]"
+                );
+                std::process::exit(2)
+            }
+        }
+    }
+    if let Err(e) = run(&epochs, failovers, &out) {
+        eprintln!("mcvmm-bench-replication: {e}");
+        std::process::exit(1);
+    }
+}
+
+fn run(epochs: &[u64], failovers: usize, out: &std::path::Path) -> Result<(), String> {
+    let lab = drill::start_lab(MEM_MIB)?;
+    let ns = lab.net().map(|n| n.ns.clone()).ok_or("no lab network")?;
+    let base = config(&lab, &ns, "unprotected", None)?;
+    let mut protected = Vec::new();
+    for ms in epochs {
+        protected.push(config(
+            &lab,
+            &ns,
+            &format!("protected {ms} ms"),
+            Some(&format!("--epoch-ms {ms}")),
+        )?);
+    }
+    let default_ms = 50;
+    let none = config(
+        &lab,
+        &ns,
+        "protected 50 ms, no compression",
+        Some(&format!("--epoch-ms {default_ms} --compress none")),
+    )?;
+    let opts = drill::Options {
+        process_rounds: failovers,
+        host_rounds: 0,
+        guest_mem_mib: MEM_MIB,
+        seed: 7,
+    };
+    let mut rounds = Vec::new();
+    for n in 0..failovers {
+        let r = drill::round(
+            &lab,
+            &ns,
+            n + 1,
+            Kill::Process,
+            300 + 700 * n as u64,
+            &opts,
+            &mut |m| eprintln!("bench: {m}"),
+        )?;
+        rounds.push(r);
+    }
+
+    println!("\nGuest slowdown, protected vs unprotected (same guest, same test host, one run):\n");
+    let mut header = "| measure | unprotected |".to_string();
+    let mut rule = "|---|---|".to_string();
+    for p in &protected {
+        header += &format!(" {} | ratio |", p["name"].as_str().unwrap_or(""));
+        rule += "---|---|";
+    }
+    println!("{header}\n{rule}");
+    for (label, key, higher_is_better) in [
+        ("CPU-bound (loop iterations/s)", "cpu_iters_per_s", true),
+        ("memory dirtying (pages/s)", "mem_pages_per_s", true),
+        ("disk write (MB/s)", "disk_write_mbps", true),
+        ("request/response median (µs)", "latency_median_us", false),
+        ("request/response p99 (µs)", "latency_p99_us", false),
+    ] {
+        let b = f(&base, key);
+        let mut line = format!("| {label} | {b:.0} |");
+        for p in &protected {
+            let v = f(p, key);
+            let ratio = if b > 0.0 { v / b } else { 0.0 };
+            let _ = higher_is_better;
+            line += &format!(" {v:.0} | {ratio:.2} |");
+        }
+        println!("{line}");
+    }
+    println!("\nPauses and bytes per epoch (protected runs):\n");
+    println!("| run | pause p50 (µs) | pause p99 (µs) | pause max (µs) | stretched epochs | wire bytes/epoch (memory phase) | page bytes/epoch | latency added, median (µs) |");
+    println!("|---|---|---|---|---|---|---|---|");
+    let mut all = protected.clone();
+    all.push(none.clone());
+    for p in &all {
+        let pu = &p["replication"]["pause_us"];
+        println!(
+            "| {} | {} | {} | {} | {} | {} | {} | {:.0} |",
+            p["name"].as_str().unwrap_or(""),
+            pu["p50"],
+            pu["p99"],
+            pu["max"],
+            p["replication"]["stretched_epochs"],
+            p["mem_phase"]["wire_bytes_per_epoch"],
+            p["mem_phase"]["page_bytes_per_epoch"],
+            f(p, "latency_median_us") - f(&base, "latency_median_us"),
+        );
+    }
+    let mut fo: Vec<u64> = rounds.iter().map(|r| r.failover_ms).collect();
+    fo.sort_unstable();
+    let mut stall: Vec<u64> = rounds.iter().map(|r| r.client_stall_ms).collect();
+    stall.sort_unstable();
+    println!(
+        "\nFailover (SIGKILL of the primary's mcvmm, {} rounds): new connections answered after median {} ms (max {}); the client's in-flight connection waited at most median {} ms (max {}); takeover build {:.0} ms median.",
+        rounds.len(),
+        fo.get(fo.len() / 2).copied().unwrap_or(0),
+        fo.last().copied().unwrap_or(0),
+        stall.get(stall.len() / 2).copied().unwrap_or(0),
+        stall.last().copied().unwrap_or(0),
+        {
+            let mut b: Vec<f64> = rounds.iter().map(|r| r.takeover_build_ms).collect();
+            b.sort_by(f64::total_cmp);
+            b.get(b.len() / 2).copied().unwrap_or(0.0)
+        }
+    );
+    if let Some(dir) = out.parent() {
+        let _ = std::fs::create_dir_all(dir);
+    }
+    let json = json!({
+        "unprotected": base,
+        "protected": protected,
+        "no_compression": none,
+        "failover_rounds": rounds,
+    });
+    let text = serde_json::to_string_pretty(&json).map_err(|e| e.to_string())?;
+    std::fs::write(out, text).map_err(|e| format!("{}: {e}", out.display()))?;
+    println!("\nJSON: {}", out.display());
+    Ok(())
+}

@@ -1,0 +1,163 @@
+//! `mcvmm ctl snapshot DIR [incremental]`: pause, capture memory and the whole machine
+//! state into DIR, resume. The first snapshot starts dirty tracking; each incremental one
+//! holds the pages written since the snapshot before it (its parent) and the full state.
+
+use std::path::{Path, PathBuf};
+use std::sync::PoisonError;
+use std::time::Instant;
+
+use mcvmm_checkpoint::dirty::{DirtyTracker, Sources};
+use mcvmm_checkpoint::snapshot::{begin_full, write_incremental, FullSnapshot, Manifest};
+use mcvmm_checkpoint::state::MachineState;
+use serde_json::{json, Value};
+
+use crate::epochs::PAUSE_LIMIT;
+use crate::vm::{save_vm_state, Vm};
+
+/// Snapshots taken so far by this process.
+#[derive(Default)]
+pub struct Snapshots {
+    /// Running since the first snapshot: what changed since the last one.
+    tracker: Option<DirtyTracker>,
+    last: Option<PathBuf>,
+}
+
+impl Snapshots {
+    /// Whether dirty tracking belongs to the snapshots (nothing else may use KVM's log).
+    pub fn tracking(&self) -> bool {
+        self.tracker.is_some()
+    }
+}
+
+/// Captures all but RAM: vCPUs, in-kernel devices, every device. The vCPUs must be paused.
+pub fn machine_state(vm: &Vm) -> Result<MachineState, String> {
+    let vcpus = vm.vcpus.save(PAUSE_LIMIT).map_err(|e| e.to_string())?;
+    Ok(MachineState {
+        cmdline: vm.cmdline.clone(),
+        vcpus,
+        vm: save_vm_state(&vm.vm_fd).map_err(|e| e.to_string())?,
+        serial: vm
+            .serial
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .save(),
+        i8042: vm
+            .i8042
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .save(),
+        virtio: vm
+            .devices
+            .iter()
+            .map(|d| d.lock().unwrap_or_else(PoisonError::into_inner).save())
+            .collect(),
+    })
+}
+
+/// Takes a snapshot into `dir`. `paused`: the VM is paused already (by `ctl pause`) and
+/// stays so; otherwise it is paused for the capture only. A full snapshot copies memory
+/// while the guest runs and, at the pause, only what was written meanwhile.
+pub fn take(
+    vm: &Vm,
+    snaps: &mut Snapshots,
+    dir: &Path,
+    incremental: bool,
+    paused: bool,
+) -> Result<Value, String> {
+    let e = |e: &dyn std::fmt::Display| e.to_string();
+    if incremental && snaps.last.is_none() {
+        return Err("an incremental snapshot needs a full one before it in this process".into());
+    }
+    let started = Instant::now();
+    // Tracking on (or a new epoch started) before the copy: what the guest writes from
+    // here on is copied again at the pause.
+    let mut full = None;
+    if !incremental {
+        match &mut snaps.tracker {
+            Some(t) => {
+                t.end_epoch(&vm.vm_fd, &vm.mem).map_err(|x| e(&x))?;
+            }
+            None => {
+                snaps.tracker = Some(
+                    DirtyTracker::start(&vm.vm_fd, &vm.mem, Sources::GuestAndVmm)
+                        .map_err(|x| e(&x))?,
+                )
+            }
+        }
+        full = Some(begin_full(dir, &vm.mem).map_err(|x| e(&x))?);
+    }
+    let precopy = started.elapsed();
+    let t0 = Instant::now();
+    if !paused {
+        vm.vcpus.pause(PAUSE_LIMIT).map_err(|x| e(&x))?;
+    }
+    let stopped = t0.elapsed();
+    let captured = capture(vm, snaps, dir, full.as_mut());
+    if !paused {
+        vm.vcpus.resume();
+    }
+    let pause = t0.elapsed();
+    let (state, at_pause, state_us) = captured?;
+    let t = Instant::now();
+    let (manifest, pages) = match (full, at_pause) {
+        (Some(f), AtPause::Patched(pages)) => {
+            (f.seal(&state, &vm.shape).map_err(|x| e(&x))?, pages)
+        }
+        (_, AtPause::Incremental(m)) => {
+            let pages = m.pages;
+            (m, pages)
+        }
+        (None, AtPause::Patched(_)) => return Err("full snapshot lost".into()),
+    };
+    snaps.last = Some(dir.to_path_buf());
+    Ok(json!({
+        "ok": true,
+        "dir": dir.display().to_string(),
+        "kind": if incremental { "incremental" } else { "full" },
+        "pages": manifest.pages,
+        "pages_in_pause": pages,
+        "pause_ms": pause.as_secs_f64() * 1e3,
+        "vcpu_stop_us": stopped.as_micros() as u64,
+        "state_capture_us": state_us,
+        "precopy_ms": precopy.as_secs_f64() * 1e3,
+        "seal_ms": t.elapsed().as_secs_f64() * 1e3,
+        "total_ms": started.elapsed().as_secs_f64() * 1e3,
+    }))
+}
+
+/// What the pause wrote: pages re-copied into a full snapshot, or a whole incremental one.
+enum AtPause {
+    Patched(u64),
+    Incremental(Manifest),
+}
+
+/// At the pause: the machine state, and the pages written since tracking began (re-copied
+/// into a full snapshot, or written out here as an incremental one).
+fn capture(
+    vm: &Vm,
+    snaps: &mut Snapshots,
+    dir: &Path,
+    full: Option<&mut FullSnapshot>,
+) -> Result<(MachineState, AtPause, u64), String> {
+    let t = Instant::now();
+    let state = machine_state(vm)?;
+    let state_us = t.elapsed().as_micros() as u64;
+    let tracker = snaps
+        .tracker
+        .as_mut()
+        .ok_or("dirty tracking is not running")?;
+    let dirty = tracker
+        .end_epoch(&vm.vm_fd, &vm.mem)
+        .map_err(|e| e.to_string())?;
+    let written = match full {
+        Some(f) => AtPause::Patched(f.patch(&dirty, &vm.mem).map_err(|e| e.to_string())?),
+        None => {
+            let parent = snaps.last.as_deref().ok_or("no parent snapshot")?;
+            AtPause::Incremental(
+                write_incremental(dir, parent, &dirty, &vm.mem, &state, &vm.shape)
+                    .map_err(|e| e.to_string())?,
+            )
+        }
+    };
+    Ok((state, written, state_us))
+}

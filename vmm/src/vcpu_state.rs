@@ -1,0 +1,107 @@
+//! A vCPU's complete state out of KVM and back in (see `mcvmm_checkpoint::state`).
+
+use kvm_bindings::{kvm_msr_entry, Msrs, KVM_MAX_CPUID_ENTRIES};
+use kvm_ioctls::VcpuFd;
+use mcvmm_checkpoint::state::{Msr, VcpuState};
+
+/// KVM reads MSRs in batches of at most this many.
+const MSR_BATCH: usize = 64;
+
+fn err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> String {
+    move |e| format!("{what}: {e}")
+}
+
+/// Reads every MSR of `indices` that KVM can read for this vCPU. KVM stops a batch at the
+/// first MSR it cannot read; that one is skipped (it is not part of the vCPU's state on
+/// this host) and the rest of the batch is read again.
+fn read_msrs(vcpu: &VcpuFd, indices: &[u32]) -> Result<Vec<Msr>, String> {
+    let mut out = Vec::with_capacity(indices.len());
+    let mut rest = indices;
+    while !rest.is_empty() {
+        let batch = &rest[..rest.len().min(MSR_BATCH)];
+        let entries: Vec<kvm_msr_entry> = batch
+            .iter()
+            .map(|&index| kvm_msr_entry {
+                index,
+                ..Default::default()
+            })
+            .collect();
+        let mut msrs = Msrs::from_entries(&entries).map_err(|e| format!("MSR list: {e:?}"))?;
+        let n = vcpu.get_msrs(&mut msrs).map_err(err("KVM_GET_MSRS"))?;
+        out.extend(msrs.as_slice()[..n].iter().map(|e| Msr {
+            index: e.index,
+            data: e.data,
+        }));
+        // Skip the one that failed, if the batch stopped early.
+        rest = &rest[(n + usize::from(n < batch.len())).min(rest.len())..];
+    }
+    Ok(out)
+}
+
+/// Captures vCPU `id` (which must be out of KVM_RUN, its last exit completed).
+pub fn save(vcpu: &VcpuFd, id: u8, msr_indices: &[u32]) -> Result<VcpuState, String> {
+    Ok(VcpuState {
+        id,
+        cpuid: vcpu
+            .get_cpuid2(KVM_MAX_CPUID_ENTRIES)
+            .map_err(err("KVM_GET_CPUID2"))?
+            .as_slice()
+            .to_vec(),
+        tsc_khz: vcpu.get_tsc_khz().ok(),
+        mp_state: vcpu.get_mp_state().map_err(err("KVM_GET_MP_STATE"))?,
+        regs: vcpu.get_regs().map_err(err("KVM_GET_REGS"))?,
+        sregs: vcpu.get_sregs().map_err(err("KVM_GET_SREGS"))?,
+        xsave: vcpu.get_xsave().map_err(err("KVM_GET_XSAVE"))?,
+        xcrs: vcpu.get_xcrs().map_err(err("KVM_GET_XCRS"))?,
+        debugregs: vcpu.get_debug_regs().map_err(err("KVM_GET_DEBUGREGS"))?,
+        lapic: vcpu.get_lapic().map_err(err("KVM_GET_LAPIC"))?,
+        msrs: read_msrs(vcpu, msr_indices)?,
+        events: vcpu.get_vcpu_events().map_err(err("KVM_GET_VCPU_EVENTS"))?,
+    })
+}
+
+/// Puts a saved state into a fresh vCPU (its CPUID already set from the same state).
+/// The order follows KVM's dependencies: sregs (paging, EFER) before the registers and
+/// MSRs that rely on them, the LAPIC before the events that may inject into it.
+pub fn restore(vcpu: &VcpuFd, s: &VcpuState) -> Result<(), String> {
+    if let Some(khz) = s.tsc_khz {
+        // The same TSC rate as where the state came from; hosts that cannot scale keep
+        // theirs (the guest's clocksource then recalibrates through kvmclock).
+        if vcpu.get_tsc_khz().ok() != Some(khz) {
+            let _ = vcpu.set_tsc_khz(khz);
+        }
+    }
+    vcpu.set_mp_state(s.mp_state)
+        .map_err(err("KVM_SET_MP_STATE"))?;
+    vcpu.set_sregs(&s.sregs).map_err(err("KVM_SET_SREGS"))?;
+    vcpu.set_regs(&s.regs).map_err(err("KVM_SET_REGS"))?;
+    // SAFETY: mcvmm never enables dynamic XSAVE features (arch_prctl), so KVM's XSAVE
+    // area fits the 4 KiB kvm_xsave and KVM reads nothing beyond it.
+    unsafe { vcpu.set_xsave(&s.xsave) }.map_err(err("KVM_SET_XSAVE"))?;
+    // A host without XSAVE reports no XCRs and refuses to set any.
+    if s.xcrs.nr_xcrs > 0 {
+        vcpu.set_xcrs(&s.xcrs).map_err(err("KVM_SET_XCRS"))?;
+    }
+    vcpu.set_debug_regs(&s.debugregs)
+        .map_err(err("KVM_SET_DEBUGREGS"))?;
+    vcpu.set_lapic(&s.lapic).map_err(err("KVM_SET_LAPIC"))?;
+    let entries: Vec<kvm_msr_entry> = s
+        .msrs
+        .iter()
+        .map(|m| kvm_msr_entry {
+            index: m.index,
+            data: m.data,
+            ..Default::default()
+        })
+        .collect();
+    for chunk in entries.chunks(MSR_BATCH) {
+        let msrs = Msrs::from_entries(chunk).map_err(|e| format!("MSR list: {e:?}"))?;
+        let n = vcpu.set_msrs(&msrs).map_err(err("KVM_SET_MSRS"))?;
+        if n != chunk.len() {
+            return Err(format!("KVM_SET_MSRS: MSR {:#x} refused", chunk[n].index));
+        }
+    }
+    vcpu.set_vcpu_events(&s.events)
+        .map_err(err("KVM_SET_VCPU_EVENTS"))?;
+    Ok(())
+}
