@@ -238,6 +238,9 @@ fn mem_total_kib() -> u64 {
         .unwrap_or(0)
 }
 
+/// How long a shutdown waits for its client to have read the reply.
+const SHUTDOWN_LINGER: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// Serves one connection until it closes. Returns `After::Shutdown` if the client asked
 /// for the guest to end (the reply has been sent by then).
 pub fn serve_connection(agent: &Agent, stream: TcpStream) -> std::io::Result<After> {
@@ -270,6 +273,12 @@ pub fn serve_connection(agent: &Agent, stream: TcpStream) -> std::io::Result<Aft
         };
         writeln!(writer, "{reply}")?;
         if after == After::Shutdown {
+            // The guest resets next, and a reply still in the NIC's queue would die with
+            // it: wait (briefly) for the client to close, which it does once it has read
+            // the reply.
+            let _ = writer.shutdown(std::net::Shutdown::Write);
+            let _ = reader.get_ref().set_read_timeout(Some(SHUTDOWN_LINGER));
+            let _ = std::io::copy(&mut reader, &mut std::io::sink());
             return Ok(after);
         }
     }
