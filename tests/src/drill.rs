@@ -6,6 +6,7 @@
 //! is on the secondary's disk, that the agent's memory patterns verify, and that new
 //! requests succeed.
 
+use std::collections::VecDeque;
 use std::net::Ipv4Addr;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -55,6 +56,9 @@ pub const SECONDARY: usize = 1;
 const PORT: u16 = 7777;
 /// Fresh labs a drill may start after test hosts died under it.
 const MAX_LAB_RESTARTS: usize = 3;
+/// Rounds a drill may add for primaries whose guest died on its own before the kill
+/// (issue 6's notes: seen about once in ten rounds in the lab, cause not yet known).
+pub const MAX_EXTRA_ROUNDS: usize = 6;
 
 fn guest_ip() -> Ipv4Addr {
     net::guest_addr(0)
@@ -332,11 +336,13 @@ pub fn run(opts: &Options, log: &mut dyn FnMut(&str)) -> Result<Vec<Round>, Stri
     let mut rng = Rng(opts.seed | 1);
     log(&format!("seed {}", opts.seed));
     let mut rounds = Vec::new();
-    let mut plan: Vec<Kill> = vec![Kill::Process; opts.process_rounds];
+    let mut plan: VecDeque<Kill> = vec![Kill::Process; opts.process_rounds].into();
     plan.extend(vec![Kill::Host; opts.host_rounds]);
     let mut lab: Option<Lab> = None;
     let mut lab_restarts = 0;
-    for (n, kill) in plan.into_iter().enumerate() {
+    let mut extra_rounds = 0;
+    while let Some(kill) = plan.pop_front() {
+        let n = rounds.len();
         if lab.is_none() {
             log("booting two test hosts on a lab network");
             lab = Some(start_lab(opts.guest_mem_mib)?);
@@ -414,6 +420,18 @@ pub fn run(opts: &Options, log: &mut dyn FnMut(&str)) -> Result<Vec<Round>, Stri
                 r
             }
         };
+        if r.primary_died_first && kill == Kill::Process {
+            // Still a checked failover, but not a kill at a random moment: one more
+            // round, so that the drill has as many of those as it was asked for.
+            if extra_rounds >= MAX_EXTRA_ROUNDS {
+                return Err(format!(
+                    "{} primaries died on their own before their kill (rounds so far: {rounds:#?})",
+                    extra_rounds + 1
+                ));
+            }
+            extra_rounds += 1;
+            plan.push_front(Kill::Process);
+        }
         rounds.push(r);
         if kill == Kill::Host {
             lab = None;

@@ -255,8 +255,13 @@ fn take_over(
     let Receiver { mem, disks, .. } = rx;
     // Committed writes are in the replicas (not yet synced, see `Disks::commit`); the
     // VM opens them anew.
+    let t = Instant::now();
     disks.sync().context("syncing the replicas")?;
     drop(disks);
+    eprintln!(
+        "mcvmm: replicas synced in {:.1} ms",
+        t.elapsed().as_secs_f64() * 1e3
+    );
     let shape = &hello.shape;
     let config = VmConfig {
         source: Source::Replica {
