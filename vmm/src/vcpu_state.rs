@@ -60,35 +60,10 @@ pub fn save(vcpu: &VcpuFd, id: u8, msr_indices: &[u32]) -> Result<VcpuState, Str
     })
 }
 
-const MSR_IA32_TSC: u32 = 0x10;
-
-/// This host's CLOCK_REALTIME in nanoseconds (what KVM compares a clock's `realtime` with).
-pub fn realtime_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime writes one timespec into the valid local.
-    unsafe { libc::clock_gettime(libc::CLOCK_REALTIME, &mut ts) };
-    (ts.tv_sec as u64)
-        .saturating_mul(1_000_000_000)
-        .saturating_add(ts.tv_nsec as u64)
-}
-
-/// TSC ticks in `ns` at `khz`.
-fn tsc_ticks(ns: u64, khz: u32) -> u64 {
-    (u128::from(ns) * u128::from(khz) / 1_000_000).min(u128::from(u64::MAX)) as u64
-}
-
 /// Puts a saved state into a fresh vCPU (its CPUID already set from the same state).
 /// The order follows KVM's dependencies: sregs (paging, EFER) before the registers and
 /// MSRs that rely on them, the LAPIC before the events that may inject into it.
-///
-/// `advance_from`: the capture's real time, when kvmclock is moved on by the real time
-/// since (KVM_CLOCK_REALTIME). The TSC goes on by as much, measured just before it is set
-/// as KVM measures at KVM_SET_CLOCK, or the guest's clocksource watchdog sees the TSC fall
-/// behind kvmclock and marks it unstable.
-pub fn restore(vcpu: &VcpuFd, s: &VcpuState, advance_from: Option<u64>) -> Result<(), String> {
+pub fn restore(vcpu: &VcpuFd, s: &VcpuState) -> Result<(), String> {
     if let Some(khz) = s.tsc_khz {
         // The same TSC rate as where the state came from; hosts that cannot scale keep
         // theirs (the guest's clocksource then recalibrates through kvmclock).
@@ -110,16 +85,12 @@ pub fn restore(vcpu: &VcpuFd, s: &VcpuState, advance_from: Option<u64>) -> Resul
     vcpu.set_debug_regs(&s.debugregs)
         .map_err(err("KVM_SET_DEBUGREGS"))?;
     vcpu.set_lapic(&s.lapic).map_err(err("KVM_SET_LAPIC"))?;
-    let tsc_advance_ns = advance_from.map_or(0, |t| realtime_ns().saturating_sub(t));
     let entries: Vec<kvm_msr_entry> = s
         .msrs
         .iter()
         .map(|m| kvm_msr_entry {
             index: m.index,
-            data: match (m.index, s.tsc_khz) {
-                (MSR_IA32_TSC, Some(khz)) => m.data.wrapping_add(tsc_ticks(tsc_advance_ns, khz)),
-                _ => m.data,
-            },
+            data: m.data,
             ..Default::default()
         })
         .collect();

@@ -379,12 +379,11 @@ pub fn build(config: VmConfig, restore: Option<Restore>, mut seams: Seams) -> Re
             if let Some(l) = snapshot_files {
                 snapshot::apply(l, &mem).map_err(|e| VmError::Restore(e.to_string()))?;
             }
-            let advance_from = clock_advance_from(&st.vm.clock);
             for (vcpu, s) in fds.iter().zip(&st.vcpus) {
-                vcpu_state::restore(vcpu, s, advance_from)
+                vcpu_state::restore(vcpu, s)
                     .map_err(|e| VmError::Restore(format!("vCPU {}: {e}", s.id)))?;
             }
-            restore_vm_state(&vm_fd, &st.vm, advance_from.is_some())?;
+            restore_vm_state(&vm_fd, &st.vm)?;
             cmdline = st.cmdline.clone();
         }
         (None, Source::Boot { kernel, initrd, .. }) => {
@@ -466,37 +465,38 @@ pub fn save_vm_state(vm: &VmFd) -> Result<VmState, VmError> {
     })
 }
 
-/// Whether the guest's clocks go on at a restore by the real time that went by since the
-/// capture (so the guest's clock goes on): `Some(capture's real time)` when the state
-/// carries it (KVM_CLOCK_REALTIME). A checkpoint from another host whose real-time clock
-/// is ahead of this one's would move the guest's clock backwards, and a guest that trusts
-/// kvmclock then sleeps through its timers: then `None`, and the clocks go on from the
-/// captured values instead.
-fn clock_advance_from(clock: &kvm_clock_data) -> Option<u64> {
-    if clock.flags & KVM_CLOCK_REALTIME == 0 {
-        return None;
-    }
-    let now = vcpu_state::realtime_ns();
-    if now < clock.realtime {
-        eprintln!(
-            "mcvmm: the checkpoint's real-time clock is {} ms ahead of this host's; the guest's clock is not moved back",
-            (clock.realtime - now) / 1_000_000
-        );
-        return None;
-    }
-    Some(clock.realtime)
-}
-
-/// `advance`: KVM moves kvmclock on by the real time since the capture (the vCPUs' TSCs
-/// have been moved on by the same, see `vcpu_state::restore`). Only KVM_CLOCK_REALTIME may
-/// be passed back to KVM_SET_CLOCK.
-fn restore_vm_state(vm: &VmFd, s: &VmState, advance: bool) -> Result<(), VmError> {
+fn restore_vm_state(vm: &VmFd, s: &VmState) -> Result<(), VmError> {
     for chip in [&s.pic_master, &s.pic_slave, &s.ioapic] {
         vm.set_irqchip(chip).map_err(kvm_call("KVM_SET_IRQCHIP"))?;
     }
     vm.set_pit2(&s.pit).map_err(kvm_call("KVM_SET_PIT2"))?;
-    let flags = if advance { KVM_CLOCK_REALTIME } else { 0 };
+    // Only KVM_CLOCK_REALTIME may be passed back: with it KVM moves the clock on by the
+    // real time that went by since the capture, so the guest's clock goes on. A
+    // checkpoint from another host whose real-time clock is ahead of this one's would move
+    // the guest's clock backwards, and a guest that trusts kvmclock then sleeps through
+    // its timers: in that case the clock goes on from the captured value instead.
+    let mut flags = s.clock.flags & KVM_CLOCK_REALTIME;
+    if flags != 0 && realtime_ns() < s.clock.realtime {
+        eprintln!(
+            "mcvmm: the checkpoint's real-time clock is {} ms ahead of this host's; the guest's clock is not moved back",
+            (s.clock.realtime - realtime_ns()) / 1_000_000
+        );
+        flags = 0;
+    }
     let clock = kvm_clock_data { flags, ..s.clock };
     vm.set_clock(&clock).map_err(kvm_call("KVM_SET_CLOCK"))?;
     Ok(())
+}
+
+/// This host's CLOCK_REALTIME in nanoseconds (what KVM compares a clock's `realtime` with).
+fn realtime_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes one timespec into the valid local.
+    unsafe { libc::clock_gettime(libc::CLOCK_REALTIME, &mut ts) };
+    (ts.tv_sec as u64)
+        .saturating_mul(1_000_000_000)
+        .saturating_add(ts.tv_nsec as u64)
 }
