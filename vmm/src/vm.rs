@@ -384,6 +384,11 @@ pub fn build(config: VmConfig, restore: Option<Restore>, mut seams: Seams) -> Re
                     .map_err(|e| VmError::Restore(format!("vCPU {}: {e}", s.id)))?;
             }
             restore_vm_state(&vm_fd, &st.vm)?;
+            for dev in &devices {
+                dev.lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .raise_unacknowledged();
+            }
             cmdline = st.cmdline.clone();
         }
         (None, Source::Boot { kernel, initrd, .. }) => {

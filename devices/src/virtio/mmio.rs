@@ -198,12 +198,19 @@ impl MmioTransport {
             self.device.activate(self.acked_features)?;
             self.active = true;
         }
-        if s.interrupt_status != 0 {
-            // An interrupt the driver had not yet acknowledged: raise it again (a
-            // spurious one is harmless, a lost one would stall the queue).
+        Ok(())
+    }
+
+    /// Raises again an interrupt the driver had not acknowledged when the state was
+    /// captured: its edge may still have been on its way into the interrupt controller
+    /// then, and a lost one can stall a queue for good (a NIC whose RX ring is full
+    /// waits for the guest, which waits for the interrupt). A spurious one is harmless.
+    /// Call it after the interrupt controllers' and vCPUs' state is restored, which
+    /// would overwrite an edge delivered before.
+    pub fn raise_unacknowledged(&self) {
+        if self.interrupt.status() != 0 {
             let _ = self.interrupt.irqfd.write(1);
         }
-        Ok(())
     }
 
     fn selected_queue(&mut self) -> Option<&mut Queue> {
