@@ -127,7 +127,9 @@ fn a_planned_switch_moves_the_guest_and_a_stale_primary_is_refused() {
          wait_protected ps
          agent ps mem-start 8 500
          agent ps records vda 1 30
-         echo '== failover'; ./mcvmm ctl --api-sock ps.sock failover
+         echo '== failover'; ./mcvmm ctl --api-sock ps.sock failover | tee ps.failover
+         # A switch that did not happen leaves the old primary running: say why, not hang.
+         grep -q '\"ok\": true' ps.failover || { cat ps.log ps.s.log; exit 1; }
          rc=0; wait $(cat ps.pid) || rc=$?
          echo \"old primary exit status $rc\"
          ip netns exec ps ./agentctl --addr 10.99.0.2:7000 --wait 30 ping
