@@ -46,3 +46,20 @@ pub fn guest_host(opts: &mcvmm_lab::HostOptions) -> Result<mcvmm_lab::KvmHost, S
         .map_err(|x| e(&x))?;
     Ok(host)
 }
+
+/// Runs `script` on `host` within `secs`; its stdout, or an error with both streams when
+/// it fails.
+pub fn run_script(host: &mcvmm_lab::KvmHost, script: &str, secs: u64) -> Result<String, String> {
+    let out = host
+        .run(script, std::time::Duration::from_secs(secs))
+        .map_err(|e| e.to_string())?;
+    if !out.success() {
+        return Err(format!(
+            "script failed ({}):\n{}{}",
+            out.status,
+            out.stdout_text(),
+            out.stderr_text()
+        ));
+    }
+    Ok(out.stdout_text())
+}

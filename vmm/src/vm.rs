@@ -20,7 +20,7 @@ use mcvmm_devices::interrupt::Interrupt;
 use mcvmm_devices::serial::{self, Serial};
 use mcvmm_devices::virtio::block::Block;
 use mcvmm_devices::virtio::mmio::{MmioTransport, NOTIFY_OFFSET, WINDOW};
-use mcvmm_devices::virtio::net::{announce_moved, Net, ANNOUNCE_AT_MS};
+use mcvmm_devices::virtio::net::{announce_moved, mac_text, Net, ANNOUNCE_AT_MS};
 use mcvmm_devices::virtio::tap::{Tap, TapError};
 use mcvmm_devices::virtio::{DeviceError, VirtioDevice};
 use mcvmm_devices::GuestMemory;
@@ -85,10 +85,6 @@ pub struct Seams {
     pub tap: Option<Tap>,
     /// Announce the guest's MAC on the tap at start (after a failover).
     pub announce: bool,
-}
-
-fn mac_text(mac: [u8; 6]) -> String {
-    mac.map(|b| format!("{b:02x}")).join(":")
 }
 
 /// Zeroed guest memory of `mem_mib` with the VM's layout (RAM split around the MMIO hole).

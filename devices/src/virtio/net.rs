@@ -207,6 +207,11 @@ impl Net {
     }
 }
 
+/// `mac` as operators write it: 52:54:00:12:34:56.
+pub fn mac_text(mac: [u8; 6]) -> String {
+    mac.map(|b| format!("{b:02x}")).join(":")
+}
+
 /// When a moved guest's RARP announcements go out, from the moment it starts. A bridge
 /// port that has just come up may still drop the first ones, and one lost frame would
 /// leave switches sending the guest's traffic to its old host until their entries age
@@ -308,10 +313,9 @@ impl VirtioDevice for Net {
     }
 
     fn stats(&self) -> serde_json::Value {
-        let m = self.mac;
         serde_json::json!({
             "tap": self.tap.name,
-            "mac": format!("{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}", m[0], m[1], m[2], m[3], m[4], m[5]),
+            "mac": mac_text(self.mac),
             "io": self.stats,
         })
     }

@@ -11,29 +11,14 @@
 //! Prints a table and writes JSON (default `bench-results/checkpoint.json`).
 //! Usage: mcvmm-bench-checkpoint [--epochs N] [--snapshots-only] [--out FILE]
 
-use std::time::Duration;
-
 use mcvmm_lab::{HostOptions, KvmHost};
 use serde_json::{json, Value};
 
 const EPOCH_MS: u64 = 100;
 
+/// `script` with guest.sh's helpers, stopping at the first failing line.
 fn run(host: &KvmHost, script: &str, secs: u64) -> Result<String, String> {
-    let out = host
-        .run(
-            &format!(". ./guest.sh\nset -e\n{script}"),
-            Duration::from_secs(secs),
-        )
-        .map_err(|e| e.to_string())?;
-    if !out.success() {
-        return Err(format!(
-            "script failed ({}):\n{}{}",
-            out.status,
-            out.stdout_text(),
-            out.stderr_text()
-        ));
-    }
-    Ok(out.stdout_text())
+    mcvmm_tests::run_script(host, &format!(". ./guest.sh\nset -e\n{script}"), secs)
 }
 
 /// The JSON object printed after the line `== name`.

@@ -11,8 +11,6 @@
 //!
 //! Usage: mcvmm-bench [--runs N] [--out FILE]
 
-use std::time::Duration;
-
 use mcvmm_lab::{HostOptions, KvmHost};
 use serde_json::json;
 
@@ -71,21 +69,6 @@ impl Vmm {
     }
 }
 
-fn run(host: &KvmHost, script: &str, secs: u64) -> Result<String, String> {
-    let out = host
-        .run(script, Duration::from_secs(secs))
-        .map_err(|e| e.to_string())?;
-    if !out.success() {
-        return Err(format!(
-            "script failed ({}):\n{}{}",
-            out.status,
-            out.stdout_text(),
-            out.stderr_text()
-        ));
-    }
-    Ok(out.stdout_text())
-}
-
 fn value(text: &str, key: &str) -> Option<f64> {
     text.split_whitespace()
         .find_map(|w| w.strip_prefix(key).and_then(|v| v.strip_prefix('=')))
@@ -118,7 +101,7 @@ fn boot_once(host: &KvmHost, vmm: Vmm) -> Result<(f64, f64), String> {
         cmd = vmm.command("boot.log", false),
         want = MEM_MIB * 1024,
     );
-    let out = run(host, &script, 90)?;
+    let out = mcvmm_tests::run_script(host, &script, 90)?;
     let boot_ms = value(&out, "boot_ms").ok_or(format!("no boot time in {out:?}"))?;
     let total = value(&out, "total_kib").unwrap_or(f64::NAN);
     let guest = value(&out, "guest_kib").unwrap_or(f64::NAN);
@@ -144,7 +127,7 @@ fn io_once(host: &KvmHost, vmm: Vmm) -> Result<(f64, f64, f64, f64), String> {
          ip netns del bench; rm -f bench.img",
         cmd = vmm.command("io.log", true),
     );
-    let out = run(host, &script, 300)?;
+    let out = mcvmm_tests::run_script(host, &script, 300)?;
     let get = |k| value(&out, k).ok_or(format!("{k} missing in {out:?}"));
     Ok((
         get("write_mbps")?,
