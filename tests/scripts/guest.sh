@@ -91,6 +91,10 @@ agent() {
     ip netns exec "$name" ./agentctl --addr 10.99.0.2:7000 "$@" || rc=$?
     if [ $rc -ne 0 ]; then
         echo "agent $* failed ($rc); guest console:"; tail -20 "$name.console"; echo "mcvmm:"; cat "$name.log"
+        # Where the guest's queues stand (a stalled queue shows there), and the tap's.
+        [ -S "$name.sock" ] && ./mcvmm ctl --api-sock "$name.sock" status
+        [ -S "$name.sock" ] && for i in 1 2 3; do ./mcvmm ctl --api-sock "$name.sock" vcpus; done
+        ip netns exec "$name" ip -s link show gtap
     fi
     return $rc
 }

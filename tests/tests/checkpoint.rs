@@ -13,6 +13,7 @@ fn pause_stops_the_guest_and_resume_lets_it_go_on() {
          agent pr mem-start 16 0
          echo '== pause'; ./mcvmm ctl --api-sock pr.sock pause
          echo '== status'; ./mcvmm ctl --api-sock pr.sock status
+         echo '== vcpus'; ./mcvmm ctl --api-sock pr.sock vcpus
          sleep 1
          echo '== resume'; ./mcvmm ctl --api-sock pr.sock resume
          agent pr mem-verify
@@ -21,6 +22,15 @@ fn pause_stops_the_guest_and_resume_lets_it_go_on() {
     let paused = report(&out, "pause");
     assert_eq!(paused["ok"], true, "{out}");
     assert_eq!(report(&out, "status")["state"], "paused", "{out}");
+    // Both vCPUs of a Linux guest are in the kernel's text, and say so.
+    let vcpus = report(&out, "vcpus");
+    let vcpus = vcpus["vcpus"].as_array().expect("a vcpus list");
+    assert_eq!(vcpus.len(), 2, "{out}");
+    for v in vcpus {
+        let rip = v["rip"].as_str().unwrap_or("");
+        assert!(rip.starts_with("0xffffffff8"), "{v}");
+        assert!(v["mp_state"].is_string(), "{v}");
+    }
     assert_eq!(report(&out, "resume")["ok"], true, "{out}");
     assert!(out.contains("errors=0"), "{out}");
     assert!(out.contains("mcvmm exit status 0"), "{out}");
@@ -55,11 +65,23 @@ fn every_page_written_shows_in_the_dirty_sets_and_the_check_catches_a_gap() {
     let complete = report(&out, "complete");
     assert_eq!(complete["error"], Value::Null, "{complete:#}");
     assert_eq!(complete["epochs"], 200, "{complete:#}");
-    // Under nested TCG the guest gets little done in 200 short epochs; a few hundred
-    // pages is what the lab gives (see the notes of issue 5).
-    assert!(complete["dirty_pages"].as_u64() > Some(200), "{complete:#}");
-    assert_eq!(complete["mismatching_pages"], 0, "{complete:#}");
     let guest_only = report(&out, "guest-only");
+    eprintln!(
+        "complete: {} pages in {} s; guest-only: {} pages, {} missing",
+        complete["dirty_pages"],
+        complete["seconds"],
+        guest_only["dirty_pages"],
+        guest_only["mismatching_pages"]
+    );
+    // The guest runs 40 ms between pauses however long a pause takes, so its memory
+    // workload and disk reads go on throughout. (When the interval counted from the start
+    // of a pause, the lab's 120 ms pauses left the guest all but starved: a few hundred
+    // pages in all, and a guest that sometimes did not come back to its network.)
+    assert!(
+        complete["dirty_pages"].as_u64() > Some(10_000),
+        "{complete:#}"
+    );
+    assert_eq!(complete["mismatching_pages"], 0, "{complete:#}");
     assert_eq!(guest_only["epochs"], 30, "{guest_only:#}");
     assert!(
         guest_only["mismatching_pages"].as_u64() > Some(0),

@@ -5,7 +5,8 @@
 //! `selfcheck EPOCHS INTERVAL_MS [guest-only]` and `epochs EPOCHS INTERVAL_MS` (see
 //! `epochs`); on a replicating primary `verify` (digests with the next checkpoint) and
 //! `failover` (planned switch, see `primary`). A secondary answers `status`, `failover`
-//! and `stop` (see `secondary`).
+//! and `stop` (see `secondary`). `vcpus` tells where each vCPU executes and what its
+//! LAPIC holds: the first look at a guest that stopped answering.
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
@@ -45,13 +46,15 @@ pub enum Request {
     Verify,
     /// Primary: planned switch to the secondary.
     Failover,
+    /// Where each vCPU is (a short pause to read it).
+    Vcpus,
     /// Not understood; the reason goes back to the client.
     Invalid(String),
 }
 
 const KNOWN: &str = "status, stop, pause, resume, snapshot DIR [incremental], \
                      selfcheck EPOCHS INTERVAL_MS [guest-only], epochs EPOCHS INTERVAL_MS, \
-                     verify, failover";
+                     verify, failover, vcpus";
 
 /// Reads the request line of a connection just accepted (short timeouts: the device loop
 /// waits for it).
@@ -70,6 +73,7 @@ pub fn read_request(stream: &UnixStream) -> Request {
         ["resume"] => Request::Resume,
         ["verify"] => Request::Verify,
         ["failover"] => Request::Failover,
+        ["vcpus"] => Request::Vcpus,
         ["snapshot", dir] => Request::Snapshot {
             dir: PathBuf::from(dir),
             incremental: false,
@@ -107,6 +111,7 @@ pub fn status(vm: &Vm) -> Value {
                 "active": t.is_active(),
                 "error": t.last_error,
                 "detail": t.device().stats(),
+                "transport": t.queues_status(),
             })
         })
         .collect();

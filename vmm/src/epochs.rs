@@ -1,6 +1,10 @@
 //! Epochs run on a live guest from the control socket, one every INTERVAL_MS while the
 //! guest goes on:
 //!
+//! INTERVAL_MS is the guest's run time between two pauses, counted from the end of a
+//! pause: a pause that takes longer than the interval (a full-memory comparison does in
+//! the lab) must not leave the guest starved, running only between back-to-back pauses.
+//!
 //! * `selfcheck EPOCHS INTERVAL_MS [guest-only]` keeps a shadow of guest memory updated
 //!   only from the dirty sets and compares it with real memory at every pause. Any
 //!   mismatching page was written without showing in a dirty set: a hole in invariant 1
@@ -105,8 +109,10 @@ struct Steps {
     pages: u64,
 }
 
-/// Epochs in progress: the device loop calls `epoch` every interval.
+/// Epochs in progress: the device loop calls `epoch` when `interval` has gone by since the
+/// previous pause ended.
 pub struct EpochRun {
+    pub interval: Duration,
     epochs: u32,
     done: u32,
     tracker: DirtyTracker,
@@ -158,6 +164,7 @@ impl EpochRun {
         vm.vcpus.resume();
         let (tracker, work) = started?;
         Ok(EpochRun {
+            interval: req.interval,
             epochs: req.epochs,
             done: 0,
             tracker,
@@ -226,7 +233,14 @@ impl EpochRun {
 
     /// Stops tracking and gives the report.
     pub fn finish(self, vm: &Vm) -> Value {
-        let stopped = self.tracker.stop(&vm.vm_fd, &vm.mem);
+        let tracker = self.tracker;
+        let stopped = match vm
+            .vcpus
+            .paused_for(false, || tracker.stop(&vm.vm_fd, &vm.mem))
+        {
+            Ok(r) => r.map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        };
         let dist = |f: fn(&Steps) -> u64| {
             let mut v: Vec<u64> = self.steps.iter().map(f).collect();
             v.sort_unstable();
@@ -251,7 +265,7 @@ impl EpochRun {
             "state_us": dist(|s| s.state),
             "resume_us": dist(|s| s.resume),
             "memcpy_gbps": self.memcpy_gbps,
-            "error": stopped.err().map(|e| e.to_string()),
+            "error": stopped.err(),
         });
         match self.work {
             Work::Check {

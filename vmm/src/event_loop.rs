@@ -17,7 +17,7 @@ use crate::api::{self, Request};
 use crate::epochs::{EpochRun, PAUSE_LIMIT};
 use crate::primary::Primary;
 use crate::snapshot::{self, Snapshots};
-use crate::vcpu::ExitReason;
+use crate::vcpu::{ExitReason, PauseError};
 use crate::vm::Vm;
 
 const TOKEN_EXIT: u64 = 1;
@@ -347,14 +347,21 @@ pub fn run(
                                 )
                             }
                             Request::Epochs(req) => {
-                                let interval = req.interval;
                                 match EpochRun::start(vm, req, stream.try_clone()?) {
                                     Ok(c) => {
-                                        timer.reset(interval, Some(interval))?;
+                                        // One shot, armed again after each pause.
+                                        timer.reset(c.interval, None)?;
                                         check = Some(c);
                                     }
                                     Err(e) => reply(&stream, &json!({"error": e.to_string()})),
                                 }
+                            }
+                            Request::Vcpus => {
+                                let v = match vcpu_summaries(vm, paused) {
+                                    Ok(v) => json!({"vcpus": v}),
+                                    Err(e) => json!({"error": e.to_string()}),
+                                };
+                                reply(&stream, &v);
                             }
                             Request::Status => {
                                 let mut v = api::status(vm);
@@ -369,8 +376,15 @@ pub fn run(
                 TOKEN_EPOCH => {
                     let _ = timer.wait();
                     let Some(c) = check.as_mut() else { continue };
+                    if paused {
+                        // The operator's pause holds; the epoch waits for the resume.
+                        timer.reset(c.interval, None)?;
+                        continue;
+                    }
                     let outcome = c.epoch(vm);
-                    if !matches!(outcome, Ok(false)) {
+                    if matches!(outcome, Ok(false)) {
+                        timer.reset(c.interval, None)?;
+                    } else {
                         timer.clear()?;
                         if let Some(c) = check.take() {
                             let stream = c.reply_to.try_clone();
@@ -405,6 +419,18 @@ pub fn run(
             }
         }
     }
+}
+
+/// Each vCPU's summary, read at a pause of its own unless the VM is paused already.
+fn vcpu_summaries(vm: &Vm, paused: bool) -> Result<Vec<serde_json::Value>, PauseError> {
+    if !paused {
+        vm.vcpus.pause(PAUSE_LIMIT)?;
+    }
+    let states = vm.vcpus.save(PAUSE_LIMIT);
+    if !paused {
+        vm.vcpus.resume();
+    }
+    Ok(states?.iter().map(crate::vcpu_state::summary).collect())
 }
 
 /// Runs the device an event belongs to.

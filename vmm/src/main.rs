@@ -52,7 +52,8 @@ enum Command {
         /// status | stop | pause | resume | snapshot DIR [incremental] |
         /// selfcheck EPOCHS INTERVAL_MS [guest-only] | epochs EPOCHS INTERVAL_MS |
         /// verify (primary: digests checked with the next checkpoint) |
-        /// failover (primary: planned switch; secondary: take over now)
+        /// failover (primary: planned switch; secondary: take over now) |
+        /// vcpus (each vCPU's rip, interrupt flag, halted or not, LAPIC pending vectors)
         #[arg(required = true, num_args = 1..)]
         request: Vec<String>,
     },

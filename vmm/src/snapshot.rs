@@ -78,10 +78,10 @@ pub fn take(
                 t.end_epoch(&vm.vm_fd, &vm.mem).map_err(|x| e(&x))?;
             }
             None => {
-                snaps.tracker = Some(
+                let started = vm.vcpus.paused_for(paused, || {
                     DirtyTracker::start(&vm.vm_fd, &vm.mem, Sources::GuestAndVmm)
-                        .map_err(|x| e(&x))?,
-                )
+                });
+                snaps.tracker = Some(started.map_err(|x| e(&x))?.map_err(|x| e(&x))?)
             }
         }
         full = Some(begin_full(dir, &vm.mem).map_err(|x| e(&x))?);

@@ -99,6 +99,9 @@ pub fn cpuid_for(base: &CpuId, id: u8, cpus: u8) -> CpuId {
     cpuid
 }
 
+/// Longest `paused_for` waits for the vCPUs to stop.
+const PAUSE_SHORT: Duration = Duration::from_secs(2);
+
 /// The signal that kicks a vCPU out of `KVM_RUN`.
 fn kick_signal() -> libc::c_int {
     libc::SIGRTMIN()
@@ -277,6 +280,21 @@ impl Vcpus {
                 .unwrap_or_else(PoisonError::into_inner)
                 .0;
         }
+    }
+
+    /// Runs `f` with every vCPU out of KVM_RUN: paused for it, unless `already` paused
+    /// (and then left so). Memory slots change their dirty-logging flag only this way:
+    /// KVM allows it under running vCPUs, but the lab's nested KVM was seen to leave a
+    /// guest faulting for good on a page right after such a change.
+    pub fn paused_for<T>(&self, already: bool, f: impl FnOnce() -> T) -> Result<T, PauseError> {
+        if !already {
+            self.pause(PAUSE_SHORT)?;
+        }
+        let r = f();
+        if !already {
+            self.resume();
+        }
+        Ok(r)
     }
 
     /// Captures every vCPU's state; the vCPUs must be paused (and stay so).

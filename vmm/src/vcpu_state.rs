@@ -105,3 +105,63 @@ pub fn restore(vcpu: &VcpuFd, s: &VcpuState) -> Result<(), String> {
         .map_err(err("KVM_SET_VCPU_EVENTS"))?;
     Ok(())
 }
+
+/// The highest vector set in one of the LAPIC's 256-bit registers (ISR at 0x100, IRR at
+/// 0x200: eight 32-bit words, 16 bytes apart).
+fn lapic_top_vector(regs: &[std::os::raw::c_char; 1024], base: usize) -> Option<u32> {
+    (0..8).rev().find_map(|w| {
+        let at = base + w * 16;
+        let word = u32::from_le_bytes([
+            regs[at] as u8,
+            regs[at + 1] as u8,
+            regs[at + 2] as u8,
+            regs[at + 3] as u8,
+        ]);
+        (word != 0).then(|| w as u32 * 32 + 31 - word.leading_zeros())
+    })
+}
+
+/// What an operator looks at to see where a guest that stopped answering is stuck: where
+/// each vCPU executes, whether it takes interrupts, and what its LAPIC holds pending.
+pub fn summary(s: &VcpuState) -> serde_json::Value {
+    const RFLAGS_IF: u64 = 1 << 9;
+    serde_json::json!({
+        "id": s.id,
+        "mp_state": match s.mp_state.mp_state {
+            0 => "runnable".to_string(),
+            1 => "uninitialized".to_string(),
+            2 => "init-received".to_string(),
+            3 => "halted".to_string(),
+            n => format!("state {n}"),
+        },
+        "rip": format!("{:#x}", s.regs.rip),
+        "rsp": format!("{:#x}", s.regs.rsp),
+        "interrupts_enabled": s.regs.rflags & RFLAGS_IF != 0,
+        "cr3": format!("{:#x}", s.sregs.cr3),
+        "interrupt_shadow": s.events.interrupt.shadow,
+        "injected_interrupt": (s.events.interrupt.injected != 0).then_some(s.events.interrupt.nr),
+        "pending_exception": (s.events.exception.injected != 0 || s.events.exception.pending != 0)
+            .then_some(s.events.exception.nr),
+        "nmi_pending": s.events.nmi.pending != 0,
+        "lapic_tpr": s.lapic.regs[0x80] as u8,
+        "lapic_isr_top": lapic_top_vector(&s.lapic.regs, 0x100),
+        "lapic_irr_top": lapic_top_vector(&s.lapic.regs, 0x200),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_top_vector_is_the_highest_bit_of_the_eight_words() {
+        let mut regs = [0 as std::os::raw::c_char; 1024];
+        assert_eq!(lapic_top_vector(&regs, 0x200), None);
+        // Vector 0x31 (word 1, bit 17) and vector 0xec (word 7, bit 12).
+        regs[0x200 + 16 + 2] = 0x02;
+        assert_eq!(lapic_top_vector(&regs, 0x200), Some(0x31));
+        regs[0x200 + 7 * 16 + 1] = 0x10;
+        assert_eq!(lapic_top_vector(&regs, 0x200), Some(0xec));
+        assert_eq!(lapic_top_vector(&regs, 0x100), None, "ISR is apart");
+    }
+}

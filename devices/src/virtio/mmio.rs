@@ -213,6 +213,46 @@ impl MmioTransport {
         }
     }
 
+    /// Where each queue stands, for `status`: the device's positions next to the indices
+    /// the driver and the device last published in guest memory, and the interrupt bits
+    /// not yet acknowledged. A queue whose `avail_idx` runs ahead of `next_avail` has work
+    /// the device has not taken; one whose `used_idx` the driver has not caught up with is
+    /// waiting for an interrupt.
+    pub fn queues_status(&self) -> serde_json::Value {
+        use std::sync::atomic::Ordering;
+        let queues: Vec<serde_json::Value> = self
+            .queues
+            .iter()
+            .map(|q| {
+                let ring = |r: Result<std::num::Wrapping<u16>, virtio_queue::Error>| {
+                    r.map_or(serde_json::Value::Null, |v| v.0.into())
+                };
+                let (avail, used) = if q.ready() {
+                    (
+                        ring(q.avail_idx(&self.mem, Ordering::Acquire)),
+                        ring(q.used_idx(&self.mem, Ordering::Acquire)),
+                    )
+                } else {
+                    (serde_json::Value::Null, serde_json::Value::Null)
+                };
+                serde_json::json!({
+                    "ready": q.ready(),
+                    "size": q.size(),
+                    "next_avail": q.next_avail(),
+                    "next_used": q.next_used(),
+                    "avail_idx": avail,
+                    "used_idx": used,
+                })
+            })
+            .collect();
+        serde_json::json!({
+            "status": self.status,
+            "interrupt_status": self.interrupt.status(),
+            "wants_io": self.wants_io(),
+            "queues": queues,
+        })
+    }
+
     fn selected_queue(&mut self) -> Option<&mut Queue> {
         self.queues.get_mut(self.queue_sel as usize)
     }
