@@ -88,7 +88,10 @@ restore_guest() {
 agent() {
     name=$1; shift
     rc=0
-    ip netns exec "$name" ./agentctl --addr 10.99.0.2:7000 "$@" || rc=$?
+    # No request takes minutes; a guest that accepted the connection but stopped
+    # answering must fail the script, not hold it until the test's time limit.
+    # (By its path: busybox's timeout would run its own ip applet, which has no netns.)
+    timeout 120 "$(command -v ip)" netns exec "$name" ./agentctl --addr 10.99.0.2:7000 "$@" || rc=$?
     if [ $rc -ne 0 ]; then
         echo "agent $* failed ($rc); guest console:"; tail -20 "$name.console"; echo "mcvmm:"; cat "$name.log"
         # Where the guest's queues stand (a stalled queue shows there), and the tap's.
