@@ -229,9 +229,21 @@ impl Primary {
         };
         let t = Instant::now();
         if self.link.takeover(epoch) {
-            while t.elapsed() < Duration::from_secs(15) && !self.link.is_lost() {
+            // The secondary closes the link as soon as it has the takeover: a closed link
+            // after the takeover went out is the switch succeeding, so that is looked at
+            // first (a loop that stopped at the closed link resumed this guest while the
+            // secondary was starting it: the same guest running twice).
+            while t.elapsed() < Duration::from_secs(15) {
                 if self.link.handed_over() {
                     return Ok(epoch);
+                }
+                if self.link.is_lost() {
+                    // The sender marks the handover just after its write: look once more.
+                    std::thread::sleep(Duration::from_millis(50));
+                    if self.link.handed_over() {
+                        return Ok(epoch);
+                    }
+                    break;
                 }
                 std::thread::sleep(Duration::from_millis(2));
             }
