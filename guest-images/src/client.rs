@@ -49,6 +49,9 @@ pub struct AgentClient {
     writer: TcpStream,
 }
 
+/// How long a request of `connect_retry`'s client may wait for its reply.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+
 impl AgentClient {
     pub fn connect(
         addr: impl ToSocketAddrs + std::fmt::Debug,
@@ -87,8 +90,11 @@ impl AgentClient {
             };
             match Self::connect(addr, attempt) {
                 Ok(c) => {
-                    c.writer.set_write_timeout(Some(Duration::from_secs(5)))?;
-                    c.set_timeout(Duration::from_secs(5))?;
+                    // A request gets 30 s: lab test hosts stall their guests for 5 s now
+                    // and then (the guest's clocksource watchdog logs the gap), and a
+                    // connected guest that truly stopped answering is no faster to tell.
+                    c.writer.set_write_timeout(Some(REQUEST_TIMEOUT))?;
+                    c.set_timeout(REQUEST_TIMEOUT)?;
                     return Ok(c);
                 }
                 Err(e) if start.elapsed() >= deadline => return Err(e),
