@@ -236,7 +236,7 @@ impl EpochRun {
         let tracker = self.tracker;
         let stopped = match vm
             .vcpus
-            .paused_for(false, || tracker.stop(&vm.vm_fd, &vm.mem))
+            .paused_for(false, PAUSE_LIMIT, || tracker.stop(&vm.vm_fd, &vm.mem))
         {
             Ok(r) => r.map_err(|e| e.to_string()),
             Err(e) => Err(e.to_string()),

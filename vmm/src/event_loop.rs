@@ -423,14 +423,10 @@ pub fn run(
 
 /// Each vCPU's summary, read at a pause of its own unless the VM is paused already.
 fn vcpu_summaries(vm: &Vm, paused: bool) -> Result<Vec<serde_json::Value>, PauseError> {
-    if !paused {
-        vm.vcpus.pause(PAUSE_LIMIT)?;
-    }
-    let states = vm.vcpus.save(PAUSE_LIMIT);
-    if !paused {
-        vm.vcpus.resume();
-    }
-    Ok(states?.iter().map(crate::vcpu_state::summary).collect())
+    let states = vm
+        .vcpus
+        .paused_for(paused, PAUSE_LIMIT, || vm.vcpus.save(PAUSE_LIMIT))??;
+    Ok(states.iter().map(crate::vcpu_state::summary).collect())
 }
 
 /// Runs the device an event belongs to.

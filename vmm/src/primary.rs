@@ -111,7 +111,9 @@ impl Primary {
     pub fn tick(&mut self, vm: &Vm) {
         if self.link.is_lost() {
             if let Some(t) = self.tracker.take() {
-                let _ = vm.vcpus.paused_for(false, || t.stop(&vm.vm_fd, &vm.mem));
+                let _ = vm
+                    .vcpus
+                    .paused_for(false, PAUSE_LIMIT, || t.stop(&vm.vm_fd, &vm.mem));
             }
             if !self.unprotected_said {
                 self.unprotected_said = true;

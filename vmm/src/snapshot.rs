@@ -78,7 +78,7 @@ pub fn take(
                 t.end_epoch(&vm.vm_fd, &vm.mem).map_err(|x| e(&x))?;
             }
             None => {
-                let started = vm.vcpus.paused_for(paused, || {
+                let started = vm.vcpus.paused_for(paused, PAUSE_LIMIT, || {
                     DirtyTracker::start(&vm.vm_fd, &vm.mem, Sources::GuestAndVmm)
                 });
                 snaps.tracker = Some(started.map_err(|x| e(&x))?.map_err(|x| e(&x))?)

@@ -99,9 +99,6 @@ pub fn cpuid_for(base: &CpuId, id: u8, cpus: u8) -> CpuId {
     cpuid
 }
 
-/// Longest `paused_for` waits for the vCPUs to stop.
-const PAUSE_SHORT: Duration = Duration::from_secs(2);
-
 /// The signal that kicks a vCPU out of `KVM_RUN`.
 fn kick_signal() -> libc::c_int {
     libc::SIGRTMIN()
@@ -286,9 +283,14 @@ impl Vcpus {
     /// (and then left so). Memory slots change their dirty-logging flag only this way:
     /// KVM allows it under running vCPUs, but the lab's nested KVM was seen to leave a
     /// guest faulting for good on a page right after such a change.
-    pub fn paused_for<T>(&self, already: bool, f: impl FnOnce() -> T) -> Result<T, PauseError> {
+    pub fn paused_for<T>(
+        &self,
+        already: bool,
+        limit: Duration,
+        f: impl FnOnce() -> T,
+    ) -> Result<T, PauseError> {
         if !already {
-            self.pause(PAUSE_SHORT)?;
+            self.pause(limit)?;
         }
         let r = f();
         if !already {
