@@ -95,9 +95,12 @@ agent() {
     if [ $rc -ne 0 ]; then
         echo "agent $* failed ($rc); guest console:"; tail -20 "$name.console"; echo "mcvmm:"; cat "$name.log"
         # Where the guest's queues stand (a stalled queue shows there), and the tap's.
-        [ -S "$name.sock" ] && ./mcvmm ctl --api-sock "$name.sock" status
-        [ -S "$name.sock" ] && for i in 1 2 3; do ./mcvmm ctl --api-sock "$name.sock" vcpus; done
-        ip netns exec "$name" ip -s link show gtap
+        # (Diagnostics only: a VMM already gone must not end the script before its rc.)
+        if [ -S "$name.sock" ]; then
+            ./mcvmm ctl --api-sock "$name.sock" status || true
+            for i in 1 2 3; do ./mcvmm ctl --api-sock "$name.sock" vcpus || true; done
+        fi
+        ip netns exec "$name" ip -s link show gtap || true
     fi
     return $rc
 }

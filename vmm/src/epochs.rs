@@ -234,13 +234,11 @@ impl EpochRun {
     /// Stops tracking and gives the report.
     pub fn finish(self, vm: &Vm) -> Value {
         let tracker = self.tracker;
-        let stopped = match vm
+        let stopped = vm
             .vcpus
             .paused_for(false, PAUSE_LIMIT, || tracker.stop(&vm.vm_fd, &vm.mem))
-        {
-            Ok(r) => r.map_err(|e| e.to_string()),
-            Err(e) => Err(e.to_string()),
-        };
+            .map_err(|e| e.to_string())
+            .and_then(|r| r.map_err(|e| e.to_string()));
         let dist = |f: fn(&Steps) -> u64| {
             let mut v: Vec<u64> = self.steps.iter().map(f).collect();
             v.sort_unstable();
