@@ -8,6 +8,7 @@ use std::net::Ipv4Addr;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -132,6 +133,8 @@ pub struct TestHost {
     conn: Mutex<Conn>,
     /// Held for a whole request and its answer: tests sharing a host take turns.
     exchange: Mutex<()>,
+    /// Set by `kill`: a host that stops answering after it is no news.
+    killed: AtomicBool,
     // Order matters: the process is killed before its folder goes.
     _process: Registered,
     _dir: Registered,
@@ -315,6 +318,7 @@ impl TestHost {
             child,
             conn: Mutex::new(Conn { writer, frames }),
             exchange: Mutex::new(()),
+            killed: AtomicBool::new(false),
             _process: process,
             _dir: dir_reg,
         };
@@ -512,9 +516,15 @@ impl TestHost {
 
     /// Cuts the power: SIGKILL to QEMU (failover drills kill whole hosts this way).
     pub fn kill(&self) {
+        self.killed.store(true, Ordering::SeqCst);
         let mut c = self.child.lock().unwrap_or_else(PoisonError::into_inner);
         let _ = c.kill();
         let _ = c.wait();
+    }
+
+    /// Whether `kill` cut this host's power.
+    pub fn was_killed(&self) -> bool {
+        self.killed.load(Ordering::SeqCst)
     }
 
     /// The last lines the host printed on its console.

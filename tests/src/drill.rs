@@ -395,8 +395,9 @@ pub fn run(opts: &Options, log: &mut dyn FnMut(&str)) -> Result<Vec<Round>, Stri
                 // lockups in its KVM, see issue 4's notes). Such a round could not be
                 // checked either way: it runs again on fresh hosts, loudly, a few times at
                 // most. A failed check on healthy hosts fails the drill.
-                let dead = l.hosts().iter().enumerate().any(|(i, h)| {
-                    (kill != Kill::Host || i != PRIMARY)
+                // A host-kill round's primary counts only if it died before its kill.
+                let dead = l.hosts().iter().any(|h| {
+                    !h.was_killed()
                         && !h
                             .run("true", Duration::from_secs(20))
                             .is_ok_and(|o| o.success())
