@@ -11,6 +11,7 @@ mod snapshot;
 mod vcpu;
 mod vcpu_state;
 mod vm;
+mod vm_state;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -22,7 +23,7 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::event_loop::Role;
 use crate::vcpu::ExitReason;
-use crate::vm::{DiskConfig, Restore, Seams, SerialOut, Source, VmConfig};
+use crate::vm::{DiskConfig, Seams, SerialOut, Source, VmConfig};
 use mcvmm_checkpoint::snapshot::{self as snapshot_files, Loaded};
 use mcvmm_checkpoint::state::{DiskShape, VmShape, FORMAT_VERSION};
 use mcvmm_replication::gate::HeldOutput;
@@ -327,7 +328,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         (None, Seams::default())
     };
     let api = bind_api(api_sock.as_ref())?;
-    let vm = match vm::build(cfg, snapshot.as_ref().map(Restore::Snapshot), seams) {
+    let vm = match vm::build(cfg, snapshot.as_ref(), seams) {
         Ok(vm) => vm,
         Err(e) => {
             // Nothing was started: leave no socket that suggests otherwise.

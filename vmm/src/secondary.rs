@@ -13,6 +13,7 @@ use std::os::unix::net::UnixListener;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
@@ -25,7 +26,8 @@ use serde_json::{json, Value};
 
 use mcvmm_devices::virtio::tap::Tap;
 
-use crate::vm::{self, DiskConfig, Restore, Seams, SerialOut, Source, Vm, VmConfig};
+use crate::vm::{self, Continue, DiskConfig, Prepared, Seams, SerialOut, Source, Vm, VmConfig};
+use mcvmm_devices::GuestMemory;
 
 pub struct SecondaryConfig {
     pub listen: String,
@@ -87,7 +89,7 @@ pub fn run(cfg: SecondaryConfig) -> anyhow::Result<TookOver> {
     // Attached now, not at takeover: a tap that comes up at takeover starts in a bridge
     // port that is not yet forwarding, and the guest's first frames and announcements
     // would be lost there. A missing tap is also better told now than at failover.
-    let mut tap = match &cfg.tap {
+    let tap = match &cfg.tap {
         Some(name) => Some(Tap::open(name).with_context(|| format!("--tap {name}"))?),
         None => None,
     };
@@ -147,6 +149,9 @@ pub fn run(cfg: SecondaryConfig) -> anyhow::Result<TookOver> {
             }
         };
         let mem = vm::guest_memory(hello.shape.mem_mib)?;
+        // The VM around the replica memory is built now, while the checkpoints come in:
+        // a takeover then only restores the committed state into it.
+        let prepared = prepare_in_background(&cfg, &hello, &peer, &mem, tap.as_ref());
         if wire::write_frame(&mut stream, Kind::Accept, 0, &[&messages::encode(&accept)])
             .and_then(|_| stream.flush())
             .is_err()
@@ -200,6 +205,7 @@ pub fn run(cfg: SecondaryConfig) -> anyhow::Result<TookOver> {
                 let _ = beats.join();
                 let Receiver { disks: d, .. } = rx;
                 disks = d;
+                drop(prepared.join());
                 continue;
             }
             Ended::Lost(e) if shared.operator_takeover.load(Ordering::SeqCst) => {
@@ -209,7 +215,8 @@ pub fn run(cfg: SecondaryConfig) -> anyhow::Result<TookOver> {
             Ended::Takeover(n) => format!("planned switch at epoch {n}"),
         };
         let _ = stream.shutdown(Shutdown::Both);
-        let _ = beats.join();
+        // Not joined: it may be asleep until its next beat, and it ends by itself.
+        drop(beats);
         let epoch = rx.committed();
         if epoch == 0 {
             bail!(
@@ -222,7 +229,7 @@ pub fn run(cfg: SecondaryConfig) -> anyhow::Result<TookOver> {
         let state = rx
             .take_state()
             .context("the committed checkpoint has no machine state")?;
-        let took = take_over(&cfg, &hello, &peer, epoch, state, rx, tap.take())?;
+        let took = take_over(&cfg, &hello, &peer, epoch, &state, rx, prepared)?;
         let ms = detected.elapsed().as_secs_f64() * 1e3;
         eprintln!(
             "mcvmm: TOOK OVER at epoch {epoch} in {ms:.1} ms; this is now an unprotected primary (generation {generation})"
@@ -243,27 +250,10 @@ pub fn run(cfg: SecondaryConfig) -> anyhow::Result<TookOver> {
     }
 }
 
-fn take_over(
-    cfg: &SecondaryConfig,
-    hello: &Hello,
-    peer: &str,
-    epoch: u64,
-    state: MachineState,
-    rx: Receiver,
-    tap: Option<Tap>,
-) -> anyhow::Result<Vm> {
-    let Receiver { mem, disks, .. } = rx;
-    // Committed writes are in the replicas (not yet synced, see `Disks::commit`); the
-    // VM opens them anew.
-    let t = Instant::now();
-    disks.sync().context("syncing the replicas")?;
-    drop(disks);
-    eprintln!(
-        "mcvmm: replicas synced in {:.1} ms",
-        t.elapsed().as_secs_f64() * 1e3
-    );
+/// The VM a takeover would run, for the primary `hello` describes.
+fn replica_config(cfg: &SecondaryConfig, hello: &Hello, peer: &str, epoch: u64) -> VmConfig {
     let shape = &hello.shape;
-    let config = VmConfig {
+    VmConfig {
         source: Source::Replica {
             primary: peer.to_string(),
             epoch,
@@ -282,22 +272,69 @@ fn take_over(
         mem_mib: shape.mem_mib,
         vcpus: shape.vcpus,
         serial: cfg.serial.clone(),
+    }
+}
+
+type Preparing = JoinHandle<Result<Prepared, String>>;
+
+/// Starts building the VM over `mem` on a thread of its own. It shares the tap the
+/// secondary holds (a second handle), so a VM that is never used leaves the tap's bridge
+/// port as it was.
+fn prepare_in_background(
+    cfg: &SecondaryConfig,
+    hello: &Hello,
+    peer: &str,
+    mem: &GuestMemory,
+    tap: Option<&Tap>,
+) -> Preparing {
+    let config = replica_config(cfg, hello, peer, 0);
+    let tap = match (tap, hello.shape.net) {
+        (Some(t), Some(_)) => t.try_clone().map(Some),
+        _ => Ok(None),
     };
-    let seams = Seams {
-        tap: tap.filter(|_| shape.net.is_some()),
-        announce: true,
-        ..Seams::default()
-    };
-    let vm = vm::build(
-        config,
-        Some(Restore::Image {
-            state: &state,
-            shape,
-            mem,
-        }),
-        seams,
-    )
-    .context("building the VM from the committed checkpoint")?;
+    let mem = mem.clone();
+    std::thread::spawn(move || {
+        let seams = Seams {
+            tap: tap.map_err(|e| format!("the tap: {e}"))?,
+            announce: true,
+            ..Seams::default()
+        };
+        let t = Instant::now();
+        let p = vm::prepare(config, mem, seams).map_err(|e| e.to_string())?;
+        eprintln!(
+            "mcvmm: VM prepared for a takeover in {:.1} ms",
+            t.elapsed().as_secs_f64() * 1e3
+        );
+        Ok(p)
+    })
+}
+
+fn take_over(
+    cfg: &SecondaryConfig,
+    hello: &Hello,
+    peer: &str,
+    epoch: u64,
+    state: &MachineState,
+    rx: Receiver,
+    prepared: Preparing,
+) -> anyhow::Result<Vm> {
+    let Receiver { disks, .. } = rx;
+    // Committed writes are in the replicas (not yet synced, see `Disks::commit`); the
+    // VM's disks are other handles on the same files.
+    let t = Instant::now();
+    disks.sync().context("syncing the replicas")?;
+    drop(disks);
+    eprintln!(
+        "mcvmm: replicas synced in {:.1} ms",
+        t.elapsed().as_secs_f64() * 1e3
+    );
+    let prepared = prepared
+        .join()
+        .map_err(|_| anyhow::anyhow!("preparing the VM: the thread panicked"))?
+        .map_err(|e| anyhow::anyhow!("preparing the VM: {e}"))?;
+    let mut vm = vm::finish(prepared, Some(Continue::Image(state, &hello.shape)))
+        .context("starting the VM from the committed checkpoint")?;
+    vm.config = replica_config(cfg, hello, peer, epoch);
     Ok(vm)
 }
 

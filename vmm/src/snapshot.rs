@@ -12,7 +12,8 @@ use mcvmm_checkpoint::state::MachineState;
 use serde_json::{json, Value};
 
 use crate::epochs::PAUSE_LIMIT;
-use crate::vm::{save_vm_state, Vm};
+use crate::vm::Vm;
+use crate::vm_state::save_vm_state;
 
 /// Snapshots taken so far by this process.
 #[derive(Default)]

@@ -1,18 +1,16 @@
-//! Building a VM from its configuration: KVM, guest memory, irqchip and PIT, devices on
-//! their buses, the kernel loaded, vCPUs configured. Order matters and is: memory, irqchip
-//! (before vCPUs, so their LAPICs are in-kernel), devices (their command-line entries are
-//! part of what gets loaded), kernel, vCPUs.
+//! Building a VM from its configuration, in two steps. `prepare`: KVM, memory slots,
+//! irqchip and PIT (before vCPUs, so their LAPICs are in-kernel), devices on their buses
+//! (their command-line entries are part of what gets loaded), vCPUs created. `finish`:
+//! the kernel loaded or the state restored, CPUID set, vCPU threads started. A secondary
+//! prepares while it receives and only finishes at a takeover.
 
 use std::fs::{File, OpenOptions};
 use std::io::{LineWriter, Write};
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::Instant;
 
-use kvm_bindings::{
-    kvm_clock_data, kvm_irqchip, kvm_pit_config, CpuId, KVM_CLOCK_REALTIME, KVM_IRQCHIP_IOAPIC,
-    KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY,
-};
+use kvm_bindings::{kvm_pit_config, CpuId, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{IoEventAddress, Kvm, VmFd};
 use mcvmm_devices::bus::{Bus, BusError};
 use mcvmm_devices::i8042::{self, I8042};
@@ -32,9 +30,10 @@ use crate::vcpu::{self, VcpuControl, Vcpus, VmExit};
 use mcvmm_checkpoint::dirty::{register_slots, DirtyError};
 use mcvmm_checkpoint::seams::{DiskWriteSink, OutputGate};
 use mcvmm_checkpoint::snapshot::{self, Loaded};
-use mcvmm_checkpoint::state::{DiskShape, MachineState, VmShape, VmState};
+use mcvmm_checkpoint::state::{DiskShape, MachineState, VmShape};
 
 use crate::vcpu_state;
+use crate::vm_state::restore_vm_state;
 
 #[derive(Debug, Clone)]
 pub struct DiskConfig {
@@ -60,17 +59,6 @@ pub enum Source {
     Restore(PathBuf),
     /// The last checkpoint a secondary committed (failover).
     Replica { primary: String, epoch: u64 },
-}
-
-/// What a restored VM continues from.
-pub enum Restore<'a> {
-    Snapshot(&'a Loaded),
-    /// A secondary's committed checkpoint: its memory becomes the VM's as it is.
-    Image {
-        state: &'a MachineState,
-        shape: &'a VmShape,
-        mem: GuestMemory,
-    },
 }
 
 /// Where replication looks at or holds what the devices do.
@@ -155,7 +143,7 @@ pub enum VmError {
     Io(#[from] std::io::Error),
 }
 
-fn kvm_call(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
+pub(crate) fn kvm_call(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
     move |source| VmError::KvmCall { what, source }
 }
 
@@ -173,10 +161,54 @@ pub struct Vm {
     pub cmdline: String,
 }
 
-pub fn build(config: VmConfig, restore: Option<Restore>, mut seams: Seams) -> Result<Vm, VmError> {
+/// What a VM is before its guest is loaded or restored: KVM, memory slots, in-kernel
+/// irqchip and PIT, devices on their buses with their irqfds and ioeventfds, vCPUs
+/// created. None of it depends on where the guest comes from, so a secondary builds it
+/// as soon as it knows the primary's VM and a takeover only has to restore the state.
+pub struct Prepared {
+    kvm: Kvm,
+    config: VmConfig,
+    shape: VmShape,
+    vm_fd: VmFd,
+    mem: GuestMemory,
+    exit: Arc<VmExit>,
+    serial_irq: Arc<Interrupt>,
+    i8042: Arc<Mutex<I8042>>,
+    pio: Bus,
+    mmio: Bus,
+    devices: Vec<Arc<Mutex<MmioTransport>>>,
+    /// The kernel command line: the user's and the devices' entries.
+    cmdline: String,
+    vcpu_fds: Vec<kvm_ioctls::VcpuFd>,
+    /// A second handle on the NIC's tap, to drop stale frames and announce the guest's
+    /// MAC when the guest starts (after a failover).
+    announce_on: Option<Tap>,
+    /// Set when the guest starts, for the NIC's log of its first frames.
+    net_started: Arc<OnceLock<Instant>>,
+    /// How long each part took, for the build log.
+    steps: Vec<(&'static str, f64)>,
+    started: Instant,
+}
+
+/// Builds and starts a VM: from its kernel, or restored from `snapshot`.
+pub fn build(config: VmConfig, snapshot: Option<&Loaded>, seams: Seams) -> Result<Vm, VmError> {
+    let mem = guest_memory(config.mem_mib)?;
+    finish(
+        prepare(config, mem, seams)?,
+        snapshot.map(Continue::Snapshot),
+    )
+}
+
+/// What `finish` continues a prepared VM from.
+pub enum Continue<'a> {
+    Snapshot(&'a Loaded),
+    /// A committed checkpoint whose memory the prepared VM already has.
+    Image(&'a MachineState, &'a VmShape),
+}
+
+pub fn prepare(config: VmConfig, mem: GuestMemory, mut seams: Seams) -> Result<Prepared, VmError> {
     let started = Instant::now();
-    // Where a build's time goes, logged for restores: a takeover waits on all of it.
-    let mut steps: Vec<(&str, f64)> = Vec::new();
+    let mut steps: Vec<(&'static str, f64)> = Vec::new();
     let mut lap = Instant::now();
     let mut step = |name: &'static str| {
         steps.push((name, lap.elapsed().as_secs_f64() * 1e3));
@@ -187,27 +219,13 @@ pub fn build(config: VmConfig, restore: Option<Restore>, mut seams: Seams) -> Re
         return Err(VmError::NotKvm);
     }
     let vm_fd = kvm.create_vm().map_err(kvm_call("KVM_CREATE_VM"))?;
-
     let mem_size = config.mem_mib << 20;
-    // The state and shape to continue from, and the snapshot whose files fill memory.
-    let (mem, restore_state, restore_shape, snapshot_files) = match restore {
-        Some(Restore::Image { state, shape, mem }) => {
-            let len: u64 = mem.iter().map(|r| r.len()).sum();
-            if len != mem_size {
-                return Err(VmError::Shape(format!(
-                    "the committed image has {len} bytes of memory, this VM {mem_size}"
-                )));
-            }
-            (mem, Some(state), Some(shape), None)
-        }
-        Some(Restore::Snapshot(l)) => (
-            guest_memory(config.mem_mib)?,
-            Some(&l.state),
-            Some(l.shape()),
-            Some(l),
-        ),
-        None => (guest_memory(config.mem_mib)?, None, None, None),
-    };
+    let len: u64 = mem.iter().map(|r| r.len()).sum();
+    if len != mem_size {
+        return Err(VmError::Shape(format!(
+            "the guest memory has {len} bytes, this VM {mem_size}"
+        )));
+    }
     register_slots(&vm_fd, &mem, 0).map_err(VmError::Slots)?;
 
     vm_fd
@@ -229,29 +247,11 @@ pub fn build(config: VmConfig, restore: Option<Restore>, mut seams: Seams) -> Re
     step("vm and memory");
     let exit = Arc::new(VmExit::new()?);
     let mut pio = Bus::default();
-    let out: Box<dyn Write + Send> = match &config.serial {
-        SerialOut::Stdout => Box::new(std::io::stdout()),
-        SerialOut::File(p) => Box::new(LineWriter::new(File::create(p).map_err(|source| {
-            VmError::Serial {
-                path: p.display().to_string(),
-                source,
-            }
-        })?)),
-    };
     let serial_irq = Arc::new(Interrupt::new(serial::IRQ)?);
     vm_fd
         .register_irqfd(&serial_irq.irqfd, serial::IRQ)
         .map_err(kvm_call("KVM_IRQFD"))?;
-    let serial_dev = Arc::new(Mutex::new(match restore_state {
-        Some(s) => Serial::from_state(&s.serial, serial_irq, out).map_err(VmError::Restore)?,
-        None => Serial::new(serial_irq, out),
-    }));
-    pio.insert(serial::PORT, serial::PORT_LEN, serial_dev.clone())?;
-    let mut kbd = I8042::new(exit.evt.try_clone()?);
-    if let Some(s) = restore_state {
-        kbd.restore(&s.i8042);
-    }
-    let i8042_dev = Arc::new(Mutex::new(kbd));
+    let i8042_dev = Arc::new(Mutex::new(I8042::new(exit.evt.try_clone()?)));
     pio.insert(i8042::PORT, i8042::PORT_LEN, i8042_dev.clone())?;
 
     let mut virtio: Vec<Box<dyn VirtioDevice>> = Vec::new();
@@ -287,29 +287,23 @@ pub fn build(config: VmConfig, restore: Option<Restore>, mut seams: Seams) -> Re
         disks: disk_shapes,
         net: config.tap.as_ref().map(|_| config.mac),
     };
-    if let Some(why) = restore_shape.and_then(|r| r.mismatch(&shape)) {
-        return Err(VmError::Shape(why));
-    }
+    let mut announce_on = None;
+    let net_started = Arc::new(OnceLock::new());
     if let Some(name) = &config.tap {
-        let mut tap = match seams.tap.take() {
+        let tap = match seams.tap.take() {
             Some(tap) => tap,
             None => Tap::open(name)?,
         };
         if seams.announce {
-            let stale = tap.drain();
-            announce_moved(tap.writer()?, config.mac)?;
-            eprintln!(
-                "mcvmm: announcing {} on tap {} ({} RARPs over {} ms; {stale} stale frame(s) dropped)",
-                mac_text(config.mac),
-                tap.name,
-                ANNOUNCE_AT_MS.len(),
-                ANNOUNCE_AT_MS[ANNOUNCE_AT_MS.len() - 1]
-            );
+            announce_on = Some(tap.try_clone()?);
         }
         if let Some(slot) = &seams.tap_writer {
             let _ = slot.set(tap.writer()?);
         }
         let mut net = Net::new(tap, config.mac);
+        if seams.announce {
+            net.log_first_frames(net_started.clone());
+        }
         if let Some(gate) = &seams.output {
             net.gate_output(gate.clone());
         }
@@ -335,16 +329,7 @@ pub fn build(config: VmConfig, restore: Option<Restore>, mut seams: Seams) -> Re
         vm_fd
             .register_irqfd(&interrupt.irqfd, gsi)
             .map_err(kvm_call("KVM_IRQFD"))?;
-        let mut transport = MmioTransport::new(dev, mem.clone(), interrupt)?;
-        if let Some(s) = restore_state {
-            let state = s.virtio.get(i).ok_or_else(|| {
-                VmError::Shape(format!(
-                    "no state for virtio device {} in the snapshot",
-                    i + 1
-                ))
-            })?;
-            transport.restore(state)?;
-        }
+        let transport = MmioTransport::new(dev, mem.clone(), interrupt)?;
         for (q, evt) in transport.queue_events.iter().enumerate() {
             vm_fd
                 .register_ioevent(evt, &IoEventAddress::Mmio(base + NOTIFY_OFFSET), q as u32)
@@ -357,29 +342,132 @@ pub fn build(config: VmConfig, restore: Option<Restore>, mut seams: Seams) -> Re
     }
 
     step("devices");
+    let mut vcpu_fds = Vec::new();
+    for id in 0..config.vcpus {
+        vcpu_fds.push(
+            vm_fd
+                .create_vcpu(u64::from(id))
+                .map_err(kvm_call("KVM_CREATE_VCPU"))?,
+        );
+    }
+    step("vcpus");
+    Ok(Prepared {
+        kvm,
+        config,
+        shape,
+        vm_fd,
+        mem,
+        exit,
+        serial_irq,
+        i8042: i8042_dev,
+        pio,
+        mmio,
+        devices,
+        cmdline,
+        vcpu_fds,
+        announce_on,
+        net_started,
+        steps,
+        started,
+    })
+}
+
+/// Loads the guest into a prepared VM, or restores it there, and starts its vCPUs.
+pub fn finish(p: Prepared, restore: Option<Continue>) -> Result<Vm, VmError> {
+    let Prepared {
+        kvm,
+        config,
+        shape,
+        vm_fd,
+        mem,
+        exit,
+        serial_irq,
+        i8042: i8042_dev,
+        mut pio,
+        mmio,
+        devices,
+        mut cmdline,
+        vcpu_fds: fds,
+        announce_on,
+        net_started,
+        mut steps,
+        started,
+    } = p;
+    let finishing = Instant::now();
+    let mut lap = Instant::now();
+    let mut step = |name: &'static str| {
+        steps.push((name, lap.elapsed().as_secs_f64() * 1e3));
+        lap = Instant::now();
+    };
+    let (restore_state, restore_shape, snapshot_files) = match restore {
+        Some(Continue::Image(state, shape)) => (Some(state), Some(shape), None),
+        Some(Continue::Snapshot(l)) => (Some(&l.state), Some(l.shape()), Some(l)),
+        None => (None, None, None),
+    };
+    if let Some(why) = restore_shape.and_then(|r| r.mismatch(&shape)) {
+        return Err(VmError::Shape(why));
+    }
+    let out: Box<dyn Write + Send> = match &config.serial {
+        SerialOut::Stdout => Box::new(std::io::stdout()),
+        SerialOut::File(p) => Box::new(LineWriter::new(File::create(p).map_err(|source| {
+            VmError::Serial {
+                path: p.display().to_string(),
+                source,
+            }
+        })?)),
+    };
+    let serial_dev = Arc::new(Mutex::new(match restore_state {
+        Some(s) => Serial::from_state(&s.serial, serial_irq, out).map_err(VmError::Restore)?,
+        None => Serial::new(serial_irq, out),
+    }));
+    pio.insert(serial::PORT, serial::PORT_LEN, serial_dev.clone())?;
+    if let Some(s) = restore_state {
+        i8042_dev
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .restore(&s.i8042);
+        for (i, dev) in devices.iter().enumerate() {
+            let state = s.virtio.get(i).ok_or_else(|| {
+                VmError::Shape(format!(
+                    "no state for virtio device {} in the snapshot",
+                    i + 1
+                ))
+            })?;
+            dev.lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .restore(state)?;
+        }
+    }
+    if let Some(mut tap) = announce_on {
+        // Frames the tap queued while this VM waited are for no one now.
+        let stale = tap.drain();
+        announce_moved(tap.writer()?, config.mac)?;
+        eprintln!(
+            "mcvmm: announcing {} on tap {} ({} RARPs over {} ms; {stale} stale frame(s) dropped)",
+            mac_text(config.mac),
+            tap.name,
+            ANNOUNCE_AT_MS.len(),
+            ANNOUNCE_AT_MS[ANNOUNCE_AT_MS.len() - 1]
+        );
+    }
     let base_cpuid = kvm
         .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
         .map_err(kvm_call("KVM_GET_SUPPORTED_CPUID"))?;
-    let mut fds = Vec::new();
-    for id in 0..config.vcpus {
-        let vcpu = vm_fd
-            .create_vcpu(u64::from(id))
-            .map_err(kvm_call("KVM_CREATE_VCPU"))?;
+    for (id, vcpu) in fds.iter().enumerate() {
         let cpuid = match restore_state {
             Some(st) => {
-                let s = st.vcpus.get(usize::from(id)).ok_or_else(|| {
+                let s = st.vcpus.get(id).ok_or_else(|| {
                     VmError::Shape(format!("no state for vCPU {id} in the snapshot"))
                 })?;
                 CpuId::from_entries(&s.cpuid)
                     .map_err(|e| VmError::Restore(format!("vCPU {id} CPUID: {e:?}")))?
             }
-            None => vcpu::cpuid_for(&base_cpuid, id, config.vcpus),
+            None => vcpu::cpuid_for(&base_cpuid, id as u8, config.vcpus),
         };
         vcpu.set_cpuid2(&cpuid)
             .map_err(kvm_call("KVM_SET_CPUID2"))?;
-        fds.push(vcpu);
     }
-    step("vcpus");
+    step("devices and cpuid");
     match (restore_state, &config.source) {
         (Some(st), _) => {
             if let Some(l) = snapshot_files {
@@ -392,7 +480,7 @@ pub fn build(config: VmConfig, restore: Option<Restore>, mut seams: Seams) -> Re
             restore_vm_state(&vm_fd, &st.vm)?;
             for dev in &devices {
                 dev.lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .unwrap_or_else(PoisonError::into_inner)
                     .raise_unacknowledged();
             }
             cmdline = st.cmdline.clone();
@@ -405,7 +493,7 @@ pub fn build(config: VmConfig, restore: Option<Restore>, mut seams: Seams) -> Re
                     initrd: initrd.as_deref(),
                     cmdline: &cmdline,
                     cpus: config.vcpus,
-                    mem_size,
+                    mem_size: config.mem_mib << 20,
                 },
             )?;
             for (id, vcpu) in fds.iter().enumerate() {
@@ -432,6 +520,7 @@ pub fn build(config: VmConfig, restore: Option<Restore>, mut seams: Seams) -> Re
         .as_slice()
         .to_vec();
     let (pio, mmio) = (Arc::new(pio), Arc::new(mmio));
+    let _ = net_started.set(finishing);
     vcpu::install_kick_handler()?;
     let control = Arc::new(VcpuControl::new(msr_indices));
     let mut vcpus = Vcpus::new(control.clone());
@@ -449,7 +538,8 @@ pub fn build(config: VmConfig, restore: Option<Restore>, mut seams: Seams) -> Re
     if restore_state.is_some() {
         let parts: Vec<String> = steps.iter().map(|(n, ms)| format!("{n} {ms:.1}")).collect();
         eprintln!(
-            "mcvmm: VM built in {:.1} ms ({})",
+            "mcvmm: VM started in {:.1} ms from its state ({:.1} ms since it was prepared: {})",
+            finishing.elapsed().as_secs_f64() * 1e3,
             started.elapsed().as_secs_f64() * 1e3,
             parts.join(", ")
         );
@@ -464,64 +554,7 @@ pub fn build(config: VmConfig, restore: Option<Restore>, mut seams: Seams) -> Re
         devices,
         vcpus,
         exit,
-        started,
+        started: finishing,
         cmdline,
     })
-}
-
-/// The in-kernel devices' state: both PICs, the IOAPIC, the PIT, kvmclock. The vCPUs
-/// must be paused.
-pub fn save_vm_state(vm: &VmFd) -> Result<VmState, VmError> {
-    let chip = |id: u32| -> Result<kvm_irqchip, VmError> {
-        let mut c = kvm_irqchip {
-            chip_id: id,
-            ..Default::default()
-        };
-        vm.get_irqchip(&mut c)
-            .map_err(kvm_call("KVM_GET_IRQCHIP"))?;
-        Ok(c)
-    };
-    Ok(VmState {
-        pic_master: chip(KVM_IRQCHIP_PIC_MASTER)?,
-        pic_slave: chip(KVM_IRQCHIP_PIC_SLAVE)?,
-        ioapic: chip(KVM_IRQCHIP_IOAPIC)?,
-        pit: vm.get_pit2().map_err(kvm_call("KVM_GET_PIT2"))?,
-        clock: vm.get_clock().map_err(kvm_call("KVM_GET_CLOCK"))?,
-    })
-}
-
-fn restore_vm_state(vm: &VmFd, s: &VmState) -> Result<(), VmError> {
-    for chip in [&s.pic_master, &s.pic_slave, &s.ioapic] {
-        vm.set_irqchip(chip).map_err(kvm_call("KVM_SET_IRQCHIP"))?;
-    }
-    vm.set_pit2(&s.pit).map_err(kvm_call("KVM_SET_PIT2"))?;
-    // Only KVM_CLOCK_REALTIME may be passed back: with it KVM moves the clock on by the
-    // real time that went by since the capture, so the guest's clock goes on. A
-    // checkpoint from another host whose real-time clock is ahead of this one's would move
-    // the guest's clock backwards, and a guest that trusts kvmclock then sleeps through
-    // its timers: in that case the clock goes on from the captured value instead.
-    let mut flags = s.clock.flags & KVM_CLOCK_REALTIME;
-    if flags != 0 && realtime_ns() < s.clock.realtime {
-        eprintln!(
-            "mcvmm: the checkpoint's real-time clock is {} ms ahead of this host's; the guest's clock is not moved back",
-            (s.clock.realtime - realtime_ns()) / 1_000_000
-        );
-        flags = 0;
-    }
-    let clock = kvm_clock_data { flags, ..s.clock };
-    vm.set_clock(&clock).map_err(kvm_call("KVM_SET_CLOCK"))?;
-    Ok(())
-}
-
-/// This host's CLOCK_REALTIME in nanoseconds (what KVM compares a clock's `realtime` with).
-fn realtime_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime writes one timespec into the valid local.
-    unsafe { libc::clock_gettime(libc::CLOCK_REALTIME, &mut ts) };
-    (ts.tv_sec as u64)
-        .saturating_mul(1_000_000_000)
-        .saturating_add(ts.tv_nsec as u64)
 }

@@ -6,7 +6,8 @@
 //! that stops receiving stops the VMM reading, not the VMM spinning.
 
 use std::os::fd::{AsRawFd, RawFd};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
+use std::time::Instant;
 
 use mcvmm_checkpoint::seams::OutputGate;
 
@@ -44,6 +45,11 @@ pub struct Net {
     stats: NetStats,
     /// Replication: frames the guest sends may have to wait for their checkpoint.
     gate: Option<Arc<dyn OutputGate>>,
+    /// After a takeover: when the guest started here, until its first frame each way is
+    /// logged (the failover's last steps, as this host saw them).
+    first_frames_since: Option<Arc<OnceLock<Instant>>>,
+    rx_logged: bool,
+    tx_logged: bool,
 }
 
 impl Net {
@@ -55,6 +61,32 @@ impl Net {
             buf: vec![0u8; MAX_FRAME],
             stats: NetStats::default(),
             gate: None,
+            first_frames_since: None,
+            rx_logged: false,
+            tx_logged: false,
+        }
+    }
+
+    /// Logs the first frame delivered to the guest and the first it sends, in ms from
+    /// the moment `start` is set to (a VM prepared ahead sets it when it starts).
+    pub fn log_first_frames(&mut self, start: Arc<OnceLock<Instant>>) {
+        self.first_frames_since = Some(start);
+    }
+
+    /// Logs `what` once, if first frames are logged (see `log_first_frames`).
+    fn first_frame(&self, logged: bool, what: &str) -> bool {
+        if logged {
+            return true;
+        }
+        match self.first_frames_since.as_ref().and_then(|c| c.get()) {
+            Some(t) => {
+                eprintln!(
+                    "mcvmm: net: first frame {what} the guest {:.1} ms after it started here",
+                    t.elapsed().as_secs_f64() * 1e3
+                );
+                true
+            }
+            None => false,
         }
     }
 
@@ -119,6 +151,7 @@ impl Net {
         }
         self.stats.rx_frames += 1;
         self.stats.rx_bytes += frame.len() as u64;
+        self.rx_logged = self.first_frame(self.rx_logged, "to");
         queue.add_used(mem, head, written as u32)?;
         Ok(true)
     }
@@ -190,6 +223,7 @@ impl Net {
                     Ok(_) => {
                         self.stats.tx_frames += 1;
                         self.stats.tx_bytes += (frame.len() - HDR_LEN) as u64;
+                        self.tx_logged = self.first_frame(self.tx_logged, "from");
                     }
                     // A full tap queue drops the frame, as a congested link would.
                     Err(_) => self.stats.tx_dropped += 1,

@@ -119,6 +119,14 @@ impl Tap {
         n
     }
 
+    /// A second handle on the same tap and queue, under the same name.
+    pub fn try_clone(&self) -> std::io::Result<Tap> {
+        Ok(Tap {
+            file: self.file.try_clone()?,
+            name: self.name.clone(),
+        })
+    }
+
     /// A second handle on the same queue, for sending from another thread (held output
     /// released when its checkpoint is acknowledged).
     pub fn writer(&self) -> std::io::Result<std::fs::File> {
