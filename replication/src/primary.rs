@@ -144,11 +144,33 @@ pub struct Link {
     gate: Arc<HeldOutput>,
     jobs: Mutex<Option<SyncSender<Job>>>,
     compress: bool,
+    /// Page buffers of checkpoints already sent, for the next captures: memory the VMM
+    /// has touched before costs no page faults inside a pause.
+    spare: Mutex<Vec<(Vec<GuestAddress>, Vec<u8>)>>,
 }
 
 impl Link {
     fn stats(&self) -> MutexGuard<'_, LinkStats> {
         self.stats.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Buffers for the next capture's addresses and pages (empty, with their capacity).
+    pub fn spare_buffers(&self) -> (Vec<GuestAddress>, Vec<u8>) {
+        self.spare
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .pop()
+            .unwrap_or_default()
+    }
+
+    fn recycle(&self, mut addrs: Vec<GuestAddress>, mut data: Vec<u8>) {
+        let mut spare = self.spare.lock().unwrap_or_else(PoisonError::into_inner);
+        // One per checkpoint that can be queued, one being captured.
+        if spare.len() < 3 {
+            addrs.clear();
+            data.clear();
+            spare.push((addrs, data));
+        }
     }
 
     pub fn snapshot(&self) -> LinkStats {
@@ -313,6 +335,7 @@ pub fn start(
         gate,
         jobs: Mutex::new(Some(tx)),
         compress,
+        spare: Mutex::new(Vec::new()),
     });
     let mut reader = stream.try_clone()?;
     reader.set_read_timeout(Some(timeout))?;
@@ -345,6 +368,7 @@ fn sender(link: &Link, rx: &Receiver<Job>, w: &mut BufWriter<TcpStream>) -> std:
                 let r = epoch(link, &c, w, &mut scratch);
                 link.in_flight.fetch_sub(1, Ordering::SeqCst);
                 r?;
+                link.recycle(c.addrs, c.data);
             }
             Ok(Job::Takeover(n)) => {
                 let waited = Instant::now();

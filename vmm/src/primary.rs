@@ -150,7 +150,8 @@ impl Primary {
             let dirty = tracker
                 .end_epoch(&vm.vm_fd, &vm.mem)
                 .map_err(|e| e.to_string())?;
-            let mut staged = Staged::default();
+            let (addrs, data) = self.link.spare_buffers();
+            let mut staged = Staged { addrs, data };
             staged.stage(&dirty, &vm.mem).map_err(|e| e.to_string())?;
             let state = machine_state(vm)?;
             let writes = self.writes.take();

@@ -187,14 +187,14 @@ impl VcpuControl {
     /// Parks the calling vCPU thread while a pause is asked for, capturing its state
     /// whenever that is asked for meanwhile. The vCPU's own thread does the capture: it
     /// owns the fd, and it is known to be out of KVM_RUN.
-    fn park(&self, id: u8, vcpu: &VcpuFd) {
+    fn park(&self, id: u8, vcpu: &VcpuFd, learned: &mut vcpu_state::Learned) {
         let mut st = self.lock();
         st.parked += 1;
         self.changed.notify_all();
         while st.pause {
             if st.save && !st.saved.iter().any(|(i, _)| *i == id) {
                 drop(st);
-                let state = vcpu_state::save(vcpu, id, &self.msr_indices);
+                let state = vcpu_state::save(vcpu, id, &self.msr_indices, learned);
                 st = self.lock();
                 st.saved.push((id, state));
                 self.changed.notify_all();
@@ -365,6 +365,7 @@ pub fn spawn(
 }
 
 fn run(id: u8, vcpu: &mut VcpuFd, pio: &Bus, mmio: &Bus, control: &VcpuControl) -> ExitReason {
+    let mut learned = vcpu_state::Learned::default();
     loop {
         if control.pause_requested.load(Ordering::SeqCst) {
             // Enter once more with immediate_exit set: KVM completes the exit just
@@ -426,7 +427,7 @@ fn run(id: u8, vcpu: &mut VcpuFd, pio: &Bus, mmio: &Bus, control: &VcpuControl) 
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
                 vcpu.set_kvm_immediate_exit(0);
                 if control.pause_requested.load(Ordering::SeqCst) {
-                    control.park(id, vcpu);
+                    control.park(id, vcpu, &mut learned);
                 }
             }
             Err(e) => {

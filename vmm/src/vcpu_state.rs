@@ -1,6 +1,6 @@
 //! A vCPU's complete state out of KVM and back in (see `mcvmm_checkpoint::state`).
 
-use kvm_bindings::{kvm_msr_entry, Msrs, KVM_MAX_CPUID_ENTRIES};
+use kvm_bindings::{kvm_cpuid_entry2, kvm_msr_entry, Msrs, KVM_MAX_CPUID_ENTRIES};
 use kvm_ioctls::VcpuFd;
 use mcvmm_checkpoint::state::{Msr, VcpuState};
 
@@ -38,16 +38,50 @@ fn read_msrs(vcpu: &VcpuFd, indices: &[u32]) -> Result<Vec<Msr>, String> {
     Ok(out)
 }
 
+/// What a vCPU's captures learn at the first one and never read again: its CPUID (set
+/// before it first ran, fixed since), its TSC frequency, and which of the host's MSRs it
+/// can read. A replicating primary captures every epoch, and each ioctl less is time the
+/// guest runs.
+#[derive(Default)]
+pub struct Learned {
+    cpuid: Option<Vec<kvm_cpuid_entry2>>,
+    tsc_khz: Option<Option<u32>>,
+    readable_msrs: Option<Vec<u32>>,
+}
+
 /// Captures vCPU `id` (which must be out of KVM_RUN, its last exit completed).
-pub fn save(vcpu: &VcpuFd, id: u8, msr_indices: &[u32]) -> Result<VcpuState, String> {
+pub fn save(
+    vcpu: &VcpuFd,
+    id: u8,
+    msr_indices: &[u32],
+    learned: &mut Learned,
+) -> Result<VcpuState, String> {
+    let cpuid = match &learned.cpuid {
+        Some(c) => c.clone(),
+        None => {
+            let c = vcpu
+                .get_cpuid2(KVM_MAX_CPUID_ENTRIES)
+                .map_err(err("KVM_GET_CPUID2"))?
+                .as_slice()
+                .to_vec();
+            learned.cpuid.insert(c).clone()
+        }
+    };
+    let tsc_khz = *learned
+        .tsc_khz
+        .get_or_insert_with(|| vcpu.get_tsc_khz().ok());
+    let msrs = match &learned.readable_msrs {
+        Some(readable) => read_msrs(vcpu, readable)?,
+        None => {
+            let msrs = read_msrs(vcpu, msr_indices)?;
+            learned.readable_msrs = Some(msrs.iter().map(|m| m.index).collect());
+            msrs
+        }
+    };
     Ok(VcpuState {
         id,
-        cpuid: vcpu
-            .get_cpuid2(KVM_MAX_CPUID_ENTRIES)
-            .map_err(err("KVM_GET_CPUID2"))?
-            .as_slice()
-            .to_vec(),
-        tsc_khz: vcpu.get_tsc_khz().ok(),
+        cpuid,
+        tsc_khz,
         mp_state: vcpu.get_mp_state().map_err(err("KVM_GET_MP_STATE"))?,
         regs: vcpu.get_regs().map_err(err("KVM_GET_REGS"))?,
         sregs: vcpu.get_sregs().map_err(err("KVM_GET_SREGS"))?,
@@ -55,7 +89,7 @@ pub fn save(vcpu: &VcpuFd, id: u8, msr_indices: &[u32]) -> Result<VcpuState, Str
         xcrs: vcpu.get_xcrs().map_err(err("KVM_GET_XCRS"))?,
         debugregs: vcpu.get_debug_regs().map_err(err("KVM_GET_DEBUGREGS"))?,
         lapic: vcpu.get_lapic().map_err(err("KVM_GET_LAPIC"))?,
-        msrs: read_msrs(vcpu, msr_indices)?,
+        msrs,
         events: vcpu.get_vcpu_events().map_err(err("KVM_GET_VCPU_EVENTS"))?,
     })
 }
