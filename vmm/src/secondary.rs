@@ -294,18 +294,26 @@ fn prepare_in_background(
     };
     let mem = mem.clone();
     std::thread::spawn(move || {
-        let seams = Seams {
-            tap: tap.map_err(|e| format!("the tap: {e}"))?,
-            announce: true,
-            ..Seams::default()
-        };
         let t = Instant::now();
-        let p = vm::prepare(config, mem, seams).map_err(|e| e.to_string())?;
-        eprintln!(
-            "mcvmm: VM prepared for a takeover in {:.1} ms",
-            t.elapsed().as_secs_f64() * 1e3
-        );
-        Ok(p)
+        let prepared = tap
+            .map_err(|e| format!("a second handle on the tap: {e}"))
+            .and_then(|tap| {
+                let seams = Seams {
+                    tap,
+                    announce: true,
+                    ..Seams::default()
+                };
+                vm::prepare(config, mem, seams).map_err(|e| e.to_string())
+            });
+        // Said now, not only at a takeover that would then fail.
+        match &prepared {
+            Ok(_) => eprintln!(
+                "mcvmm: VM prepared for a takeover in {:.1} ms",
+                t.elapsed().as_secs_f64() * 1e3
+            ),
+            Err(e) => eprintln!("mcvmm: preparing the VM for a takeover failed: {e}"),
+        }
+        prepared
     })
 }
 
