@@ -1,7 +1,7 @@
 //! Building a VM from its configuration, in two steps. `prepare`: KVM, memory slots,
 //! irqchip and PIT (before vCPUs, so their LAPICs are in-kernel), devices on their buses
-//! (their command-line entries are part of what gets loaded), vCPUs created. `finish`:
-//! the kernel loaded or the state restored, CPUID set, vCPU threads started. A secondary
+//! (their command-line entries are part of what gets loaded). `finish`: vCPUs created
+//! with their CPUID, the kernel loaded or the state restored, vCPU threads started. A secondary
 //! prepares while it receives and only finishes at a takeover.
 
 use std::fs::{File, OpenOptions};
@@ -162,8 +162,7 @@ pub struct Vm {
 }
 
 /// What a VM is before its guest is loaded or restored: KVM, memory slots, in-kernel
-/// irqchip and PIT, devices on their buses with their irqfds and ioeventfds, vCPUs
-/// created. None of it depends on where the guest comes from, so a secondary builds it
+/// irqchip and PIT, devices on their buses with their irqfds and ioeventfds. None of it depends on where the guest comes from, so a secondary builds it
 /// as soon as it knows the primary's VM and a takeover only has to restore the state.
 pub struct Prepared {
     kvm: Kvm,
@@ -179,7 +178,6 @@ pub struct Prepared {
     devices: Vec<Arc<Mutex<MmioTransport>>>,
     /// The kernel command line: the user's and the devices' entries.
     cmdline: String,
-    vcpu_fds: Vec<kvm_ioctls::VcpuFd>,
     /// A second handle on the NIC's tap, to drop stale frames and announce the guest's
     /// MAC when the guest starts (after a failover).
     announce_on: Option<Tap>,
@@ -342,15 +340,6 @@ pub fn prepare(config: VmConfig, mem: GuestMemory, mut seams: Seams) -> Result<P
     }
 
     step("devices");
-    let mut vcpu_fds = Vec::new();
-    for id in 0..config.vcpus {
-        vcpu_fds.push(
-            vm_fd
-                .create_vcpu(u64::from(id))
-                .map_err(kvm_call("KVM_CREATE_VCPU"))?,
-        );
-    }
-    step("vcpus");
     Ok(Prepared {
         kvm,
         config,
@@ -364,7 +353,6 @@ pub fn prepare(config: VmConfig, mem: GuestMemory, mut seams: Seams) -> Result<P
         mmio,
         devices,
         cmdline,
-        vcpu_fds,
         announce_on,
         net_started,
         steps,
@@ -387,7 +375,6 @@ pub fn finish(p: Prepared, restore: Option<Continue>) -> Result<Vm, VmError> {
         mmio,
         devices,
         mut cmdline,
-        vcpu_fds: fds,
         announce_on,
         net_started,
         mut steps,
@@ -450,6 +437,19 @@ pub fn finish(p: Prepared, restore: Option<Continue>) -> Result<Vm, VmError> {
             ANNOUNCE_AT_MS[ANNOUNCE_AT_MS.len() - 1]
         );
     }
+    // vCPUs are created here, not prepared ahead: KVM takes a TSC written within a second
+    // of the value it expects from the last write (a vCPU's creation writes 0) for an
+    // attempt to synchronize, and keeps its own offset instead of the restored TSC. A
+    // secondary's VM prepared at about the time the primary's guest started would fall
+    // into that window.
+    let mut fds = Vec::new();
+    for id in 0..config.vcpus {
+        fds.push(
+            vm_fd
+                .create_vcpu(u64::from(id))
+                .map_err(kvm_call("KVM_CREATE_VCPU"))?,
+        );
+    }
     let base_cpuid = kvm
         .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
         .map_err(kvm_call("KVM_GET_SUPPORTED_CPUID"))?;
@@ -467,7 +467,7 @@ pub fn finish(p: Prepared, restore: Option<Continue>) -> Result<Vm, VmError> {
         vcpu.set_cpuid2(&cpuid)
             .map_err(kvm_call("KVM_SET_CPUID2"))?;
     }
-    step("devices and cpuid");
+    step("vcpus and devices");
     match (restore_state, &config.source) {
         (Some(st), _) => {
             if let Some(l) = snapshot_files {
