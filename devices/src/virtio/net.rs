@@ -73,11 +73,9 @@ impl Net {
         self.first_frames_since = Some(start);
     }
 
-    /// Logs `what` once, if first frames are logged (see `log_first_frames`).
-    fn first_frame(&self, logged: bool, what: &str) -> bool {
-        if logged {
-            return true;
-        }
+    /// Logs the first frame `what` ("to", "from") the guest, if first frames are logged
+    /// (see `log_first_frames`); returns whether it did.
+    fn first_frame(&self, what: &str) -> bool {
         match self.first_frames_since.as_ref().and_then(|c| c.get()) {
             Some(t) => {
                 eprintln!(
@@ -151,7 +149,9 @@ impl Net {
         }
         self.stats.rx_frames += 1;
         self.stats.rx_bytes += frame.len() as u64;
-        self.rx_logged = self.first_frame(self.rx_logged, "to");
+        if !self.rx_logged {
+            self.rx_logged = self.first_frame("to");
+        }
         queue.add_used(mem, head, written as u32)?;
         Ok(true)
     }
@@ -223,7 +223,9 @@ impl Net {
                     Ok(_) => {
                         self.stats.tx_frames += 1;
                         self.stats.tx_bytes += (frame.len() - HDR_LEN) as u64;
-                        self.tx_logged = self.first_frame(self.tx_logged, "from");
+                        if !self.tx_logged {
+                            self.tx_logged = self.first_frame("from");
+                        }
                     }
                     // A full tap queue drops the frame, as a congested link would.
                     Err(_) => self.stats.tx_dropped += 1,
