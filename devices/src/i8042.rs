@@ -1,6 +1,9 @@
 //! Just enough of the i8042 keyboard controller (ports 0x60 and 0x64) for Linux to probe it
 //! quickly and to reset the machine through it (`reboot=k`: command 0xFE on port 0x64).
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
 use vmm_sys_util::eventfd::EventFd;
 
 use mcvmm_checkpoint::state::I8042State;
@@ -22,8 +25,17 @@ const CMD_READ_OUTPORT: u8 = 0xd0;
 const CMD_WRITE_OUTPORT: u8 = 0xd1;
 const CMD_RESET_CPU: u8 = 0xfe;
 
+/// How the controller asks for a machine reset. The flag is for the vCPU that wrote the
+/// command: it must not enter the guest again, or a guest that resets from its panic path
+/// (`reboot=k`) falls through to its triple-fault fallback before the device loop has
+/// woken, and a clean reboot is reported as a crash. The eventfd wakes the device loop.
+pub struct ResetLine {
+    pub requested: Arc<AtomicBool>,
+    pub wake: EventFd,
+}
+
 pub struct I8042 {
-    reset: EventFd,
+    reset: ResetLine,
     status: u8,
     control: u8,
     outport: u8,
@@ -32,8 +44,8 @@ pub struct I8042 {
 }
 
 impl I8042 {
-    /// `reset` is written when the guest asks for a CPU reset.
-    pub fn new(reset: EventFd) -> I8042 {
+    /// `reset` is raised when the guest asks for a CPU reset.
+    pub fn new(reset: ResetLine) -> I8042 {
         I8042 {
             reset,
             status: STATUS_SYSTEM_FLAG,
@@ -75,7 +87,8 @@ impl I8042 {
             CMD_KBD_TEST => self.respond(0x00),
             CMD_READ_OUTPORT => self.respond(self.outport),
             CMD_RESET_CPU => {
-                let _ = self.reset.write(1);
+                self.reset.requested.store(true, Ordering::SeqCst);
+                let _ = self.reset.wake.write(1);
             }
             _ => {}
         }
@@ -123,7 +136,11 @@ mod tests {
     #[test]
     fn self_test_control_register_and_reset() {
         let reset = EventFd::new(libc::EFD_NONBLOCK).expect("eventfd");
-        let mut kbd = I8042::new(reset.try_clone().expect("clone"));
+        let requested = Arc::new(AtomicBool::new(false));
+        let mut kbd = I8042::new(ResetLine {
+            requested: requested.clone(),
+            wake: reset.try_clone().expect("clone"),
+        });
         let mut b = [0u8];
         kbd.write(4, &[CMD_SELF_TEST]);
         kbd.read(4, &mut b);
@@ -136,7 +153,12 @@ mod tests {
         kbd.read(0, &mut b);
         assert_eq!(b[0], 0x47);
         assert!(reset.read().is_err(), "no reset yet");
+        assert!(!requested.load(Ordering::SeqCst));
         kbd.write(4, &[CMD_RESET_CPU]);
         assert_eq!(reset.read().expect("reset"), 1);
+        assert!(
+            requested.load(Ordering::SeqCst),
+            "the writing vCPU can see it"
+        );
     }
 }

@@ -134,6 +134,24 @@ fn a_guest_triple_fault_is_an_error() {
     assert!(!out.contains("mcvmm exit status 0"), "{out}");
 }
 
+#[test]
+fn a_guest_that_panics_and_resets_itself_ends_cleanly() {
+    // With panic=-1 and reboot=k the panicking kernel pulses the i8042 reset ten times,
+    // then falls back to a triple fault: mcvmm must stop that vCPU at the first pulse.
+    let out = script(
+        "truncate -s 1M pk.img
+         rc=0; ./mcvmm run --kernel guest/vmlinux --initrd guest/initrd.img --mem-mib 128 \
+             --cmdline 'panic=-1 rdinit=/no-such-init init=/no-such-init' --disk pk.img \
+             --serial pk.console >pk.log 2>&1 || rc=$?
+         echo \"mcvmm exit status $rc\"
+         cat pk.log; grep -m1 'Kernel panic' pk.console",
+    );
+    assert!(out.contains("Kernel panic"), "the guest panicked: {out}");
+    assert!(out.contains("guest ended (reset (i8042))"), "{out}");
+    assert!(!out.contains("triple fault"), "{out}");
+    assert!(out.contains("mcvmm exit status 0"), "{out}");
+}
+
 fn bad(args: &str) -> String {
     let out = resilient(&format!("./mcvmm run {args}"), Duration::from_secs(60));
     let stderr = out.stderr_text();

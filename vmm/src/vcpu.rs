@@ -12,6 +12,7 @@ use kvm_bindings::{kvm_run, CpuId};
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use mcvmm_checkpoint::state::VcpuState;
 use mcvmm_devices::bus::Bus;
+use mcvmm_devices::i8042::ResetLine;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::vcpu_state;
@@ -38,6 +39,8 @@ pub enum ExitReason {
 pub struct VmExit {
     pub evt: EventFd,
     reason: Mutex<Option<ExitReason>>,
+    /// Raised by the i8042 (see `ResetLine`).
+    reset: Arc<AtomicBool>,
 }
 
 impl VmExit {
@@ -45,7 +48,20 @@ impl VmExit {
         Ok(VmExit {
             evt: EventFd::new(libc::EFD_NONBLOCK)?,
             reason: Mutex::new(None),
+            reset: Arc::new(AtomicBool::new(false)),
         })
+    }
+
+    /// What the i8042 raises for a guest reset: this exit's flag and eventfd.
+    pub fn reset_line(&self) -> std::io::Result<ResetLine> {
+        Ok(ResetLine {
+            requested: self.reset.clone(),
+            wake: self.evt.try_clone()?,
+        })
+    }
+
+    fn reset_requested(&self) -> bool {
+        self.reset.load(Ordering::SeqCst)
     }
 
     pub fn set(&self, reason: ExitReason) {
@@ -357,14 +373,21 @@ pub fn spawn(
         .name(format!("vcpu{id}"))
         .spawn(move || {
             KVM_RUN.with(|r| r.set(vcpu.get_kvm_run()));
-            let reason = run(id, &mut vcpu, &pio, &mmio, &control);
+            let reason = run(id, &mut vcpu, &pio, &mmio, &control, &exit);
             KVM_RUN.with(|r| r.set(std::ptr::null_mut()));
             exit.set(reason);
         })?;
     Ok(VcpuThread { handle })
 }
 
-fn run(id: u8, vcpu: &mut VcpuFd, pio: &Bus, mmio: &Bus, control: &VcpuControl) -> ExitReason {
+fn run(
+    id: u8,
+    vcpu: &mut VcpuFd,
+    pio: &Bus,
+    mmio: &Bus,
+    control: &VcpuControl,
+    exit: &VmExit,
+) -> ExitReason {
     let mut learned = vcpu_state::Learned::default();
     loop {
         if control.pause_requested.load(Ordering::SeqCst) {
@@ -381,6 +404,9 @@ fn run(id: u8, vcpu: &mut VcpuFd, pio: &Bus, mmio: &Bus, control: &VcpuControl) 
             }
             Ok(VcpuExit::IoOut(port, data)) => {
                 pio.write(u64::from(port), data);
+                if exit.reset_requested() {
+                    return ExitReason::GuestEnded("reset (i8042)");
+                }
             }
             Ok(VcpuExit::MmioRead(addr, data)) => {
                 if !mmio.read(addr, data) {

@@ -249,7 +249,7 @@ pub fn prepare(config: VmConfig, mem: GuestMemory, mut seams: Seams) -> Result<P
     vm_fd
         .register_irqfd(&serial_irq.irqfd, serial::IRQ)
         .map_err(kvm_call("KVM_IRQFD"))?;
-    let i8042_dev = Arc::new(Mutex::new(I8042::new(exit.evt.try_clone()?)));
+    let i8042_dev = Arc::new(Mutex::new(I8042::new(exit.reset_line()?)));
     pio.insert(i8042::PORT, i8042::PORT_LEN, i8042_dev.clone())?;
 
     let mut virtio: Vec<Box<dyn VirtioDevice>> = Vec::new();
