@@ -203,9 +203,33 @@ pub fn clean(lab: &Lab) {
     }
 }
 
+/// Why a round failed: before its kill (the protected guest never got ready), or in
+/// what it checks after the kill.
+#[derive(Debug)]
+pub enum RoundFailure {
+    Start(String),
+    Check(String),
+}
+
+impl std::fmt::Display for RoundFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RoundFailure::Start(e) => write!(f, "the protected guest did not get ready: {e}"),
+            RoundFailure::Check(e) => f.write_str(e),
+        }
+    }
+}
+
+impl From<String> for RoundFailure {
+    fn from(e: String) -> Self {
+        RoundFailure::Check(e)
+    }
+}
+
 /// Brings a protected guest up with its workload and the writes before the drill. The
 /// lab's nested guests have been seen to die during boot under QEMU as well as mcvmm (see
-/// issue 4's notes): a start that fails is tried once more, loudly; a kill is never.
+/// issue 4's notes): a start that fails is tried once more, loudly; a kill is never. A
+/// second failure is the caller's to take to fresh test hosts.
 fn prepare(lab: &Lab, ns: &str, run: u64, before: u64, opts: &Options) -> Result<(), String> {
     let once = || -> Result<(), String> {
         start_pair(lab, opts.guest_mem_mib, "")?;
@@ -218,10 +242,30 @@ fn prepare(lab: &Lab, ns: &str, run: u64, before: u64, opts: &Options) -> Result
         Ok(())
     };
     once().or_else(|e| {
-        eprintln!("WARNING: starting the protected guest failed ({e}); trying once more");
+        eprintln!(
+            "WARNING: starting the protected guest failed ({e}\n{}); trying once more",
+            console_tails(lab)
+        );
         clean(lab);
-        once()
+        once().map_err(|e| format!("{e}\n{}", console_tails(lab)))
     })
+}
+
+/// The end of both guests' consoles: where a guest that never got ready stopped.
+fn console_tails(lab: &Lab) -> String {
+    [(PRIMARY, "p"), (SECONDARY, "s")]
+        .iter()
+        .map(|(i, p)| {
+            lab.host(*i)
+                .run(
+                    &format!("echo '-- {p}.console:'; tail -8 {p}.console 2>&1"),
+                    Duration::from_secs(10),
+                )
+                .map(|o| o.stdout_text())
+                .unwrap_or_default()
+        })
+        .collect::<Vec<_>>()
+        .join("")
 }
 
 /// One round; `lab` must have both hosts up with nothing running.
@@ -233,11 +277,11 @@ pub fn round(
     kill_after_ms: u64,
     opts: &Options,
     log: &mut dyn FnMut(&str),
-) -> Result<Round, String> {
+) -> Result<Round, RoundFailure> {
     let run = n as u64 + 1;
     let run_s = run.to_string();
     let before = 30;
-    prepare(lab, ns, run, before, opts)?;
+    prepare(lab, ns, run, before, opts).map_err(RoundFailure::Start)?;
     // The client writes through the kill.
     let client_secs = (kill_after_ms / 1000 + 4).to_string();
     let client = agentctl(ns, &["records-for", "vdb", &run_s, &client_secs])
@@ -284,11 +328,11 @@ pub fn round(
     let status: serde_json::Value =
         serde_json::from_str(&status).map_err(|e| format!("status: {e}: {status}"))?;
     if status["took_over"].is_null() {
-        return Err(format!("the secondary did not take over: {status:#}"));
+        return Err(format!("the secondary did not take over: {status:#}").into());
     }
     let verify = agent(ns, &["mem-verify"])?;
     if !verify.contains("errors=0") {
-        return Err(format!("memory patterns after failover: {verify}"));
+        return Err(format!("memory patterns after failover: {verify}").into());
     }
     agent(ns, &["records", "vdc", &run_s, "10"])?;
     agent(ns, &["shutdown"])?;
@@ -392,9 +436,10 @@ pub fn run(opts: &Options, log: &mut dyn FnMut(&str)) -> Result<Vec<Round>, Stri
                     fdb.join("\n")
                 );
                 // A nested-TCG test host sometimes freezes or dies on its own (soft
-                // lockups in its KVM, see issue 4's notes). Such a round could not be
-                // checked either way: it runs again on fresh hosts, loudly, a few times at
-                // most. A failed check on healthy hosts fails the drill.
+                // lockups in its KVM, see issue 4's notes), and its guests have failed to
+                // boot twice in a row on hosts that had run many rounds. Such a round could
+                // not be checked either way: it runs again on fresh hosts, loudly, a few
+                // times at most. A failed check on healthy hosts fails the drill.
                 // A host-kill round's primary counts only if it died before its kill.
                 let dead = l.hosts().iter().any(|h| {
                     !h.was_killed()
@@ -402,12 +447,18 @@ pub fn run(opts: &Options, log: &mut dyn FnMut(&str)) -> Result<Vec<Round>, Stri
                             .run("true", Duration::from_secs(20))
                             .is_ok_and(|o| o.success())
                 });
-                if !dead || lab_restarts >= MAX_LAB_RESTARTS {
+                let never_started = matches!(e, RoundFailure::Start(_));
+                if !(dead || never_started) || lab_restarts >= MAX_LAB_RESTARTS {
                     return Err(why);
                 }
                 lab_restarts += 1;
                 eprintln!(
-                    "WARNING: a test host died under the drill; round {} runs again on fresh hosts:\n{why}",
+                    "WARNING: {}; round {} runs again on fresh hosts:\n{why}",
+                    if dead {
+                        "a test host died under the drill"
+                    } else {
+                        "the protected guest did not get ready twice on these hosts"
+                    },
                     n + 1
                 );
                 drop(lab.take());
@@ -416,7 +467,8 @@ pub fn run(opts: &Options, log: &mut dyn FnMut(&str)) -> Result<Vec<Round>, Stri
                     .net()
                     .map(|n| n.ns.clone())
                     .ok_or("the lab has no network")?;
-                let r = round(&fresh, &ns, n + 1, kill, kill_after_ms, opts, log)?;
+                let r = round(&fresh, &ns, n + 1, kill, kill_after_ms, opts, log)
+                    .map_err(|e| e.to_string())?;
                 lab = Some(fresh);
                 r
             }

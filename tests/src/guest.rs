@@ -71,9 +71,9 @@ pub fn resilient(command: &str, timeout: Duration) -> Output {
 ///
 /// Guests in the lab's nested KVM crash on their own now and then (a triple fault with
 /// nothing of the test's doing before it: seen under QEMU as the VMM too, see the README).
-/// A script that failed with a guest crash in its output runs once more, loudly, in a
-/// fresh folder (nothing of the first try's disks can count for the second). A crash that
-/// the test's own operation causes happens again and still fails the test.
+/// A script that failed with a guest crash in its output runs again, loudly, in a fresh
+/// folder (nothing of an earlier try's disks can count for the next), twice at most. A
+/// crash that the test's own operation causes happens every time and still fails the test.
 pub fn script(body: &str) -> String {
     let run = |prelude: &str| {
         resilient(
@@ -82,14 +82,18 @@ pub fn script(body: &str) -> String {
         )
     };
     let mut out = run("");
-    if !out.success() {
-        let crash = crash_lines(&out);
-        if !crash.is_empty() {
-            eprintln!(
-                "WARNING: a guest crashed under this test:\n{crash}\nrunning the script once more in a fresh folder"
-            );
-            out = run(FRESH_FOLDER);
+    for again in 1..=CRASH_RETRIES {
+        if out.success() {
+            break;
         }
+        let crash = crash_lines(&out);
+        if crash.is_empty() {
+            break;
+        }
+        eprintln!(
+            "WARNING: a guest crashed under this test:\n{crash}\nrunning the script again in a fresh folder ({again} of {CRASH_RETRIES})"
+        );
+        out = run(FRESH_FOLDER);
     }
     assert!(
         out.success(),
@@ -102,18 +106,23 @@ pub fn script(body: &str) -> String {
     out.stdout_text()
 }
 
-/// Moves a second try into an empty folder with what the first one was given.
+/// How often a script that failed with a guest crash runs again.
+const CRASH_RETRIES: usize = 2;
+
+/// Moves a later try into an empty folder with what the first one was given.
 const FRESH_FOLDER: &str = "rm -rf again && mkdir again && cd again || exit 1
 for f in mcvmm agentctl guest guest.sh; do ln -s \"../$f\" . || exit 1; done
 ";
 
-/// mcvmm's lines that report a guest crash, in both streams of `out`.
+/// The lines that report a guest crash in both streams of `out`: mcvmm's for a triple
+/// fault, and a guest kernel's panic in a console the script printed (with `panic=-1`
+/// such a guest resets itself, which mcvmm sees as a clean reboot).
 fn crash_lines(out: &Output) -> String {
     let (stdout, stderr) = (out.stdout_text(), out.stderr_text());
     stdout
         .lines()
         .chain(stderr.lines())
-        .filter(|l| l.contains("triple fault"))
+        .filter(|l| l.contains("triple fault") || l.contains("Kernel panic"))
         .collect::<Vec<_>>()
         .join("\n")
 }

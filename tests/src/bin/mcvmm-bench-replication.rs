@@ -178,7 +178,8 @@ fn run(epochs: &[u64], failovers: usize, out: &std::path::Path) -> Result<(), St
             300 + 700 * n as u64,
             &opts,
             &mut |m| eprintln!("bench: {m}"),
-        )?;
+        )
+        .map_err(|e| e.to_string())?;
         rounds.push(r);
     }
 
