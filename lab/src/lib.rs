@@ -66,13 +66,21 @@ pub struct Lab {
     pub boot_time: Duration,
 }
 
-/// The cached test host kernel, downloaded on first use.
+/// The cached test host kernel, downloaded when the cache has none or another release
+/// than the one wanted (see `assets::PINNED_HOST_KERNEL`).
 pub fn host_kernel() -> Result<HostKernel, LabError> {
+    let wanted = assets::wanted_host_kernel();
     match HostKernel::cached() {
-        Ok(k) => Ok(k),
-        Err(_) => {
-            eprintln!("mcvmm-lab: downloading the test host kernel (Debian linux-image-cloud-amd64), once");
-            Ok(HostKernel::fetch()?)
+        Ok(k) if k.release == wanted => Ok(k),
+        cached => {
+            let had = match cached {
+                Ok(k) => format!(" (the cache had {})", k.release),
+                Err(_) => String::new(),
+            };
+            eprintln!(
+                "mcvmm-lab: downloading the test host kernel, Debian linux-image-{wanted}{had}"
+            );
+            Ok(HostKernel::fetch(&wanted)?)
         }
     }
 }

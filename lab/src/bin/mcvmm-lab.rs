@@ -20,7 +20,8 @@ paging, so each has a real kvm_amd and a /dev/kvm on which Linux guests boot. Fi
 through the initramfs (or later over a virtio-serial control channel), commands run under \
 /bin/sh in /work, and their output and exit status come back. Everything the lab creates \
 (QEMU processes, the lab network namespace, run folders) is removed when it exits, \
-including on Ctrl-C.\n\nThe test host kernel is Debian's linux-image-cloud-amd64, \
+including on Ctrl-C.\n\nThe test host kernel is one Debian cloud kernel, pinned \
+(linux-image-6.1.0-48-cloud-amd64; MCVMM_LAB_HOST_KERNEL=RELEASE tries another), \
 downloaded once into ~/.cache/mcvmm/lab (MCVMM_CACHE overrides)."
 )]
 struct Cli {
