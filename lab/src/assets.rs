@@ -120,21 +120,22 @@ pub fn in_path(tool: &str) -> bool {
 }
 
 /// The test hosts' kernel release: one Debian cloud kernel, pinned, so that every machine
-/// and every CI run tests on the same nested KVM. Debian's newest is not taken by itself:
-/// on 2026-12-01, with 6.1.0-57 (6.1.192-3, then the newest), test hosts froze (RCU stalls
-/// on CPU 0) three times in three runs of the checkpoint tests, two of which failed; with
-/// 6.1.0-48 (6.1.172-1, the release `shared/LAB.md` verified) none did. The newer release
-/// is not proven worse by so few runs, but a lab that changes under the tests by itself
-/// makes every failure harder to read. `MCVMM_LAB_HOST_KERNEL` names another release.
+/// and every CI run tests on the same nested KVM and a failure is not read against a lab
+/// that changed by itself. 6.1.0-48 (6.1.172-1) is the release `shared/LAB.md` verified.
+/// Neither it nor 6.1.0-57 (6.1.192-3, Debian's newest on 2026-12-01) is free of test host
+/// freezes (RCU stalls, soft lockups in a vCPU's KVM_RUN): that day 6.1.0-57 froze three
+/// times in three runs of the checkpoint tests, and 6.1.0-48 twice in a clean-clone CI
+/// run and a few single tests, so the pin is not a cure. `MCVMM_LAB_HOST_KERNEL` names
+/// another release.
 pub const PINNED_HOST_KERNEL: &str = "6.1.0-48-cloud-amd64";
 
-/// The release the lab uses: the pin, or `MCVMM_LAB_HOST_KERNEL`.
-pub fn wanted_host_kernel() -> String {
-    std::env::var("MCVMM_LAB_HOST_KERNEL")
-        .ok()
-        .filter(|r| !r.trim().is_empty())
-        .map(|r| r.trim().to_string())
-        .unwrap_or_else(|| PINNED_HOST_KERNEL.to_string())
+/// The release the lab uses, and whether the operator named it: `MCVMM_LAB_HOST_KERNEL`,
+/// else the pin.
+pub fn wanted_host_kernel() -> (String, bool) {
+    match std::env::var("MCVMM_LAB_HOST_KERNEL") {
+        Ok(r) if !r.trim().is_empty() => (r.trim().to_string(), true),
+        _ => (PINNED_HOST_KERNEL.to_string(), false),
+    }
 }
 
 /// The test hosts' kernel: Debian's `linux-image-RELEASE`, unpacked in the cache.
@@ -165,6 +166,24 @@ impl HostKernel {
             modules: dir.join("lib/modules").join(&release),
             release,
         })
+    }
+
+    /// The release Debian's `linux-image-cloud-amd64` metapackage names now.
+    pub fn current_release() -> Result<String, AssetError> {
+        let out = Command::new("apt-cache")
+            .args(["depends", "--no-recommends", "linux-image-cloud-amd64"])
+            .output()
+            .map_err(|e| AssetError::Fetch(format!("apt-cache: {e} (is it installed?)")))?;
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| l.trim().strip_prefix("Depends: linux-image-"))
+            .find(|r| r.ends_with("-cloud-amd64"))
+            .map(str::to_string)
+            .ok_or_else(|| {
+                AssetError::Fetch(
+                    "apt knows no linux-image-cloud-amd64 (run apt-get update)".into(),
+                )
+            })
     }
 
     /// Downloads and unpacks Debian's `linux-image-RELEASE` (through apt) into the cache,

@@ -67,22 +67,33 @@ pub struct Lab {
 }
 
 /// The cached test host kernel, downloaded when the cache has none or another release
-/// than the one wanted (see `assets::PINNED_HOST_KERNEL`).
+/// than the one wanted (see `assets::PINNED_HOST_KERNEL`). When Debian no longer offers
+/// the pinned release, the lab goes on with what it has, or with Debian's current cloud
+/// kernel, and says so: a machine must not become unable to test because an old package
+/// left the archive. A release named in `MCVMM_LAB_HOST_KERNEL` is that or nothing.
 pub fn host_kernel() -> Result<HostKernel, LabError> {
-    let wanted = assets::wanted_host_kernel();
-    match HostKernel::cached() {
-        Ok(k) if k.release == wanted => Ok(k),
-        cached => {
-            let had = match cached {
-                Ok(k) => format!(" (the cache had {})", k.release),
-                Err(_) => String::new(),
-            };
-            eprintln!(
-                "mcvmm-lab: downloading the test host kernel, Debian linux-image-{wanted}{had}"
-            );
-            Ok(HostKernel::fetch(&wanted)?)
-        }
-    }
+    let (wanted, explicit) = assets::wanted_host_kernel();
+    let cached = HostKernel::cached().ok();
+    let had = match cached {
+        Some(k) if k.release == wanted => return Ok(k),
+        Some(ref k) => format!(" (the cache has {})", k.release),
+        None => String::new(),
+    };
+    eprintln!("mcvmm-lab: downloading the test host kernel, Debian linux-image-{wanted}{had}");
+    let e = match HostKernel::fetch(&wanted) {
+        Ok(k) => return Ok(k),
+        Err(e) if explicit => return Err(e.into()),
+        Err(e) => e,
+    };
+    let instead = match cached {
+        Some(k) => k,
+        None => HostKernel::fetch(&HostKernel::current_release()?)?,
+    };
+    eprintln!(
+        "mcvmm-lab: WARNING: {e}\nmcvmm-lab: WARNING: test hosts run {} instead of the pinned {wanted}",
+        instead.release
+    );
+    Ok(instead)
 }
 
 impl Lab {
