@@ -79,8 +79,9 @@ pub fn resilient(command: &str, timeout: Duration) -> Output {
 /// Guests in the lab's nested KVM crash on their own now and then (a triple fault with
 /// nothing of the test's doing before it: seen under QEMU as the VMM too, see the README).
 /// A script that failed with a guest crash in its output runs again, loudly, in a fresh
-/// folder (nothing of an earlier try's disks can count for the next), twice at most. A
-/// crash that the test's own operation causes happens every time and still fails the test.
+/// folder (nothing of an earlier try's disks can count for the next), twice at most; one
+/// that ran out of time runs once more on a fresh test host. A crash or a hang that the
+/// test's own operation causes happens every time and still fails the test.
 pub fn script(body: &str) -> String {
     let run = |prelude: &str| {
         resilient(
@@ -89,17 +90,31 @@ pub fn script(body: &str) -> String {
         )
     };
     let mut out = run("");
-    for again in 1..=CRASH_RETRIES {
-        if out.success() {
-            break;
-        }
+    let (mut crashes, mut stalls) = (0, 0);
+    while !out.success() {
         let crash = crash_lines(&out);
-        if crash.is_empty() {
+        if !crash.is_empty() && crashes < CRASH_RETRIES {
+            crashes += 1;
+            eprintln!(
+                "WARNING: a guest crashed under this test:\n{crash}\nrunning the script again in a fresh folder ({crashes} of {CRASH_RETRIES})"
+            );
+        } else if out.timed_out && stalls < STALL_RETRIES {
+            // Every step of a script has a limit of its own well inside the script's, so
+            // a script that ran out of time had a guest or test host stall under it (an
+            // SMP guest with an interrupt it never took, seen 2026-12-01). What it left
+            // running could starve the next test: the retry and the tests after it get
+            // a fresh test host.
+            stalls += 1;
+            let text = out.stdout_text();
+            let tail: Vec<&str> = text.lines().rev().take(30).collect();
+            eprintln!(
+                "WARNING: this test's script did not end within its limit; its output ends:\n{}\nrunning it again on a fresh test host ({stalls} of {STALL_RETRIES})",
+                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+            );
+            replace(&host());
+        } else {
             break;
         }
-        eprintln!(
-            "WARNING: a guest crashed under this test:\n{crash}\nrunning the script again in a fresh folder ({again} of {CRASH_RETRIES})"
-        );
         out = run(FRESH_FOLDER);
     }
     assert!(
@@ -115,6 +130,9 @@ pub fn script(body: &str) -> String {
 
 /// How often a script that failed with a guest crash runs again.
 const CRASH_RETRIES: usize = 2;
+
+/// How often a script that ran out of time runs again, on a fresh test host.
+const STALL_RETRIES: usize = 1;
 
 /// Moves a later try into an empty folder with what the first one was given.
 const FRESH_FOLDER: &str = "rm -rf again && mkdir again && cd again || exit 1
