@@ -251,21 +251,24 @@ fn prepare(lab: &Lab, ns: &str, run: u64, before: u64, opts: &Options) -> Result
     })
 }
 
-/// The end of both guests' consoles: where a guest that never got ready stopped.
-fn console_tails(lab: &Lab) -> String {
+/// What `command(prefix)` prints on the primary's host ("p") and the secondary's ("s"),
+/// each under a heading; a host that does not answer adds nothing (diagnostics only).
+fn on_both_hosts(lab: &Lab, secs: u64, command: impl Fn(&str) -> String) -> String {
     [(PRIMARY, "p"), (SECONDARY, "s")]
         .iter()
         .map(|(i, p)| {
             lab.host(*i)
-                .run(
-                    &format!("echo '-- {p}.console:'; tail -8 {p}.console 2>&1"),
-                    Duration::from_secs(10),
-                )
-                .map(|o| o.stdout_text())
+                .run(&command(p), Duration::from_secs(secs))
+                .map(|o| format!("-- {p}:\n{}", o.stdout_text()))
                 .unwrap_or_default()
         })
         .collect::<Vec<_>>()
-        .join("")
+        .join("\n")
+}
+
+/// The end of both guests' consoles: where a guest that never got ready stopped.
+fn console_tails(lab: &Lab) -> String {
+    on_both_hosts(lab, 10, |p| format!("tail -8 {p}.console 2>&1"))
 }
 
 /// One round; `lab` must have both hosts up with nothing running.
@@ -406,22 +409,12 @@ pub fn run(opts: &Options, log: &mut dyn FnMut(&str)) -> Result<Vec<Round>, Stri
                     .map(|h| h.console_tail())
                     .collect::<Vec<_>>()
                     .join("\n---\n");
-                let logs: String = [(PRIMARY, "p"), (SECONDARY, "s")]
-                    .iter()
-                    .map(|(i, p)| {
-                        l.host(*i)
-                            .run(
-                                &format!(
-                                    "tail -15 {p}.log; echo '-- guest console:'; tail -15 {p}.console
-                                     echo '-- status:'; timeout 10 ./mcvmm ctl --api-sock {p}.sock status 2>&1 | head -c 4000"
-                                ),
-                                Duration::from_secs(15),
-                            )
-                            .map(|o| format!("{p}.log:\n{}", o.stdout_text()))
-                            .unwrap_or_default()
-                    })
-                    .collect::<Vec<_>>()
-                    .join("\n");
+                let logs = on_both_hosts(l, 15, |p| {
+                    format!(
+                        "echo '{p}.log:'; tail -15 {p}.log; echo '-- guest console:'; tail -15 {p}.console
+                         echo '-- status:'; timeout 10 ./mcvmm ctl --api-sock {p}.sock status 2>&1 | head -c 4000"
+                    )
+                });
                 // Where the lab's switch sends the guest's MAC (a stale entry pointing
                 // at the old primary's port keeps the guest unreachable).
                 let fdb = Command::new("ip")

@@ -106,10 +106,10 @@ pub fn script(body: &str) -> String {
             // a fresh test host.
             stalls += 1;
             let text = out.stdout_text();
-            let tail: Vec<&str> = text.lines().rev().take(30).collect();
+            let lines: Vec<&str> = text.lines().collect();
             eprintln!(
                 "WARNING: this test's script did not end within its limit; its output ends:\n{}\nrunning it again on a fresh test host ({stalls} of {STALL_RETRIES})",
-                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+                lines[lines.len().saturating_sub(30)..].join("\n")
             );
             replace(&host());
         } else {

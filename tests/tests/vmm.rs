@@ -137,7 +137,9 @@ fn a_guest_triple_fault_is_an_error() {
 #[test]
 fn a_guest_that_panics_and_resets_itself_ends_cleanly() {
     // With panic=-1 and reboot=k the panicking kernel pulses the i8042 reset ten times,
-    // then falls back to a triple fault: mcvmm must stop that vCPU at the first pulse.
+    // then falls back to a triple fault; the end must read as the reset. (The race this
+    // guards, the device loop waking after the fallback, was not seen in the lab: this
+    // holds the outcome, it does not provoke the race.)
     let out = script(
         "truncate -s 1M pk.img
          rc=0; ./mcvmm run --kernel guest/vmlinux --initrd guest/initrd.img --mem-mib 128 \

@@ -251,7 +251,7 @@ pub fn run(
                         return Ok(reason);
                     }
                     // The i8042 writes the same eventfd without a reason: a guest reset.
-                    return Ok(ExitReason::GuestEnded("reset (i8042)"));
+                    return Ok(ExitReason::GuestEnded(crate::vcpu::I8042_RESET));
                 }
                 TOKEN_SIGNAL => return Ok(ExitReason::Stopped),
                 TOKEN_API => {

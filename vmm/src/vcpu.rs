@@ -20,6 +20,10 @@ use crate::vcpu_state;
 const KVM_SYSTEM_EVENT_SHUTDOWN: u32 = 1;
 const KVM_SYSTEM_EVENT_RESET: u32 = 2;
 
+/// How `ExitReason::GuestEnded` names a reset through the i8042, whichever thread sees it
+/// first (the vCPU that wrote it, or the device loop woken by it).
+pub const I8042_RESET: &str = "reset (i8042)";
+
 /// Why the VM stopped running.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ExitReason {
@@ -405,7 +409,7 @@ fn run(
             Ok(VcpuExit::IoOut(port, data)) => {
                 pio.write(u64::from(port), data);
                 if exit.reset_requested() {
-                    return ExitReason::GuestEnded("reset (i8042)");
+                    return ExitReason::GuestEnded(I8042_RESET);
                 }
             }
             Ok(VcpuExit::MmioRead(addr, data)) => {
