@@ -1,17 +1,26 @@
 //! A device's interrupt line: an eventfd KVM injects as an edge on the device's GSI
 //! (irqfd), plus the virtio-mmio InterruptStatus bits the driver reads and acknowledges.
 
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 use vmm_sys_util::eventfd::EventFd;
 
 pub const INT_USED_RING: u32 = 1;
 pub const INT_CONFIG: u32 = 2;
 
+/// `Interrupt::watch` when the status was clear at the last look.
+const NOT_PENDING: u64 = u64::MAX;
+
 pub struct Interrupt {
     pub gsi: u32,
     pub irqfd: EventFd,
     status: AtomicU32,
+    /// Acknowledgements that cleared a set bit, so a watchdog can tell "still set" from
+    /// "set again".
+    acks: AtomicU64,
+    /// `acks` when the watchdog last saw the status set, or `NOT_PENDING`.
+    watch: AtomicU64,
+    raised_again: AtomicU64,
 }
 
 impl Interrupt {
@@ -20,6 +29,9 @@ impl Interrupt {
             gsi,
             irqfd: EventFd::new(libc::EFD_NONBLOCK)?,
             status: AtomicU32::new(0),
+            acks: AtomicU64::new(0),
+            watch: AtomicU64::new(NOT_PENDING),
+            raised_again: AtomicU64::new(0),
         })
     }
 
@@ -35,10 +47,77 @@ impl Interrupt {
     }
 
     pub fn ack(&self, bits: u32) {
-        self.status.fetch_and(!bits, Ordering::SeqCst);
+        let before = self.status.fetch_and(!bits, Ordering::SeqCst);
+        if before & bits != 0 {
+            self.acks.fetch_add(1, Ordering::SeqCst);
+        }
     }
 
     pub fn set_status(&self, bits: u32) {
         self.status.store(bits, Ordering::SeqCst);
+    }
+
+    /// The watchdog's look, called at a steady interval while the guest runs. An edge
+    /// the guest never takes leaves the status set for good, and a virtio queue whose
+    /// driver waits for that interrupt stalls for good (a NIC stops receiving). So a
+    /// status that stayed set, with no acknowledgement at all, since the previous look
+    /// is raised again; a spurious edge costs the guest one handler run. Returns true if
+    /// it raised the line.
+    pub fn raise_if_ignored(&self) -> bool {
+        let acks = self.acks.load(Ordering::SeqCst);
+        let pending = self.status() != 0;
+        let seen = self
+            .watch
+            .swap(if pending { acks } else { NOT_PENDING }, Ordering::SeqCst);
+        if !pending || seen != acks {
+            return false;
+        }
+        let _ = self.irqfd.write(1);
+        self.raised_again.fetch_add(1, Ordering::SeqCst);
+        true
+    }
+
+    /// How often the watchdog raised the line again.
+    pub fn raised_again(&self) -> u64 {
+        self.raised_again.load(Ordering::SeqCst)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn edges(i: &Interrupt) -> u64 {
+        i.irqfd.read().unwrap_or(0)
+    }
+
+    #[test]
+    fn only_a_status_left_set_without_any_ack_is_raised_again() {
+        let i = Interrupt::new(5).expect("eventfd");
+        assert!(!i.raise_if_ignored(), "nothing pending");
+        i.trigger(INT_USED_RING);
+        assert_eq!(edges(&i), 1);
+        assert!(!i.raise_if_ignored(), "set since less than one interval");
+        assert!(i.raise_if_ignored(), "set for a whole interval, no ack");
+        assert_eq!(edges(&i), 1);
+        assert!(i.raise_if_ignored(), "still ignored");
+        // The guest acknowledges and the device raises again at once: a new interrupt,
+        // not an ignored one.
+        i.ack(INT_USED_RING);
+        i.trigger(INT_USED_RING);
+        assert!(!i.raise_if_ignored());
+        i.ack(INT_USED_RING);
+        assert!(!i.raise_if_ignored());
+        assert!(!i.raise_if_ignored());
+        assert_eq!(i.raised_again(), 2);
+    }
+
+    #[test]
+    fn an_ack_of_a_clear_bit_does_not_count() {
+        let i = Interrupt::new(5).expect("eventfd");
+        i.trigger(INT_USED_RING);
+        assert!(!i.raise_if_ignored());
+        i.ack(INT_CONFIG);
+        assert!(i.raise_if_ignored());
     }
 }

@@ -28,6 +28,10 @@ cleanup_guests() {
             done
         done
     fi
+    # The device watchdog's rescues (see mcvmm's event loop), for the test to report.
+    for n in $started_guests; do
+        grep -h "raised again" "$n.log" "$n.s.log" 2>/dev/null | sed "s/^/WATCHDOG $n: /" >&2 || true
+    done
     for n in $started_guests; do
         # (set -e may be on: nothing here may fail.)
         if [ -f "$n.pid" ]; then kill -9 "$(cat "$n.pid")" 2>/dev/null || true; fi

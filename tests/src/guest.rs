@@ -117,6 +117,14 @@ pub fn script(body: &str) -> String {
         }
         out = run(FRESH_FOLDER);
     }
+    // Interrupts the guest never took and the VMM raised again: rare, and worth seeing.
+    for line in out
+        .stderr_text()
+        .lines()
+        .filter(|l| l.starts_with("WATCHDOG "))
+    {
+        eprintln!("{line}");
+    }
     assert!(
         out.success(),
         "script failed (status {}, timed out {}):\n--- stdout\n{}\n--- stderr\n{}",

@@ -6,7 +6,7 @@
 use std::io::Write;
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use mcvmm_devices::virtio::mmio::MmioTransport;
 use serde_json::json;
@@ -26,8 +26,14 @@ const TOKEN_API: u64 = 3;
 const TOKEN_EPOCH: u64 = 4;
 const TOKEN_DEVICES: u64 = 5;
 const TOKEN_REPLICATION: u64 = 6;
+const TOKEN_INTERRUPT_WATCH: u64 = 7;
 const TOKEN_QUEUE: u64 = 1 << 32;
 const TOKEN_IO: u64 = 2 << 32;
+
+/// How often the device loop looks for interrupts the guest left unacknowledged. The
+/// lab's nested KVM was seen to lose a virtio interrupt now and then, stalling that
+/// device's queues for good; one left set for two looks is raised again.
+const INTERRUPT_WATCH: Duration = Duration::from_millis(200);
 
 /// signalfd for SIGTERM and SIGINT; both must already be blocked in every thread.
 pub struct SignalFd(RawFd);
@@ -190,10 +196,13 @@ pub fn run(
     let mut epoch_timer = TimerFd::new()?;
     add(&epoll, epoch_timer.as_raw_fd(), TOKEN_REPLICATION)?;
     if let Role::Primary(p) = role {
-        let every = std::time::Duration::from_millis(p.epoch_ms);
+        let every = Duration::from_millis(p.epoch_ms);
         epoch_timer.reset(every, Some(every))?;
     }
     let replicating = matches!(role, Role::Primary(_));
+    let mut interrupt_watch = TimerFd::new()?;
+    add(&epoll, interrupt_watch.as_raw_fd(), TOKEN_INTERRUPT_WATCH)?;
+    interrupt_watch.reset(INTERRUPT_WATCH, Some(INTERRUPT_WATCH))?;
     let devices = Epoll::new()?;
     add(&epoll, devices.as_raw_fd(), TOKEN_DEVICES)?;
     let mut io_watched = Vec::new();
@@ -405,6 +414,12 @@ pub fn run(
                         p.tick(vm);
                     }
                 }
+                TOKEN_INTERRUPT_WATCH => {
+                    let _ = interrupt_watch.wait();
+                    if !paused {
+                        raise_ignored_interrupts(vm);
+                    }
+                }
                 TOKEN_DEVICES => {
                     let n = match devices.wait(0, &mut device_events) {
                         Ok(n) => n,
@@ -416,6 +431,27 @@ pub fn run(
                     }
                 }
                 _ => {}
+            }
+        }
+    }
+}
+
+/// Raises again each device interrupt the guest left set and unacknowledged since the
+/// previous look, and says so: the first few times per device, then every hundredth.
+fn raise_ignored_interrupts(vm: &Vm) {
+    for dev in &vm.devices {
+        let t = dev
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if t.interrupt.raise_if_ignored() {
+            let n = t.interrupt.raised_again();
+            if n <= 3 || n % 100 == 0 {
+                eprintln!(
+                    "mcvmm: virtio device type {} (GSI {}): interrupt unacknowledged for over {} ms, raised again ({n} so far)",
+                    t.device().device_type(),
+                    t.interrupt.gsi,
+                    INTERRUPT_WATCH.as_millis()
+                );
             }
         }
     }

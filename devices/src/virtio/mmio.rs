@@ -248,6 +248,7 @@ impl MmioTransport {
         serde_json::json!({
             "status": self.status,
             "interrupt_status": self.interrupt.status(),
+            "interrupts_raised_again": self.interrupt.raised_again(),
             "wants_io": self.wants_io(),
             "queues": queues,
         })
