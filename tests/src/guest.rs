@@ -77,7 +77,8 @@ pub fn resilient(command: &str, timeout: Duration) -> Output {
 /// Runs a script (with the guest helpers loaded) that must succeed; returns its stdout.
 ///
 /// Guests in the lab's nested KVM crash on their own now and then (a triple fault with
-/// nothing of the test's doing before it: seen under QEMU as the VMM too, see the README).
+/// nothing of the test's doing before it: seen under QEMU as the VMM too, see the README),
+/// or get stuck page-faulting on one instruction for good.
 /// A script that failed with a guest crash in its output runs again, loudly, in a fresh
 /// folder (nothing of an earlier try's disks can count for the next), twice at most; one
 /// that ran out of time runs once more on a fresh test host. A crash or a hang that the
@@ -152,12 +153,46 @@ for f in mcvmm agentctl guest guest.sh; do ln -s \"../$f\" . || exit 1; done
 /// such a guest resets itself, which mcvmm sees as a clean reboot).
 fn crash_lines(out: &Output) -> String {
     let (stdout, stderr) = (out.stdout_text(), out.stderr_text());
-    stdout
+    let mut lines: Vec<String> = stdout
         .lines()
         .chain(stderr.lines())
         .filter(|l| l.contains("triple fault") || l.contains("Kernel panic"))
-        .collect::<Vec<_>>()
-        .join("\n")
+        .map(str::to_string)
+        .collect();
+    lines.extend(stuck_vcpu(&stdout));
+    lines.join("\n")
+}
+
+/// A vCPU caught at the same instruction with the same exception pending in each of the
+/// last three `vcpus` looks that `agent` prints when the guest stops answering: a guest
+/// page-faulting for good, as the lab's nested paging leaves one now and then (with a
+/// present page, seen after restores and dirty-logging changes; see the README). The
+/// guest is as dead as after a triple fault.
+fn stuck_vcpu(stdout: &str) -> Option<String> {
+    let looks: Vec<serde_json::Value> = stdout
+        .match_indices("{\n  \"vcpus\": [")
+        .filter_map(|(at, _)| {
+            serde_json::Deserializer::from_str(&stdout[at..])
+                .into_iter()
+                .next()
+                .and_then(Result::ok)
+        })
+        .collect();
+    let last = looks.get(looks.len().checked_sub(3)?..)?;
+    let vcpus = last[0]["vcpus"].as_array()?;
+    vcpus.iter().find_map(|v| {
+        let (id, rip, exception) = (&v["id"], &v["rip"], &v["pending_exception"]);
+        let same = last.iter().all(|look| {
+            look["vcpus"].as_array().is_some_and(|all| {
+                all.iter().any(|w| {
+                    &w["id"] == id && &w["rip"] == rip && &w["pending_exception"] == exception
+                })
+            })
+        });
+        (same && !exception.is_null()).then(|| {
+            format!("vCPU {id} stuck at rip {rip} with exception {exception} pending in 3 looks")
+        })
+    })
 }
 
 /// Tests that keep a test host busy take turns: a second guest beside one in a nested-TCG
@@ -177,5 +212,31 @@ pub fn report(out: &str, name: &str) -> serde_json::Value {
     match stream.next() {
         Some(Ok(v)) => v,
         other => panic!("{name}: not JSON ({other:?}):\n{out}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::stuck_vcpu;
+
+    fn look(rip: &str, exception: &str) -> String {
+        format!(
+            "{{\n  \"vcpus\": [\n    {{\n      \"id\": 0,\n      \"pending_exception\": {exception},\n      \"rip\": \"{rip}\"\n    }}\n  ]\n}}\n"
+        )
+    }
+
+    #[test]
+    fn a_vcpu_at_one_rip_with_an_exception_pending_three_times_is_stuck() {
+        let stuck = format!(
+            "agent failed\n{}",
+            look("0xffffffffc04f1b7c", "14").repeat(3)
+        );
+        let found = stuck_vcpu(&stuck).expect("stuck");
+        assert!(found.contains("0xffffffffc04f1b7c"), "{found}");
+        // Moving on, or nothing pending, or fewer than three looks: not stuck.
+        let moving = look("0x1", "14") + &look("0x2", "14") + &look("0x2", "14");
+        assert_eq!(stuck_vcpu(&moving), None);
+        assert_eq!(stuck_vcpu(&look("0x1", "null").repeat(3)), None);
+        assert_eq!(stuck_vcpu(&look("0x1", "14").repeat(2)), None);
     }
 }
