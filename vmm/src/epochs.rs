@@ -107,6 +107,8 @@ struct Steps {
     resume: u64,
     pause: u64,
     pages: u64,
+    /// The vCPUs captured their state as they stopped (`Vcpus::pause_capturing`).
+    capture_at_stop: bool,
 }
 
 /// Epochs in progress: the device loop calls `epoch` when `interval` has gone by since the
@@ -179,9 +181,18 @@ impl EpochRun {
     /// Ends one epoch (pause, dirty set, the mode's work, resume). Returns whether all
     /// epochs are done.
     pub fn epoch(&mut self, vm: &Vm) -> Result<bool, EpochError> {
-        let mut s = Steps::default();
+        // Staging epochs take turns capturing the vCPUs as they stop (as a replicating
+        // primary does) and after the copy, so that one run compares the two.
+        let mut s = Steps {
+            capture_at_stop: matches!(self.work, Work::Stage { .. }) && self.done % 2 == 1,
+            ..Steps::default()
+        };
         let t0 = Instant::now();
-        vm.vcpus.pause(PAUSE_LIMIT)?;
+        if s.capture_at_stop {
+            vm.vcpus.pause_capturing(PAUSE_LIMIT)?;
+        } else {
+            vm.vcpus.pause(PAUSE_LIMIT)?;
+        }
         s.stop = t0.elapsed().as_micros() as u64;
         let result = self.at_pause(vm, &mut s);
         let t = Instant::now();
@@ -239,8 +250,8 @@ impl EpochRun {
             .paused_for(false, PAUSE_LIMIT, || tracker.stop(&vm.vm_fd, &vm.mem))
             .map_err(|e| e.to_string())
             .and_then(|r| r.map_err(|e| e.to_string()));
-        let dist = |f: fn(&Steps) -> u64| {
-            let mut v: Vec<u64> = self.steps.iter().map(f).collect();
+        let dist_of = |f: fn(&Steps) -> u64, keep: &dyn Fn(&Steps) -> bool| {
+            let mut v: Vec<u64> = self.steps.iter().filter(|s| keep(s)).map(f).collect();
             v.sort_unstable();
             let at = |q: f64| {
                 v.get(((v.len() as f64 - 1.0) * q).round() as usize)
@@ -249,6 +260,7 @@ impl EpochRun {
             };
             json!({"median": at(0.5), "p99": at(0.99), "max": at(1.0)})
         };
+        let dist = |f: fn(&Steps) -> u64| dist_of(f, &|_| true);
         let total_pages: u64 = self.steps.iter().map(|s| s.pages).sum();
         let mut report = json!({
             "epochs": self.done,
@@ -283,6 +295,15 @@ impl EpochRun {
             Work::Stage { staged } => {
                 report["mode"] = json!("stage");
                 report["staging_capacity_bytes"] = json!(staged.capacity());
+                // The two ways to capture the vCPUs, epoch for epoch in the same run.
+                for (name, at_stop) in [("capture_after_copy", false), ("capture_at_stop", true)] {
+                    let keep = move |s: &Steps| s.capture_at_stop == at_stop;
+                    report[name] = json!({
+                        "epochs": self.steps.iter().filter(|s| keep(s)).count(),
+                        "pause_us": dist_of(|s| s.pause, &keep),
+                        "state_us": dist_of(|s| s.state, &keep),
+                    });
+                }
             }
         }
         report

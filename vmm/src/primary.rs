@@ -145,7 +145,9 @@ impl Primary {
         };
         let epoch = self.epoch;
         let t0 = Instant::now();
-        vm.vcpus.pause(PAUSE_LIMIT).map_err(|e| e.to_string())?;
+        vm.vcpus
+            .pause_capturing(PAUSE_LIMIT)
+            .map_err(|e| e.to_string())?;
         let captured = (|| {
             let dirty = tracker
                 .end_epoch(&vm.vm_fd, &vm.mem)

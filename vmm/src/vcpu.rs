@@ -257,8 +257,24 @@ impl Vcpus {
     /// of a pending port or MMIO read), so its state is whole. A vCPU whose thread has
     /// ended (the guest is going away) counts as stopped.
     pub fn pause(&self, limit: Duration) -> Result<(), PauseError> {
+        self.stop(limit, false)
+    }
+
+    /// Like `pause`, and each vCPU captures its state the moment it stops, on its own
+    /// thread, while the caller gets on with the dirty log and the copy; `save` then
+    /// collects what they captured. A checkpoint's pause is shorter by the capture, which
+    /// is a dozen ioctls per vCPU.
+    pub fn pause_capturing(&self, limit: Duration) -> Result<(), PauseError> {
+        self.stop(limit, true)
+    }
+
+    fn stop(&self, limit: Duration, capture: bool) -> Result<(), PauseError> {
         let started = std::time::Instant::now();
         let mut st = self.control.lock();
+        if capture {
+            st.save = true;
+            st.saved.clear();
+        }
         st.pause = true;
         self.control.pause_requested.store(true, Ordering::SeqCst);
         drop(st);
@@ -319,16 +335,19 @@ impl Vcpus {
         Ok(r)
     }
 
-    /// Captures every vCPU's state; the vCPUs must be paused (and stay so).
+    /// Captures every vCPU's state, or collects what they captured as they stopped (see
+    /// `pause_capturing`); the vCPUs must be paused (and stay so).
     pub fn save(&self, limit: Duration) -> Result<Vec<VcpuState>, PauseError> {
         let started = std::time::Instant::now();
         let mut st = self.control.lock();
         if !st.pause {
             return Err(PauseError::NotPaused);
         }
-        st.save = true;
-        st.saved.clear();
-        self.control.changed.notify_all();
+        if !st.save {
+            st.save = true;
+            st.saved.clear();
+            self.control.changed.notify_all();
+        }
         while st.saved.len() < self.threads.len() {
             let waited = started.elapsed();
             if waited >= limit {
@@ -359,6 +378,8 @@ impl Vcpus {
     pub fn resume(&self) {
         let mut st = self.control.lock();
         st.pause = false;
+        // Captures nobody collected (a checkpoint that failed) are stale at the next pause.
+        st.save = false;
         self.control.pause_requested.store(false, Ordering::SeqCst);
         self.control.changed.notify_all();
     }

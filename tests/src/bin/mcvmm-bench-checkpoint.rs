@@ -4,6 +4,7 @@
 //!   workload at several rates, `mcvmm ctl epochs` (pause, dirty log, copy into a staging
 //!   buffer, state capture, resume) — median and p99 of each step, the host's memcpy
 //!   bandwidth measured in the same run, and pause / (dirty bytes / memcpy bandwidth);
+//!   alternate epochs capture the vCPUs as they stop or after the copy, compared;
 //! * snapshot and restore of 256 MiB and 2 GiB guests: mcvmm (`ctl snapshot`, `run
 //!   --restore`) and QEMU (`migrate` to a file, `-incoming` from it), each until the agent
 //!   answers again.
@@ -275,6 +276,22 @@ fn bench() -> Result<(), String> {
             r["memcpy_gbps"].as_f64().unwrap_or(f64::NAN),
             row["pause_over_copy_bound"].as_f64().unwrap_or(f64::NAN),
             row["target_us"].as_f64().unwrap_or(f64::NAN),
+        );
+    }
+    println!("\nCapturing the vCPUs as they stop (as a replicating primary does) or after the copy: alternate epochs of the same runs (µs)\n");
+    println!("| target | pause median, after copy | pause median, at stop | ratio | state, after copy | state, at stop |");
+    println!("|---|---|---|---|---|---|");
+    for row in &rows {
+        let r = &row["report"];
+        let m = |way: &str, k: &str| r[way][k]["median"].as_f64().unwrap_or(f64::NAN);
+        println!(
+            "| {} | {:.0} | {:.0} | {:.2} | {:.0} | {:.0} |",
+            row["target"].as_str().unwrap_or(""),
+            m("capture_after_copy", "pause_us"),
+            m("capture_at_stop", "pause_us"),
+            m("capture_at_stop", "pause_us") / m("capture_after_copy", "pause_us"),
+            m("capture_after_copy", "state_us"),
+            m("capture_at_stop", "state_us"),
         );
     }
     println!("\nSnapshot and restore (ms; until the agent answers again)\n");
