@@ -97,14 +97,17 @@ agent() {
     # (By its path: busybox's timeout would run its own ip applet, which has no netns.)
     timeout 120 "$(command -v ip)" netns exec "$name" ./agentctl --addr 10.99.0.2:7000 "$@" || rc=$?
     if [ $rc -ne 0 ]; then
-        echo "agent $* failed ($rc); guest console:"; tail -20 "$name.console"; echo "mcvmm:"; cat "$name.log"
-        # Where the guest's queues stand (a stalled queue shows there), and the tap's.
-        # (Diagnostics only: a VMM already gone must not end the script before its rc.)
-        if [ -S "$name.sock" ]; then
-            ./mcvmm ctl --api-sock "$name.sock" status || true
-            for i in 1 2 3; do ./mcvmm ctl --api-sock "$name.sock" vcpus || true; done
-        fi
-        ip netns exec "$name" ip -s link show gtap || true
+        # On stderr: a caller that captures or discards the reply must not lose these.
+        {
+            echo "agent $* failed ($rc); guest console:"; tail -20 "$name.console"; echo "mcvmm:"; cat "$name.log"
+            # Where the guest's queues stand (a stalled queue shows there), and the tap's.
+            # (Diagnostics only: a VMM already gone must not end the script before its rc.)
+            if [ -S "$name.sock" ]; then
+                ./mcvmm ctl --api-sock "$name.sock" status || true
+                for i in 1 2 3; do ./mcvmm ctl --api-sock "$name.sock" vcpus || true; done
+            fi
+            ip netns exec "$name" ip -s link show gtap || true
+        } >&2
     fi
     return $rc
 }

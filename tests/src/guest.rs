@@ -99,12 +99,13 @@ pub fn script(body: &str) -> String {
             eprintln!(
                 "WARNING: a guest crashed under this test:\n{crash}\nrunning the script again in a fresh folder ({crashes} of {CRASH_RETRIES})"
             );
-        } else if out.timed_out && stalls < STALL_RETRIES {
+        } else if (out.timed_out || host_stalled_the_guest(&out)) && stalls < STALL_RETRIES {
             // Every step of a script has a limit of its own well inside the script's, so
             // a script that ran out of time had a guest or test host stall under it (an
-            // SMP guest with an interrupt it never took, seen 2026-12-01). What it left
-            // running could starve the next test: the retry and the tests after it get
-            // a fresh test host.
+            // SMP guest with an interrupt it never took, seen 2026-12-01); so did one
+            // whose guest saw its clock jump by more than an agent call may wait. What it
+            // left running could starve the next test: the retry and the tests after it
+            // get a fresh test host.
             stalls += 1;
             let text = out.stdout_text();
             let lines: Vec<&str> = text.lines().collect();
@@ -137,6 +138,24 @@ pub fn script(body: &str) -> String {
     out.stdout_text()
 }
 
+/// Whether a guest's console shows it stood still longer than an agent call may wait
+/// (`REQUEST_TIMEOUT`, 30 s): its clocksource watchdog reports the gap it saw between two
+/// of its runs. Seen 2026-12-01: a 31 s gap, and the agent call under it timed out.
+fn host_stalled_the_guest(out: &Output) -> bool {
+    clock_gap_over_25_s(&out.stdout_text()) || clock_gap_over_25_s(&out.stderr_text())
+}
+
+fn clock_gap_over_25_s(text: &str) -> bool {
+    const GAP_NS: u64 = 25_000_000_000;
+    text.lines().any(|l| {
+        l.contains("clocksource: Long readout interval")
+            && l.split("cs_nsec: ")
+                .nth(1)
+                .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+                .is_some_and(|ns| ns >= GAP_NS)
+    })
+}
+
 /// How often a script that failed with a guest crash runs again.
 const CRASH_RETRIES: usize = 2;
 
@@ -159,7 +178,8 @@ fn crash_lines(out: &Output) -> String {
         .filter(|l| l.contains("triple fault") || l.contains("Kernel panic"))
         .map(str::to_string)
         .collect();
-    lines.extend(stuck_vcpu(&stdout));
+    // `agent` prints its diagnostics on stderr.
+    lines.extend(stuck_vcpu(&stderr).or_else(|| stuck_vcpu(&stdout)));
     lines.join("\n")
 }
 
@@ -223,6 +243,18 @@ mod tests {
         format!(
             "{{\n  \"vcpus\": [\n    {{\n      \"id\": 0,\n      \"pending_exception\": {exception},\n      \"rip\": \"{rip}\"\n    }}\n  ]\n}}\n"
         )
+    }
+
+    #[test]
+    fn only_a_clock_gap_longer_than_an_agent_call_counts_as_a_stall() {
+        let line = |ns: u64| {
+            format!("clocksource: Long readout interval, skipping watchdog check: cs_nsec: {ns} wd_nsec: {ns}\n")
+        };
+        assert!(super::clock_gap_over_25_s(&line(31_091_069_063)));
+        assert!(!super::clock_gap_over_25_s(&line(5_000_000_000)));
+        assert!(!super::clock_gap_over_25_s(
+            "clocksource: timekeeping watchdog on CPU0"
+        ));
     }
 
     #[test]
