@@ -107,10 +107,15 @@ pub fn script(body: &str) -> String {
             // left running could starve the next test: the retry and the tests after it
             // get a fresh test host.
             stalls += 1;
+            let why = if out.timed_out {
+                "did not end within its limit"
+            } else {
+                "failed while its guest stood still over 25 s"
+            };
             let text = out.stdout_text();
             let lines: Vec<&str> = text.lines().collect();
             eprintln!(
-                "WARNING: this test's script did not end within its limit; its output ends:\n{}\nrunning it again on a fresh test host ({stalls} of {STALL_RETRIES})",
+                "WARNING: this test's script {why}; its output ends:\n{}\nrunning it again on a fresh test host ({stalls} of {STALL_RETRIES})",
                 lines[lines.len().saturating_sub(30)..].join("\n")
             );
             replace(&host());
@@ -178,8 +183,8 @@ fn crash_lines(out: &Output) -> String {
         .filter(|l| l.contains("triple fault") || l.contains("Kernel panic"))
         .map(str::to_string)
         .collect();
-    // `agent` prints its diagnostics on stderr.
-    lines.extend(stuck_vcpu(&stderr).or_else(|| stuck_vcpu(&stdout)));
+    // `agent` prints its diagnostics, the `vcpus` looks among them, on stderr.
+    lines.extend(stuck_vcpu(&stderr));
     lines.join("\n")
 }
 

@@ -168,6 +168,14 @@ struct ControlState {
     saved: Vec<(u8, Result<VcpuState, String>)>,
 }
 
+impl ControlState {
+    /// Parked vCPUs capture afresh from now on.
+    fn ask_capture(&mut self) {
+        self.save = true;
+        self.saved.clear();
+    }
+}
+
 /// How the device loop stops and restarts the vCPUs.
 #[derive(Default)]
 pub struct VcpuControl {
@@ -272,8 +280,7 @@ impl Vcpus {
         let started = std::time::Instant::now();
         let mut st = self.control.lock();
         if capture {
-            st.save = true;
-            st.saved.clear();
+            st.ask_capture();
         }
         st.pause = true;
         self.control.pause_requested.store(true, Ordering::SeqCst);
@@ -344,8 +351,7 @@ impl Vcpus {
             return Err(PauseError::NotPaused);
         }
         if !st.save {
-            st.save = true;
-            st.saved.clear();
+            st.ask_capture();
             self.control.changed.notify_all();
         }
         while st.saved.len() < self.threads.len() {
