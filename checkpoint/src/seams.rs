@@ -7,6 +7,12 @@
 pub trait DiskWriteSink: Send + Sync {
     /// `data` is handed over: the device made it for this call, so nothing copies it again.
     fn written(&self, disk: usize, offset: u64, data: Vec<u8>);
+
+    /// Whether writes are wanted now: a guest that is not protected at the moment (it
+    /// may be later) has its writes done without handing them over.
+    fn recording(&self) -> bool {
+        true
+    }
 }
 
 /// Decides whether a frame the guest transmitted may leave now.

@@ -177,3 +177,52 @@ fn a_good_read_then_bad_requests_each_fail_alone() {
     assert_eq!(r.submit(0), 7);
     assert_eq!(r.status(0x5000), 0, "good read after bad ones: OK");
 }
+
+/// A sink that counts what it is handed; `on` says whether it records.
+struct Counting {
+    on: std::sync::atomic::AtomicBool,
+    seen: std::sync::Mutex<Vec<(u64, usize)>>,
+}
+
+impl mcvmm_checkpoint::seams::DiskWriteSink for Counting {
+    fn written(&self, _disk: usize, offset: u64, data: Vec<u8>) {
+        self.seen.lock().expect("lock").push((offset, data.len()));
+    }
+    fn recording(&self) -> bool {
+        self.on.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+#[test]
+fn writes_reach_the_disk_whether_or_not_the_sink_records() {
+    let mut r = Rig::new();
+    let sink = Arc::new(Counting {
+        on: std::sync::atomic::AtomicBool::new(false),
+        seen: std::sync::Mutex::new(Vec::new()),
+    });
+    r.dev.forward_writes(0, sink.clone());
+    let write_sector = |r: &mut Rig, sector: u64, byte: u8, expect_used: u16| {
+        r.header(0x4000, 1, sector);
+        r.desc(0, 0x4000, 16, NEXT, 1);
+        r.desc(1, 0x8000, 512, NEXT, 2);
+        r.desc(2, 0x5000, 1, WRITE, 0);
+        r.mem
+            .write_slice(&[byte; 512], GuestAddress(0x8000))
+            .expect("data");
+        r.mem
+            .write_obj(0xffu8, GuestAddress(0x5000))
+            .expect("poison");
+        assert_eq!(r.submit(0), expect_used);
+        assert_eq!(r.status(0x5000), 0, "write of sector {sector}: OK");
+    };
+    // Not recording (a guest not protected now): written directly, nothing handed over.
+    write_sector(&mut r, 3, 0x11, 1);
+    assert!(sink.seen.lock().expect("lock").is_empty());
+    // Recording: written and handed over.
+    sink.on.store(true, std::sync::atomic::Ordering::SeqCst);
+    write_sector(&mut r, 4, 0x22, 2);
+    assert_eq!(*sink.seen.lock().expect("lock"), vec![(4 * 512, 512)]);
+    let disk = std::fs::read(&r.disk).expect("disk");
+    assert!(disk[3 * 512..4 * 512].iter().all(|b| *b == 0x11));
+    assert!(disk[4 * 512..5 * 512].iter().all(|b| *b == 0x22));
+}

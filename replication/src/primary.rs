@@ -55,21 +55,53 @@ pub struct Forwarded {
     pub data: Vec<u8>,
 }
 
-/// Collects the guest's disk writes of the epoch in progress.
-#[derive(Default)]
+/// Collects the guest's disk writes of the epoch in progress, while recording (a primary
+/// that lost its secondary, or a guest not protected yet, keeps none).
 pub struct ForwardedWrites {
     writes: Mutex<Vec<Forwarded>>,
+    recording: AtomicBool,
+}
+
+impl Default for ForwardedWrites {
+    /// Recording from the start.
+    fn default() -> Self {
+        ForwardedWrites {
+            writes: Mutex::new(Vec::new()),
+            recording: AtomicBool::new(true),
+        }
+    }
 }
 
 impl ForwardedWrites {
+    /// Not recording until [`ForwardedWrites::record`] is called.
+    pub fn idle() -> Self {
+        let w = ForwardedWrites::default();
+        w.recording.store(false, Ordering::SeqCst);
+        w
+    }
+
     /// The writes since the last call (at a pause: those of the epoch that just ended).
     pub fn take(&self) -> Vec<Forwarded> {
         std::mem::take(&mut *self.writes.lock().unwrap_or_else(PoisonError::into_inner))
     }
+
+    /// Starts or stops recording; either way what was kept is dropped (at the start of a
+    /// sync the disks themselves are copied; after the loss nobody will take it).
+    pub fn record(&self, on: bool) {
+        self.recording.store(on, Ordering::SeqCst);
+        drop(self.take());
+    }
 }
 
 impl DiskWriteSink for ForwardedWrites {
+    fn recording(&self) -> bool {
+        self.recording.load(Ordering::SeqCst)
+    }
+
     fn written(&self, disk: usize, offset: u64, data: Vec<u8>) {
+        if !self.recording() {
+            return;
+        }
         self.writes
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
@@ -649,5 +681,28 @@ fn acks(link: &Link, r: &mut impl Read, timeout: Duration) -> String {
             }
             kind => return format!("unexpected {kind:?} frame from the secondary"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn writes_are_kept_only_while_recording() {
+        let w = ForwardedWrites::idle();
+        assert!(!w.recording());
+        w.written(0, 0, vec![1]);
+        assert!(w.take().is_empty(), "idle: nothing kept");
+        w.record(true);
+        w.written(1, 512, vec![2; 512]);
+        let taken = w.take();
+        assert_eq!(taken.len(), 1);
+        assert_eq!((taken[0].disk, taken[0].offset), (1, 512));
+        w.written(0, 0, vec![3]);
+        w.record(false);
+        assert!(w.take().is_empty(), "stopping drops what nobody will send");
+        w.written(0, 0, vec![4]);
+        assert!(w.take().is_empty());
     }
 }

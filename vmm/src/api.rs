@@ -4,7 +4,9 @@
 //! parked, and back), `snapshot DIR [incremental]` (see `snapshot`),
 //! `selfcheck EPOCHS INTERVAL_MS [guest-only]` and `epochs EPOCHS INTERVAL_MS` (see
 //! `epochs`); on a replicating primary `verify` (digests with the next checkpoint) and
-//! `failover` (planned switch, see `primary`). A secondary answers `status`, `failover`
+//! `failover` (planned switch, see `primary`); on an unprotected guest
+//! `protect HOST:PORT [GENERATION]` (a new secondary, see `protect`). A secondary answers
+//! `status`, `failover`
 //! and `stop` (see `secondary`). `vcpus` tells where each vCPU executes and what its
 //! LAPIC holds: the first look at a guest that stopped answering.
 
@@ -48,13 +50,18 @@ pub enum Request {
     Failover,
     /// Where each vCPU is (a short pause to read it).
     Vcpus,
+    /// An unprotected guest: replicate it to the secondary at `peer` from now on.
+    Protect {
+        peer: String,
+        generation: Option<u64>,
+    },
     /// Not understood; the reason goes back to the client.
     Invalid(String),
 }
 
 const KNOWN: &str = "status, stop, pause, resume, snapshot DIR [incremental], \
                      selfcheck EPOCHS INTERVAL_MS [guest-only], epochs EPOCHS INTERVAL_MS, \
-                     verify, failover, vcpus";
+                     verify, failover, vcpus, protect HOST:PORT [GENERATION]";
 
 /// Reads the request line of a connection just accepted (short timeouts: the device loop
 /// waits for it).
@@ -74,6 +81,20 @@ pub fn read_request(stream: &UnixStream) -> Request {
         ["verify"] => Request::Verify,
         ["failover"] => Request::Failover,
         ["vcpus"] => Request::Vcpus,
+        ["protect", peer] => Request::Protect {
+            peer: peer.to_string(),
+            generation: None,
+        },
+        ["protect", peer, generation] => match generation.parse() {
+            Ok(g) => Request::Protect {
+                peer: peer.to_string(),
+                generation: Some(g),
+            },
+            Err(_) => Request::Invalid(format!(
+                "protect: generation {generation:?} is not a number"
+            )),
+        },
+        ["protect", ..] => Request::Invalid("usage: protect HOST:PORT [GENERATION]".into()),
         ["snapshot", dir] => Request::Snapshot {
             dir: PathBuf::from(dir),
             incremental: false,
@@ -138,7 +159,7 @@ pub fn request(sock: &Path, req: &str) -> Result<Value, ApiError> {
         source,
     })?;
     // A self-check answers when its epochs are done; everything else at once.
-    let long = ["selfcheck", "epochs", "snapshot", "failover"]
+    let long = ["selfcheck", "epochs", "snapshot", "failover", "protect"]
         .iter()
         .any(|r| req.starts_with(r));
     stream.set_read_timeout((!long).then(|| Duration::from_secs(30)))?;

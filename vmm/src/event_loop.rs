@@ -16,6 +16,7 @@ use vmm_sys_util::timerfd::TimerFd;
 use crate::api::{self, Request};
 use crate::epochs::{EpochRun, PAUSE_LIMIT};
 use crate::primary::Primary;
+use crate::protect::{self, Pending, Protectable};
 use crate::snapshot::{self, Snapshots};
 use crate::vcpu::{ExitReason, PauseError};
 use crate::vm::Vm;
@@ -183,6 +184,7 @@ pub fn run(
     signals: &SignalFd,
     api: Option<&UnixListener>,
     role: &mut Role,
+    protectable: &mut Protectable,
 ) -> std::io::Result<ExitReason> {
     let epoll = Epoll::new()?;
     add(&epoll, vm.exit.evt.as_raw_fd(), TOKEN_EXIT)?;
@@ -199,7 +201,8 @@ pub fn run(
         let every = Duration::from_millis(p.epoch_ms);
         epoch_timer.reset(every, Some(every))?;
     }
-    let replicating = matches!(role, Role::Primary(_));
+    let mut replicating = matches!(role, Role::Primary(_));
+    let mut pending: Option<Pending> = None;
     let mut interrupt_watch = TimerFd::new()?;
     add(&epoll, interrupt_watch.as_raw_fd(), TOKEN_INTERRUPT_WATCH)?;
     interrupt_watch.reset(INTERRUPT_WATCH, Some(INTERRUPT_WATCH))?;
@@ -376,7 +379,46 @@ pub fn run(
                                 let mut v = api::status(vm);
                                 v["state"] = json!(if paused { "paused" } else { "running" });
                                 role.status(&mut v);
+                                v["generation"] = json!(protectable.generation);
+                                if let Some(t) = &protectable.took_over {
+                                    v["took_over"] = t.clone();
+                                }
+                                if let Some(p) = &pending {
+                                    v["connecting_to_secondary"] = json!(p.peer);
+                                }
                                 reply(&stream, &v);
+                            }
+                            Request::Protect { peer, generation } => {
+                                let busy = match &*role {
+                                    Role::Primary(p) if !p.link.is_lost() => Some(
+                                        "already protected (`status` names its secondary)"
+                                            .to_string(),
+                                    ),
+                                    _ => None,
+                                }
+                                .or_else(|| {
+                                    pending.as_ref().map(|p| {
+                                        format!("already connecting to a secondary at {}", p.peer)
+                                    })
+                                })
+                                .or_else(|| {
+                                    cannot_protect(paused, check.is_some(), snaps.tracking())
+                                        .map(str::to_string)
+                                });
+                                match busy {
+                                    Some(why) => reply(&stream, &json!({"error": why})),
+                                    None => {
+                                        let generation =
+                                            generation.unwrap_or(protectable.generation);
+                                        pending = Some(protect::connect(
+                                            vm,
+                                            protectable,
+                                            peer,
+                                            generation,
+                                            stream,
+                                        ));
+                                    }
+                                }
                             }
                             Request::Invalid(why) => reply(&stream, &json!({"error": why})),
                         }
@@ -416,6 +458,26 @@ pub fn run(
                 }
                 TOKEN_INTERRUPT_WATCH => {
                     let _ = interrupt_watch.wait();
+                    if pending.as_ref().is_some_and(Pending::is_finished) {
+                        if let Some(p) = pending.take() {
+                            let peer = p.peer.clone();
+                            let refuse = cannot_protect(paused, check.is_some(), snaps.tracking());
+                            let (result, reply_to) = p.finish(vm, protectable, refuse);
+                            match result {
+                                Ok(primary) => {
+                                    let every = Duration::from_millis(primary.epoch_ms);
+                                    *role = Role::Primary(Box::new(primary));
+                                    replicating = true;
+                                    epoch_timer.reset(every, Some(every))?;
+                                    reply(
+                                        &reply_to,
+                                        &json!({"ok": true, "secondary": peer, "generation": protectable.generation, "syncing": true}),
+                                    );
+                                }
+                                Err(e) => reply(&reply_to, &json!({"error": e})),
+                            }
+                        }
+                    }
                     if !paused {
                         raise_ignored_interrupts(vm);
                     }
@@ -438,6 +500,23 @@ pub fn run(
 
 /// Raises again each device interrupt the guest left set and unacknowledged since the
 /// previous look, and says so: the first few times per device, then every hundredth.
+/// Why the guest cannot start being protected now, if it cannot.
+fn cannot_protect(
+    paused: bool,
+    epochs_running: bool,
+    snapshots_track: bool,
+) -> Option<&'static str> {
+    if paused {
+        Some("the guest is paused: resume it first")
+    } else if epochs_running {
+        Some("epochs are running: protect after them")
+    } else if snapshots_track {
+        Some("incremental snapshots own dirty tracking in this process")
+    } else {
+        None
+    }
+}
+
 fn raise_ignored_interrupts(vm: &Vm) {
     for dev in &vm.devices {
         let t = dev

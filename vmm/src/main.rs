@@ -6,6 +6,7 @@ mod epochs;
 mod event_loop;
 mod layout;
 mod primary;
+mod protect;
 mod secondary;
 mod snapshot;
 mod vcpu;
@@ -15,7 +16,7 @@ mod vm_state;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
@@ -23,12 +24,11 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::event_loop::Role;
 use crate::vcpu::ExitReason;
-use crate::vm::{DiskConfig, Seams, SerialOut, Source, VmConfig};
+use crate::vm::{DiskConfig, SerialOut, Source, VmConfig};
 use mcvmm_checkpoint::snapshot::{self as snapshot_files, Loaded};
 use mcvmm_checkpoint::state::{DiskShape, VmShape, FORMAT_VERSION};
-use mcvmm_replication::gate::HeldOutput;
 use mcvmm_replication::messages::{Hello, PROTOCOL_VERSION};
-use mcvmm_replication::primary::{self as replication, ForwardedWrites};
+use mcvmm_replication::primary as replication;
 
 #[derive(Parser)]
 #[command(
@@ -54,6 +54,9 @@ enum Command {
         /// selfcheck EPOCHS INTERVAL_MS [guest-only] | epochs EPOCHS INTERVAL_MS |
         /// verify (primary: digests checked with the next checkpoint) |
         /// failover (primary: planned switch; secondary: take over now) |
+        /// protect HOST:PORT [GENERATION] (an unprotected guest: standalone, whose
+        /// secondary was lost, or taken over: replicate it to a new secondary from now
+        /// on; the generation defaults to this node's) |
         /// vcpus (each vCPU's rip, interrupt flag, halted or not, LAPIC pending vectors)
         #[arg(required = true, num_args = 1..)]
         request: Vec<String>,
@@ -179,9 +182,6 @@ fn config(
     ))
 }
 
-/// Disk chunk size for the initial sync's digests.
-const SYNC_CHUNK: u64 = 1 << 20;
-
 fn disk_configs(disks: &[String]) -> Vec<DiskConfig> {
     disks
         .iter()
@@ -246,14 +246,11 @@ struct PrimaryLink {
     peer: String,
     stream: std::net::TcpStream,
     disk_digests: Vec<Vec<u64>>,
-    gate: Arc<HeldOutput>,
-    writes: Arc<ForwardedWrites>,
     shape: VmShape,
 }
 
-/// Connects to the secondary and agrees on the VM; returns the seams the VM's devices
-/// get.
-fn connect_primary(args: &RunArgs, cfg: &VmConfig) -> anyhow::Result<(PrimaryLink, Seams)> {
+/// Connects to the secondary and agrees on the VM.
+fn connect_primary(args: &RunArgs, cfg: &VmConfig) -> anyhow::Result<PrimaryLink> {
     let peer = args.peer.clone().context("--primary needs --peer")?;
     let shape = shape_of(cfg)?;
     let hello = Hello {
@@ -261,7 +258,7 @@ fn connect_primary(args: &RunArgs, cfg: &VmConfig) -> anyhow::Result<(PrimaryLin
         state_format: FORMAT_VERSION,
         shape: shape.clone(),
         generation: args.generation,
-        chunk_bytes: SYNC_CHUNK,
+        chunk_bytes: protect::SYNC_CHUNK,
     };
     eprintln!("mcvmm: primary: connecting to the secondary at {peer}");
     let (stream, accept) =
@@ -270,33 +267,22 @@ fn connect_primary(args: &RunArgs, cfg: &VmConfig) -> anyhow::Result<(PrimaryLin
         "mcvmm: secondary {peer} accepted the VM (generation {})",
         args.generation
     );
-    let tap_out: Arc<OnceLock<std::fs::File>> = Arc::new(OnceLock::new());
-    let out = tap_out.clone();
-    let gate = Arc::new(HeldOutput::new(Box::new(move |frame: &[u8]| {
-        use std::io::Write;
-        match out.get() {
-            Some(mut f) => f.write(frame),
-            None => Err(std::io::Error::other("no tap")),
-        }
-    })));
-    let writes = Arc::new(ForwardedWrites::default());
-    let seams = Seams {
-        disk_writes: Some(writes.clone()),
-        output: Some(gate.clone()),
-        tap_writer: Some(tap_out),
-        ..Seams::default()
-    };
-    Ok((
-        PrimaryLink {
-            peer,
-            stream,
-            disk_digests: accept.disk_digests,
-            gate,
-            writes,
-            shape,
-        },
-        seams,
-    ))
+    Ok(PrimaryLink {
+        peer,
+        stream,
+        disk_digests: accept.disk_digests,
+        shape,
+    })
+}
+
+/// How this node replicates when it protects a guest (at start or later).
+fn settings(args: &RunArgs) -> protect::Settings {
+    protect::Settings {
+        epoch_ms: args.epoch_ms,
+        timeout: Duration::from_millis(args.failover_timeout_ms),
+        compress: args.compress == "lz4",
+        peer_wait: Duration::from_secs(args.peer_wait_s),
+    }
 }
 
 fn run(args: RunArgs) -> anyhow::Result<()> {
@@ -311,24 +297,31 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         None => None,
     };
     let is_primary = args.primary;
-    let epoch_ms = args.epoch_ms;
-    let timeout = Duration::from_millis(args.failover_timeout_ms);
-    let compress = args.compress == "lz4";
+    let settings = settings(&args);
     let (cfg, api_sock) = config(&args, snapshot.as_ref())?;
     // Blocked before any thread exists, so only the device loop ever sees them.
     let signals = event_loop::SignalFd::block_and_open().context("setting up signal handling")?;
-    let (link, seams) = if is_primary {
-        let (l, s) = connect_primary(&args, &cfg)?;
+    // Every VM can be protected later (`ctl protect`); a primary's records writes now.
+    let hooks = protect::Hooks::new(is_primary);
+    let link = if is_primary {
+        let l = connect_primary(&args, &cfg)?;
         // The link's threads start now, so the secondary hears heartbeats while the VM
         // is being built (its silence timer runs from the handshake).
-        let link = replication::start(l.stream, &l.peer, l.gate.clone(), timeout, compress)
-            .context("starting replication")?;
-        (Some((link, l.gate, l.writes, l.shape, l.disk_digests)), s)
+        let gate = hooks.fresh_gate();
+        let link = replication::start(
+            l.stream,
+            &l.peer,
+            gate.clone(),
+            settings.timeout,
+            settings.compress,
+        )
+        .context("starting replication")?;
+        Some((link, gate, l.shape, l.disk_digests))
     } else {
-        (None, Seams::default())
+        None
     };
     let api = bind_api(api_sock.as_ref())?;
-    let vm = match vm::build(cfg, snapshot.as_ref(), seams) {
+    let vm = match vm::build(cfg, snapshot.as_ref(), hooks.seams()) {
         Ok(vm) => vm,
         Err(e) => {
             // Nothing was started: leave no socket that suggests otherwise.
@@ -340,18 +333,31 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     };
     drop(snapshot);
     let role = match link {
-        Some((link, gate, writes, shape, disk_digests)) => {
+        Some((link, gate, shape, disk_digests)) => {
             if vm.shape != shape {
                 bail!("the VM built differs from the shape agreed with the secondary");
             }
-            let mut p = primary::Primary::new(link, gate, writes, epoch_ms);
-            p.start(&vm, disk_digests, SYNC_CHUNK)
+            let mut p = primary::Primary::new(link, gate, hooks.writes.clone(), settings.epoch_ms);
+            p.start(&vm, disk_digests, protect::SYNC_CHUNK)
                 .map_err(|e| anyhow::anyhow!("starting the initial sync: {e}"))?;
             Role::Primary(Box::new(p))
         }
         None => Role::Standalone,
     };
-    finish(&vm, &signals, api.as_ref(), api_sock.as_ref(), role)
+    let protectable = protect::Protectable {
+        hooks,
+        settings,
+        generation: args.generation,
+        took_over: None,
+    };
+    finish(
+        &vm,
+        &signals,
+        api.as_ref(),
+        api_sock.as_ref(),
+        role,
+        protectable,
+    )
 }
 
 fn run_secondary(args: RunArgs) -> anyhow::Result<()> {
@@ -383,12 +389,19 @@ fn run_secondary(args: RunArgs) -> anyhow::Result<()> {
     let _ = watcher.join();
     secondary::refuse_stale_primaries(took.listener, took.generation);
     let api = bind_api(args.api_sock.as_ref())?;
+    let protectable = protect::Protectable {
+        hooks: took.hooks,
+        settings: settings(&args),
+        generation: took.generation,
+        took_over: Some(took.info.clone()),
+    };
     finish(
         &took.vm,
         &signals,
         api.as_ref(),
         args.api_sock.as_ref(),
         Role::TookOver(took.info),
+        protectable,
     )
 }
 
@@ -399,8 +412,10 @@ fn finish(
     api: Option<&std::os::unix::net::UnixListener>,
     api_sock: Option<&PathBuf>,
     mut role: Role,
+    mut protectable: protect::Protectable,
 ) -> anyhow::Result<()> {
-    let reason = event_loop::run(vm, signals, api, &mut role).context("device loop")?;
+    let reason =
+        event_loop::run(vm, signals, api, &mut role, &mut protectable).context("device loop")?;
     if let Some(p) = api_sock {
         let _ = std::fs::remove_file(p);
     }

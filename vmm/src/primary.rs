@@ -87,6 +87,9 @@ impl Primary {
         // on is in the first checkpoint.
         vm.vcpus.pause(PAUSE_LIMIT).map_err(|e| e.to_string())?;
         let tracker = DirtyTracker::start(&vm.vm_fd, &vm.mem, Sources::GuestAndVmm);
+        // Writes before this point are in the disks the sync copies; from here on each
+        // is forwarded.
+        self.writes.record(true);
         vm.vcpus.resume();
         self.tracker = Some(tracker.map_err(|e| e.to_string())?);
         self.started = Instant::now();
@@ -114,11 +117,13 @@ impl Primary {
                 let _ = vm
                     .vcpus
                     .paused_for(false, PAUSE_LIMIT, || t.stop(&vm.vm_fd, &vm.mem));
+                // Nobody will take them: an unprotected guest's writes are not kept.
+                self.writes.record(false);
             }
             if !self.unprotected_said {
                 self.unprotected_said = true;
                 eprintln!(
-                    "mcvmm: epochs stopped at {}; start a new secondary and primary to protect this guest again",
+                    "mcvmm: epochs stopped at {}; `mcvmm ctl protect HOST:PORT` protects this guest again with a new secondary",
                     self.epoch
                 );
             }

@@ -26,6 +26,7 @@ use serde_json::{json, Value};
 
 use mcvmm_devices::virtio::tap::Tap;
 
+use crate::protect::Hooks;
 use crate::vm::{self, Continue, DiskConfig, Prepared, Seams, SerialOut, Source, Vm, VmConfig};
 use mcvmm_devices::GuestMemory;
 
@@ -52,6 +53,8 @@ struct Shared {
 /// A VM built from the committed checkpoint, ready for the device loop.
 pub struct TookOver {
     pub vm: Vm,
+    /// The VM's primary seams, idle until `ctl protect` gives it a new secondary.
+    pub hooks: Hooks,
     pub info: Value,
     pub listener: TcpListener,
     pub generation: u64,
@@ -151,7 +154,7 @@ pub fn run(cfg: SecondaryConfig) -> anyhow::Result<TookOver> {
         let mem = vm::guest_memory(hello.shape.mem_mib)?;
         // The VM around the replica memory is built now, while the checkpoints come in:
         // a takeover then only restores the committed state into it.
-        let prepared = prepare_in_background(&cfg, &hello, &peer, &mem, tap.as_ref());
+        let (prepared, hooks) = prepare_in_background(&cfg, &hello, &peer, &mem, tap.as_ref());
         if wire::write_frame(&mut stream, Kind::Accept, 0, &[&messages::encode(&accept)])
             .and_then(|_| stream.flush())
             .is_err()
@@ -243,6 +246,7 @@ pub fn run(cfg: SecondaryConfig) -> anyhow::Result<TookOver> {
         });
         return Ok(TookOver {
             vm: took,
+            hooks,
             info,
             listener,
             generation,
@@ -286,14 +290,16 @@ fn prepare_in_background(
     peer: &str,
     mem: &GuestMemory,
     tap: Option<&Tap>,
-) -> Preparing {
+) -> (Preparing, Hooks) {
     let config = replica_config(cfg, hello, peer, 0);
+    let hooks = Hooks::new(false);
+    let hook_seams = hooks.seams();
     let tap = match (tap, hello.shape.net) {
         (Some(t), Some(_)) => t.try_clone().map(Some),
         _ => Ok(None),
     };
     let mem = mem.clone();
-    std::thread::spawn(move || {
+    let preparing = std::thread::spawn(move || {
         let t = Instant::now();
         let prepared = tap
             .map_err(|e| format!("a second handle on the tap: {e}"))
@@ -301,7 +307,7 @@ fn prepare_in_background(
                 let seams = Seams {
                     tap,
                     announce: true,
-                    ..Seams::default()
+                    ..hook_seams
                 };
                 vm::prepare(config, mem, seams).map_err(|e| e.to_string())
             });
@@ -314,7 +320,8 @@ fn prepare_in_background(
             Err(e) => eprintln!("mcvmm: preparing the VM for a takeover failed: {e}"),
         }
         prepared
-    })
+    });
+    (preparing, hooks)
 }
 
 fn take_over(

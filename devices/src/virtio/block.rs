@@ -223,7 +223,10 @@ impl Block {
                     return (0, status_at, S_IOERR);
                 }
                 let start = start.unwrap_or(0);
-                if rtype == T_OUT && self.sink.is_some() {
+                // A sink that is not recording (a guest not protected now) gets nothing:
+                // the write goes the direct way.
+                let forwarding = self.sink.as_ref().is_some_and(|(_, s)| s.recording());
+                if rtype == T_OUT && forwarding {
                     if !self.write_forwarded(data, start, total, mem) {
                         return (0, status_at, S_IOERR);
                     }

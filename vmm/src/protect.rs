@@ -1,0 +1,218 @@
+//! Protection for a guest that runs unprotected: one started standalone, one whose
+//! secondary was lost, or one this node took over. Every VM is built with the seams a
+//! primary needs (an output gate that lets frames through, a disk-write sink that keeps
+//! nothing), so that `mcvmm ctl protect HOST:PORT` can start replicating it to a new
+//! secondary while it runs: the same handshake, live initial sync and epochs as
+//! `run --primary`, without restarting the guest.
+//!
+//! The connection and handshake happen on a thread of their own (a secondary may take a
+//! while to read its disks' digests); the device loop looks at it on its next tick and
+//! then turns dirty tracking on and starts the sync.
+
+use std::fs::File;
+use std::os::unix::net::UnixStream;
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use mcvmm_checkpoint::seams::OutputGate;
+use mcvmm_checkpoint::state::FORMAT_VERSION;
+use mcvmm_replication::gate::{HeldOutput, Transmit};
+use mcvmm_replication::messages::{Accept, Hello, PROTOCOL_VERSION};
+use mcvmm_replication::primary::{self as replication, ForwardedWrites, Link};
+
+use crate::primary::Primary;
+use crate::vm::{Seams, Vm};
+
+/// Disk chunk size for the initial sync's digests.
+pub const SYNC_CHUNK: u64 = 1 << 20;
+
+/// The gate the NIC asks: that of the protection now running. Each protection gets a
+/// gate of its own, so that a lost link opening its gate late cannot open the next one.
+pub struct CurrentGate(Mutex<Arc<HeldOutput>>);
+
+impl OutputGate for CurrentGate {
+    fn hold(&self, frame: &[u8]) -> bool {
+        self.0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .hold(frame)
+    }
+}
+
+/// The primary's seams: the gate that holds output per epoch and the sink that collects
+/// disk writes for the secondary.
+pub struct Hooks {
+    gate: Arc<CurrentGate>,
+    pub writes: Arc<ForwardedWrites>,
+    /// Filled with a handle on the tap when the VM is built; gates release through it.
+    tap_out: Arc<OnceLock<File>>,
+}
+
+impl Hooks {
+    /// `recording`: collect disk writes from the start (a `--primary`), or only once
+    /// protection starts.
+    pub fn new(recording: bool) -> Hooks {
+        let tap_out: Arc<OnceLock<File>> = Arc::new(OnceLock::new());
+        let writes = Arc::new(if recording {
+            ForwardedWrites::default()
+        } else {
+            ForwardedWrites::idle()
+        });
+        let first = Arc::new(HeldOutput::new(transmit_to(tap_out.clone())));
+        Hooks {
+            gate: Arc::new(CurrentGate(Mutex::new(first))),
+            writes,
+            tap_out,
+        }
+    }
+
+    /// A gate for a new protection, in place from now on. It lets frames through until
+    /// its first checkpoint's pause.
+    pub fn fresh_gate(&self) -> Arc<HeldOutput> {
+        let gate = Arc::new(HeldOutput::new(transmit_to(self.tap_out.clone())));
+        *self.gate.0.lock().unwrap_or_else(PoisonError::into_inner) = gate.clone();
+        gate
+    }
+
+    /// The seams the VM's devices are built with.
+    pub fn seams(&self) -> Seams {
+        Seams {
+            disk_writes: Some(self.writes.clone()),
+            output: Some(self.gate.clone()),
+            tap_writer: Some(self.tap_out.clone()),
+            ..Seams::default()
+        }
+    }
+}
+
+fn transmit_to(tap_out: Arc<OnceLock<File>>) -> Transmit {
+    Box::new(move |frame: &[u8]| {
+        use std::io::Write;
+        match tap_out.get() {
+            Some(mut f) => f.write(frame),
+            None => Err(std::io::Error::other("no tap")),
+        }
+    })
+}
+
+/// How this node replicates, from its `run` flags.
+#[derive(Clone, Copy)]
+pub struct Settings {
+    pub epoch_ms: u64,
+    pub timeout: Duration,
+    pub compress: bool,
+    /// How long a connection attempt waits for the secondary to be reachable.
+    pub peer_wait: Duration,
+}
+
+/// What the device loop needs to protect its guest again.
+pub struct Protectable {
+    pub hooks: Hooks,
+    pub settings: Settings,
+    /// The generation this node runs the guest at; a new secondary gets it (or the
+    /// operator's) in the handshake.
+    pub generation: u64,
+    /// What this node took over from, kept in `status` after it protects the guest again.
+    pub took_over: Option<serde_json::Value>,
+}
+
+type Connected = Result<(Arc<Link>, Arc<HeldOutput>, Accept), String>;
+
+/// A connection to a new secondary being made off the device loop.
+pub struct Pending {
+    pub peer: String,
+    pub generation: u64,
+    pub reply_to: UnixStream,
+    handle: JoinHandle<Connected>,
+}
+
+/// Starts connecting to the secondary at `peer`. The link's threads start as soon as the
+/// handshake is done, so the secondary hears heartbeats before the device loop picks
+/// the connection up.
+pub fn connect(
+    vm: &Vm,
+    p: &Protectable,
+    peer: String,
+    generation: u64,
+    reply_to: UnixStream,
+) -> Pending {
+    let hello = Hello {
+        protocol: PROTOCOL_VERSION,
+        state_format: FORMAT_VERSION,
+        shape: vm.shape.clone(),
+        generation,
+        chunk_bytes: SYNC_CHUNK,
+    };
+    let gate = p.hooks.fresh_gate();
+    let s = p.settings;
+    let to = peer.clone();
+    eprintln!("mcvmm: protecting the guest: connecting to a secondary at {peer} (generation {generation})");
+    let handle = std::thread::spawn(move || {
+        let (stream, accept) =
+            replication::connect(&to, &hello, s.peer_wait).map_err(|e| e.to_string())?;
+        let link = replication::start(stream, &to, gate.clone(), s.timeout, s.compress)
+            .map_err(|e| format!("starting replication to {to}: {e}"))?;
+        Ok((link, gate, accept))
+    });
+    Pending {
+        peer,
+        generation,
+        reply_to,
+        handle,
+    }
+}
+
+impl Pending {
+    pub fn is_finished(&self) -> bool {
+        self.handle.is_finished()
+    }
+
+    /// The connected secondary as this node's new primary role, its initial sync started.
+    /// Call once [`Pending::is_finished`]; `refuse` is why the guest cannot be protected
+    /// right now (an operator's pause, dirty tracking in other use), checked last.
+    pub fn finish(
+        self,
+        vm: &Vm,
+        p: &mut Protectable,
+        refuse: Option<&str>,
+    ) -> (Result<Primary, String>, UnixStream) {
+        let connected = self
+            .handle
+            .join()
+            .unwrap_or_else(|_| Err("the connecting thread panicked".into()));
+        let result = connected.and_then(|(link, gate, accept)| {
+            if let Some(why) = refuse {
+                link.lose(why);
+                return Err(why.to_string());
+            }
+            let mut primary = Primary::new(
+                link.clone(),
+                gate,
+                p.hooks.writes.clone(),
+                p.settings.epoch_ms,
+            );
+            match primary.start(vm, accept.disk_digests, SYNC_CHUNK) {
+                Ok(()) => {
+                    p.generation = self.generation;
+                    Ok(primary)
+                }
+                Err(e) => {
+                    link.lose(&e);
+                    Err(format!("starting the initial sync: {e}"))
+                }
+            }
+        });
+        match &result {
+            Ok(_) => eprintln!(
+                "mcvmm: secondary {} accepted the VM (generation {}); initial sync started",
+                self.peer, self.generation
+            ),
+            Err(e) => eprintln!(
+                "mcvmm: protecting the guest at {} failed: {e}; it runs on unprotected",
+                self.peer
+            ),
+        }
+        (result, self.reply_to)
+    }
+}
