@@ -438,7 +438,11 @@ $ip link set lo up
 addr=$(arg lab.ip)
 if [ -n "$addr" ]; then
     # eth0 joins a bridge so that taps added to br0 later (guests) are on the lab network.
-    $ip link add br0 type bridge forward_delay 0 stp_state 0
+    # Its address is eth0's for good: a bridge otherwise takes the lowest of its ports'
+    # addresses, and a tap added later with a lower one would change the host's MAC
+    # under its neighbours' ARP caches (seen: connections to a host failing for 20-30 s
+    # after a guest's tap was added there).
+    $ip link add br0 address "$(cat /sys/class/net/eth0/address)" type bridge forward_delay 0 stp_state 0
     $ip link set eth0 master br0
     $ip link set eth0 up
     $ip addr add "$addr" dev br0
