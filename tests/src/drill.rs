@@ -5,14 +5,24 @@
 //! guest answers again at the same address, that every write the client saw acknowledged
 //! is on the secondary's disk, that the agent's memory patterns verify, and that new
 //! requests succeed.
+//!
+//! One guest lives through the rounds: after a process kill it runs on where the
+//! secondary was, and the next round protects it again (`mcvmm ctl protect`) with a new
+//! secondary where the killed primary was, so it moves back and forth between the two
+//! hosts. A guest is booted only for the first round, after a host kill, or when a round
+//! had to start over.
 
 use std::collections::VecDeque;
-use std::net::Ipv4Addr;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use mcvmm_lab::{net, HostOptions, Lab, LabOptions, TestHost};
+use mcvmm_lab::Lab;
 use serde::Serialize;
+
+pub use crate::pair::{
+    agent, clean, run_ok, start_lab, start_pair, start_standalone, value, PRIMARY, SECONDARY,
+};
+use crate::pair::{agentctl, other, protect_again, NODE};
 
 /// How a round kills the primary.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -39,6 +49,18 @@ pub struct Round {
     /// What the secondary reports of the takeover.
     pub took_over_epoch: u64,
     pub takeover_build_ms: f64,
+    /// The host whose mcvmm was the primary (0 or 1).
+    pub primary_host: usize,
+    /// The guest was protected again after an earlier round's takeover (not booted).
+    pub protected_again: bool,
+    /// Why protecting the running guest again failed (a new guest was booted instead).
+    pub protect_again_failed: Option<String>,
+    /// Starting both sides (or protecting again) to the guest protected, ms.
+    pub protected_ms: u64,
+    /// The same to the guest's workload running and the writes before the kill done, ms.
+    pub ready_ms: u64,
+    /// The checks after the kill (verify, new writes, shutdown, the disks), ms.
+    pub checks_ms: u64,
     /// The primary's guest died on its own before the kill (the secondary took over by
     /// itself; every check still ran).
     pub primary_died_first: bool,
@@ -51,67 +73,11 @@ pub struct Options {
     pub seed: u64,
 }
 
-pub const PRIMARY: usize = 0;
-pub const SECONDARY: usize = 1;
-const PORT: u16 = 7777;
 /// Fresh labs a drill may start after test hosts died under it.
 const MAX_LAB_RESTARTS: usize = 3;
 /// Rounds a drill may add for primaries whose guest died on its own before the kill
 /// (issue 6's notes: seen about once in ten rounds in the lab, cause not yet known).
 pub const MAX_EXTRA_ROUNDS: usize = 6;
-
-fn guest_ip() -> Ipv4Addr {
-    net::guest_addr(0)
-}
-
-pub fn run_ok(host: &TestHost, what: &str, cmd: &str, secs: u64) -> Result<String, String> {
-    let out = host
-        .run(cmd, Duration::from_secs(secs))
-        .map_err(|e| format!("{what}: {e}"))?;
-    if !out.success() {
-        return Err(format!(
-            "{what}: status {}{}\n{}\n{}",
-            out.status,
-            if out.timed_out { " (timed out)" } else { "" },
-            out.stdout_text(),
-            out.stderr_text()
-        ));
-    }
-    Ok(out.stdout_text())
-}
-
-/// `agentctl` against the guest, from the lab network.
-fn agentctl(ns: &str, args: &[&str]) -> Command {
-    let bin = crate::workspace_command("mcvmm-agentctl");
-    let mut c = Command::new("ip");
-    c.args(["netns", "exec", ns]).arg(bin.get_program());
-    c.args(["--addr", &format!("{}:7000", guest_ip())]);
-    c.args(args);
-    c
-}
-
-pub fn agent(ns: &str, args: &[&str]) -> Result<String, String> {
-    let out = agentctl(ns, args)
-        .output()
-        .map_err(|e| format!("agentctl: {e}"))?;
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    if !out.status.success() {
-        return Err(format!(
-            "agentctl {}: {}{}",
-            args.join(" "),
-            text,
-            String::from_utf8_lossy(&out.stderr)
-        ));
-    }
-    Ok(text)
-}
-
-/// The number after `key=` in `text` (words separated by white space).
-pub fn value(text: &str, key: &str) -> Option<u64> {
-    text.split_whitespace()
-        .find_map(|w| w.strip_prefix(&format!("{key}=")))
-        .and_then(|v| v.parse().ok())
-}
 
 /// A small deterministic generator: the seed is printed, so a round can be replayed.
 struct Rng(u64);
@@ -125,82 +91,11 @@ impl Rng {
     }
 }
 
-pub fn start_lab(mem_mib: u32) -> Result<Lab, String> {
-    let images = mcvmm_lab::reference::GuestImages::locate().map_err(|e| e.to_string())?;
-    let mut binaries = Vec::new();
-    for (name, dest) in [("mcvmm", "mcvmm"), ("mcvmm-agentctl", "agentctl")] {
-        let bin = mcvmm_lab::assets::workspace_binary(name).map_err(|e| e.to_string())?;
-        binaries.push((bin, dest.to_string()));
-    }
-    Lab::start(&LabOptions {
-        hosts: 2,
-        network: true,
-        host: HostOptions {
-            mem_mib: mem_mib + 768,
-            files: images.files(),
-            binaries,
-            ..HostOptions::default()
-        },
-    })
-    .map_err(|e| format!("starting the lab: {e}"))
-}
-
-/// Starts the secondary, then the primary, waits until the guest is protected.
-/// `extra`: more flags for the primary.
-pub fn start_pair(lab: &Lab, mem_mib: u32, extra: &str) -> Result<(), String> {
-    let sec_ip = net::host_addr(SECONDARY);
-    run_ok(
-        lab.host(SECONDARY),
-        "starting the secondary",
-        &format!(
-            "rm -f s1.img s2.img s3.img; truncate -s 32M s1.img s2.img s3.img
-             ip link del stap 2>/dev/null; ip tuntap add dev stap mode tap
-             ip link set stap master br0 up
-             ./mcvmm run --secondary --listen {sec_ip}:{PORT} --disk s1.img --disk s2.img \
-                 --disk s3.img --tap stap --serial s.console --api-sock s.sock >s.log 2>&1 &
-             echo $! >s.pid"
-        ),
-        30,
-    )?;
-    run_ok(
-        lab.host(PRIMARY),
-        "starting the primary",
-        &format!(
-            "{}
-             end=$(( $(cut -d. -f1 /proc/uptime) + 100 ))
-             until ./mcvmm ctl --api-sock p.sock status 2>/dev/null | grep -q '\"protected\": true'; do
-               if [ $(cut -d. -f1 /proc/uptime) -gt $end ]; then echo 'not protected in 100 s'; cat p.log; exit 1; fi
-               if ! kill -0 $(cat p.pid) 2>/dev/null; then echo 'primary ended'; cat p.log; exit 1; fi
-               sleep 0.2
-             done",
-            start_primary_script(
-                mem_mib,
-                &format!("--primary --peer {sec_ip}:{PORT} {extra}")
-            )
-        ),
-        150,
-    )
-    .map_err(|e| {
-        let s = lab
-            .host(SECONDARY)
-            .run("cat s.log; tail -5 s.console", Duration::from_secs(10))
-            .map(|o| o.stdout_text())
-            .unwrap_or_default();
-        format!("{e}\nsecondary log:\n{s}")
-    })?;
-    Ok(())
-}
-
-/// Ends whatever a failed start left on both hosts.
-pub fn clean(lab: &Lab) {
-    for (h, p) in [(PRIMARY, "p"), (SECONDARY, "s")] {
-        let _ = lab.host(h).run(
-            &format!(
-                "kill -9 $(cat {p}.pid) 2>/dev/null; sleep 0.2; rm -f {p}1.img {p}2.img {p}3.img; ip link del {p}tap 2>/dev/null; true"
-            ),
-            Duration::from_secs(20),
-        );
-    }
+/// How and when a round kills the primary: `after_ms` after the guest is protected.
+#[derive(Debug, Clone, Copy)]
+pub struct KillAt {
+    pub kill: Kill,
+    pub after_ms: u64,
 }
 
 /// Why a round failed: before its kill (the protected guest never got ready), or in
@@ -226,35 +121,106 @@ impl From<String> for RoundFailure {
     }
 }
 
-/// Brings a protected guest up with its workload and the writes before the drill. The
-/// lab's nested guests have been seen to die during boot under QEMU as well as mcvmm (see
-/// issue 4's notes): a start that fails is tried once more, loudly; a kill is never. A
-/// second failure is the caller's to take to fresh test hosts.
-fn prepare(lab: &Lab, ns: &str, run: u64, before: u64, opts: &Options) -> Result<(), String> {
-    let once = || -> Result<(), String> {
-        start_pair(lab, opts.guest_mem_mib, "")?;
-        agent(ns, &["--wait", "60", "ping"])?;
-        agent(ns, &["mem-start", "16", "2000"])?;
+/// Where the drill's guest runs between rounds: on the host that took it over last, not
+/// protected, or nowhere (none booted yet, or its hosts were replaced).
+#[derive(Debug, Default)]
+pub struct Chain {
+    pub running_on: Option<usize>,
+}
+
+/// How a round's guest got protected.
+struct Prepared {
+    primary: usize,
+    protected_ms: u64,
+    /// The running guest was protected again (not booted).
+    again: bool,
+    /// Why protecting the running guest again failed, if it did (a new one was booted).
+    again_failed: Option<String>,
+    /// What happened, for the log.
+    how: String,
+}
+
+/// Brings a protected guest up with its workload and the writes before the kill: the
+/// running guest protected again, or a new one booted. The lab's nested guests have been
+/// seen to die on their own, during boot (under QEMU as well as mcvmm, see issue 4's
+/// notes) and now and then while protected: a guest that cannot be protected again is
+/// replaced by a new one, and a boot that fails is tried once more, loudly either way; a
+/// kill is never. A second boot failure is the caller's to take to fresh test hosts.
+fn prepare(
+    lab: &Lab,
+    ns: &str,
+    chain: &mut Chain,
+    run: u64,
+    before: u64,
+    opts: &Options,
+) -> Result<Prepared, String> {
+    let records = || {
         agent(
             ns,
             &["records", "vda", &run.to_string(), &before.to_string()],
-        )?;
-        Ok(())
+        )
     };
-    once().or_else(|e| {
+    let mut again_failed = None;
+    if let Some(host) = chain.running_on.take() {
+        let t = Instant::now();
+        match protect_again(lab, host).and_then(|sync| {
+            let ms = t.elapsed().as_millis() as u64;
+            records()?;
+            Ok((ms, sync))
+        }) {
+            Ok((protected_ms, sync)) => {
+                return Ok(Prepared {
+                    primary: host,
+                    protected_ms,
+                    again: true,
+                    again_failed: None,
+                    how: format!(
+                        "protected again in {:.1} s ({sync})",
+                        protected_ms as f64 / 1e3
+                    ),
+                })
+            }
+            Err(e) => {
+                eprintln!(
+                    "WARNING: round {}: protecting the running guest again failed ({e}\n{}); booting a new one",
+                    run - 1,
+                    console_tails(lab)
+                );
+                again_failed = Some(e.lines().next().unwrap_or_default().to_string());
+                clean(lab);
+            }
+        }
+    }
+    let once = || -> Result<u64, String> {
+        let t = Instant::now();
+        start_pair(lab, opts.guest_mem_mib, "")?;
+        let protected_ms = t.elapsed().as_millis() as u64;
+        agent(ns, &["--wait", "60", "ping"])?;
+        agent(ns, &["mem-start", "16", "2000"])?;
+        records()?;
+        Ok(protected_ms)
+    };
+    let protected_ms = once().or_else(|e| {
         eprintln!(
             "WARNING: starting the protected guest failed ({e}\n{}); trying once more",
             console_tails(lab)
         );
         clean(lab);
         once().map_err(|e| format!("{e}\n{}", console_tails(lab)))
+    })?;
+    Ok(Prepared {
+        primary: PRIMARY,
+        protected_ms,
+        again: false,
+        again_failed,
+        how: format!("booted and protected in {:.1} s", protected_ms as f64 / 1e3),
     })
 }
 
-/// What `command(prefix)` prints on the primary's host ("p") and the secondary's ("s"),
-/// each under a heading; a host that does not answer adds nothing (diagnostics only).
+/// What `command(prefix)` prints on host 0 ("p") and host 1 ("s"), each under a
+/// heading; a host that does not answer adds nothing (diagnostics only).
 fn on_both_hosts(lab: &Lab, secs: u64, command: impl Fn(&str) -> String) -> String {
-    [(PRIMARY, "p"), (SECONDARY, "s")]
+    [(PRIMARY, NODE[PRIMARY]), (SECONDARY, NODE[SECONDARY])]
         .iter()
         .map(|(i, p)| {
             lab.host(*i)
@@ -275,16 +241,30 @@ fn console_tails(lab: &Lab) -> String {
 pub fn round(
     lab: &Lab,
     ns: &str,
+    chain: &mut Chain,
     n: usize,
-    kill: Kill,
-    kill_after_ms: u64,
+    at: KillAt,
     opts: &Options,
     log: &mut dyn FnMut(&str),
 ) -> Result<Round, RoundFailure> {
+    let KillAt {
+        kill,
+        after_ms: kill_after_ms,
+    } = at;
     let run = n as u64 + 1;
     let run_s = run.to_string();
-    let before = 30;
-    prepare(lab, ns, run, before, opts).map_err(RoundFailure::Start)?;
+    let before = 10;
+    let started = Instant::now();
+    let Prepared {
+        primary,
+        protected_ms,
+        again: protected_again,
+        again_failed,
+        how,
+    } = prepare(lab, ns, chain, run, before, opts).map_err(RoundFailure::Start)?;
+    let ready_ms = started.elapsed().as_millis() as u64;
+    let (pn, secondary) = (NODE[primary], other(primary));
+    let sn = NODE[secondary];
     // The client writes through the kill.
     let client_secs = (kill_after_ms / 1000 + 4).to_string();
     let client = agentctl(ns, &["records-for", "vdb", &run_s, &client_secs])
@@ -298,9 +278,11 @@ pub fn round(
     match kill {
         Kill::Process => {
             let out = run_ok(
-                lab.host(PRIMARY),
+                lab.host(primary),
                 "killing the primary",
-                "kill -9 $(cat p.pid) 2>/dev/null || { echo GONE; tail -3 p.log; }",
+                &format!(
+                    "kill -9 $(cat {pn}.pid) 2>/dev/null || {{ echo GONE; tail -3 {pn}.log; }}"
+                ),
                 20,
             )?;
             if out.contains("GONE") {
@@ -310,7 +292,7 @@ pub fn round(
                 eprintln!("WARNING: round {n}: the primary had ended before the kill:\n{out}");
             }
         }
-        Kill::Host => lab.host(PRIMARY).kill(),
+        Kill::Host => lab.host(primary).kill(),
     }
     let probe = agent(ns, &["answer-within", "30"])?;
     // The probe started after the kill was issued; its own count is what it waited.
@@ -322,10 +304,12 @@ pub fn round(
     let client_out = String::from_utf8_lossy(&out.stdout).into_owned();
     let acked = value(&client_out, "acknowledged").ok_or(format!("client: {client_out}"))?;
     let stall = value(&client_out, "slowest_ms").unwrap_or(0);
+    let checks_started = Instant::now();
+    // A secondary started this round: what it says it took over is this round's.
     let status = run_ok(
-        lab.host(SECONDARY),
+        lab.host(secondary),
         "secondary status",
-        "./mcvmm ctl --api-sock s.sock status",
+        &format!("./mcvmm ctl --api-sock {sn}.sock status"),
         20,
     )?;
     let status: serde_json::Value =
@@ -338,31 +322,29 @@ pub fn round(
         return Err(format!("memory patterns after failover: {verify}").into());
     }
     agent(ns, &["records", "vdc", &run_s, "10"])?;
-    agent(ns, &["shutdown"])?;
+    // The guest goes on (the next round protects it again): its disks are read as they
+    // are. Every record checked was acknowledged after its fdatasync, so it is in the
+    // file; records of earlier runs at the same places do not count.
     let check = run_ok(
-        lab.host(SECONDARY),
+        lab.host(secondary),
         "checking the secondary's disks",
         &format!(
-            "i=0; while kill -0 $(cat s.pid) 2>/dev/null; do i=$((i+1)); [ $i -gt 300 ] && exit 1; sleep 0.1; done
-             ./agentctl check-records s1.img {run} {before}
-             ./agentctl check-records s2.img {run} {acked}
-             ./agentctl check-records s3.img {run} 10
-             rm -f s1.img s2.img s3.img; ip link del stap"
+            "./agentctl check-records {sn}1.img {run} {before}
+             ./agentctl check-records {sn}2.img {run} {acked}
+             ./agentctl check-records {sn}3.img {run} 10"
         ),
         60,
     )?;
-    log(&format!(
-        "round {n}: {kill:?} kill {kill_after_ms} ms after protection; {acked} writes acknowledged through it (longest wait {stall} ms); new connections answered {failover_ms} ms after the kill (+{kill_issued_ms} ms issuing it); {}",
-        check.trim().replace('\n', "; ")
-    ));
+    let checks_ms = checks_started.elapsed().as_millis() as u64;
     if kill == Kill::Process {
-        run_ok(
-            lab.host(PRIMARY),
-            "cleaning the primary",
-            "rm -f p1.img p2.img p3.img; ip link del ptap",
-            20,
-        )?;
+        chain.running_on = Some(secondary);
     }
+    log(&format!(
+        "round {n}: {kill:?} kill of host {primary}'s primary {kill_after_ms} ms after protection; {acked} writes acknowledged through it (longest wait {stall} ms); new connections answered {failover_ms} ms after the kill (+{kill_issued_ms} ms issuing it); {}; {how}; ready in {:.1} s, checked in {:.1} s",
+        check.trim().replace('\n', "; "),
+        ready_ms as f64 / 1000.0,
+        checks_ms as f64 / 1000.0
+    ));
     Ok(Round {
         round: n,
         kill,
@@ -374,6 +356,12 @@ pub fn round(
         took_over_epoch: status["took_over"]["epoch"].as_u64().unwrap_or(0),
         takeover_build_ms: status["took_over"]["build_ms"].as_f64().unwrap_or(0.0),
         primary_died_first,
+        primary_host: primary,
+        protected_again,
+        protect_again_failed: again_failed,
+        protected_ms,
+        ready_ms,
+        checks_ms,
     })
 }
 
@@ -386,6 +374,7 @@ pub fn run(opts: &Options, log: &mut dyn FnMut(&str)) -> Result<Vec<Round>, Stri
     let mut plan: VecDeque<Kill> = vec![Kill::Process; opts.process_rounds].into();
     plan.extend(vec![Kill::Host; opts.host_rounds]);
     let mut lab: Option<Lab> = None;
+    let mut chain = Chain::default();
     let mut lab_restarts = 0;
     let mut extra_rounds = 0;
     while let Some(kill) = plan.pop_front() {
@@ -393,14 +382,18 @@ pub fn run(opts: &Options, log: &mut dyn FnMut(&str)) -> Result<Vec<Round>, Stri
         if lab.is_none() {
             log("booting two test hosts on a lab network");
             lab = Some(start_lab(opts.guest_mem_mib)?);
+            chain = Chain::default();
         }
         let Some(l) = lab.as_ref() else { continue };
         let ns = l
             .net()
             .map(|n| n.ns.clone())
             .ok_or("the lab has no network")?;
-        let kill_after_ms = rng.below(3000);
-        let r = match round(l, &ns, n + 1, kill, kill_after_ms, opts, log) {
+        let at = KillAt {
+            kill,
+            after_ms: rng.below(3000),
+        };
+        let r = match round(l, &ns, &mut chain, n + 1, at, opts, log) {
             Ok(r) => r,
             Err(e) => {
                 let consoles: String = l
@@ -460,7 +453,8 @@ pub fn run(opts: &Options, log: &mut dyn FnMut(&str)) -> Result<Vec<Round>, Stri
                     .net()
                     .map(|n| n.ns.clone())
                     .ok_or("the lab has no network")?;
-                let r = round(&fresh, &ns, n + 1, kill, kill_after_ms, opts, log)
+                chain = Chain::default();
+                let r = round(&fresh, &ns, &mut chain, n + 1, at, opts, log)
                     .map_err(|e| e.to_string())?;
                 lab = Some(fresh);
                 r
@@ -484,31 +478,4 @@ pub fn run(opts: &Options, log: &mut dyn FnMut(&str)) -> Result<Vec<Round>, Stri
         }
     }
     Ok(rounds)
-}
-
-/// Shell lines (for the primary's host) that start the guest in the background with
-/// three fresh disks and a tap on the lab bridge; `flags` go to `mcvmm run`.
-fn start_primary_script(mem_mib: u32, flags: &str) -> String {
-    format!(
-        "rm -f p1.img p2.img p3.img; truncate -s 32M p1.img p2.img p3.img
-         ip link del ptap 2>/dev/null; ip tuntap add dev ptap mode tap
-         ip link set ptap master br0 up
-         ./mcvmm run --kernel guest/vmlinux --initrd guest/initrd.img --mem-mib {mem_mib} \\
-             --cmdline 'panic=-1 mcvmm.ip={}/{}' --disk p1.img --disk p2.img --disk p3.img \\
-             --tap ptap --serial p.console --api-sock p.sock {flags} >p.log 2>&1 &
-         echo $! >p.pid",
-        guest_ip(),
-        net::SUBNET_PREFIX
-    )
-}
-
-/// The same guest on the primary's host without protection (the baseline).
-pub fn start_standalone(lab: &Lab, mem_mib: u32) -> Result<(), String> {
-    run_ok(
-        lab.host(PRIMARY),
-        "starting the unprotected guest",
-        &start_primary_script(mem_mib, ""),
-        30,
-    )?;
-    Ok(())
 }

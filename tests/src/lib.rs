@@ -2,6 +2,7 @@
 
 pub mod drill;
 pub mod guest;
+pub mod pair;
 
 use std::path::PathBuf;
 use std::process::{Command, Output};

@@ -203,3 +203,54 @@ fn a_secondary_without_a_committed_checkpoint_refuses_to_take_over() {
     );
     assert!(!out.contains("TOOK OVER"), "{out}");
 }
+
+#[test]
+fn a_guest_started_unprotected_is_protected_later_and_its_copy_verifies() {
+    let _serial = one_at_a_time();
+    let out = script(
+        "truncate -s 32M la.img lb.img
+         start_guest lp vmlinux 1 128 --disk la.img
+         # Written before protection: only the initial sync can carry these.
+         agent lp records vda 1 20
+         ip netns exec lp ip tuntap add dev stap mode tap
+         ip netns exec lp ./mcvmm run --secondary --listen 127.0.0.1:7779 --disk lb.img \
+             --tap stap --serial lp.s.console --api-sock lp.s.sock >lp.s.log 2>&1 &
+         echo $! >lp.s.pid
+         echo '== protect'; ./mcvmm ctl --api-sock lp.sock protect 127.0.0.1:7779
+         wait_protected lp
+         echo '== again'; ./mcvmm ctl --api-sock lp.sock protect 127.0.0.1:7779
+         agent lp mem-start 16 2000
+         agent lp records vda 2 10
+         echo '== verify'; ./mcvmm ctl --api-sock lp.sock verify
+         sleep 2
+         echo '== primary'; ./mcvmm ctl --api-sock lp.sock status
+         echo '== secondary'; ./mcvmm ctl --api-sock lp.s.sock status
+         cat lp.log",
+    );
+    let protect = report(&out, "protect");
+    assert_eq!(protect["ok"], true, "{protect:#}\n{out}");
+    assert_eq!(protect["generation"], 1, "{protect:#}");
+    let again = report(&out, "again");
+    assert!(
+        again["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("already protected")),
+        "{again:#}"
+    );
+    let primary = report(&out, "primary");
+    assert_eq!(primary["protected"], true, "{primary:#}");
+    assert!(
+        primary["replication"]["sync"]["sent_bytes"].as_u64() > Some(0),
+        "{primary:#}"
+    );
+    let secondary = report(&out, "secondary");
+    assert!(
+        secondary["progress"]["verified_epochs"].as_u64() >= Some(1),
+        "memory and disk digests were compared at a commit: {secondary:#}\n{out}"
+    );
+    assert_eq!(secondary["progress"]["verify_failures"], 0, "{secondary:#}");
+    assert!(
+        out.contains("protecting the guest: connecting to a secondary at 127.0.0.1:7779"),
+        "the log says what happened: {out}"
+    );
+}

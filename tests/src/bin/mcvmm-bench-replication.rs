@@ -169,13 +169,17 @@ fn run(epochs: &[u64], failovers: usize, out: &std::path::Path) -> Result<(), St
         seed: 7,
     };
     let mut rounds = Vec::new();
+    let mut chain = drill::Chain::default();
     for n in 0..failovers {
         let r = drill::round(
             &lab,
             &ns,
+            &mut chain,
             n + 1,
-            Kill::Process,
-            300 + 700 * n as u64,
+            drill::KillAt {
+                kill: Kill::Process,
+                after_ms: 300 + 700 * n as u64,
+            },
             &opts,
             &mut |m| eprintln!("bench: {m}"),
         )

@@ -95,6 +95,16 @@ fn main() {
             println!("{line}");
         }
     }
+    let again = rounds.iter().filter(|r| r.protected_again).count();
+    let failed: Vec<&String> = rounds
+        .iter()
+        .filter_map(|r| r.protect_again_failed.as_ref())
+        .collect();
+    println!(
+        "\nThe running guest was protected again (`mcvmm ctl protect`) for {again} round(s); {} attempt(s) failed{}",
+        failed.len(),
+        if failed.is_empty() { String::new() } else { format!(": {failed:?}") }
+    );
     if let Some(dir) = out.parent() {
         let _ = std::fs::create_dir_all(dir);
     }
