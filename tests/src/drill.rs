@@ -126,6 +126,8 @@ impl From<String> for RoundFailure {
 #[derive(Debug, Default)]
 pub struct Chain {
     pub running_on: Option<usize>,
+    /// The host a host-kill round powered off (gone on purpose, not dead).
+    pub powered_off: Option<usize>,
 }
 
 /// How a round's guest got protected.
@@ -234,7 +236,7 @@ fn on_both_hosts(lab: &Lab, secs: u64, command: impl Fn(&str) -> String) -> Stri
 
 /// The end of both guests' consoles: where a guest that never got ready stopped.
 fn console_tails(lab: &Lab) -> String {
-    on_both_hosts(lab, 10, |p| format!("tail -8 {p}.console 2>&1"))
+    on_both_hosts(lab, 10, |p| format!("tail -20 {p}.console 2>&1"))
 }
 
 /// One round; `lab` must have both hosts up with nothing running.
@@ -281,7 +283,7 @@ pub fn round(
                 lab.host(primary),
                 "killing the primary",
                 &format!(
-                    "kill -9 $(cat {pn}.pid) 2>/dev/null || {{ echo GONE; tail -3 {pn}.log; }}"
+                    "kill -9 $(cat {pn}.pid) 2>/dev/null || {{ echo GONE; tail -3 {pn}.log; echo '-- its guest console:'; tail -25 {pn}.console; }}"
                 ),
                 20,
             )?;
@@ -292,7 +294,10 @@ pub fn round(
                 eprintln!("WARNING: round {n}: the primary had ended before the kill:\n{out}");
             }
         }
-        Kill::Host => lab.host(primary).kill(),
+        Kill::Host => {
+            chain.powered_off = Some(primary);
+            lab.host(primary).kill()
+        }
     }
     let probe = agent(ns, &["answer-within", "30"])?;
     // The probe started after the kill was issued; its own count is what it waited.
@@ -426,9 +431,10 @@ pub fn run(opts: &Options, log: &mut dyn FnMut(&str)) -> Result<Vec<Round>, Stri
                 // boot twice in a row on hosts that had run many rounds. Such a round could
                 // not be checked either way: it runs again on fresh hosts, loudly, a few
                 // times at most. A failed check on healthy hosts fails the drill.
-                // A host-kill round's primary counts only if it died before its kill.
-                let dead = l.hosts().iter().any(|h| {
-                    !h.was_killed()
+                // A host-kill round's primary counts only if it died before its kill (the
+                // lab also powers off a host it found hung: that one is dead).
+                let dead = l.hosts().iter().enumerate().any(|(i, h)| {
+                    chain.powered_off != Some(i)
                         && !h
                             .run("true", Duration::from_secs(20))
                             .is_ok_and(|o| o.success())
@@ -447,17 +453,10 @@ pub fn run(opts: &Options, log: &mut dyn FnMut(&str)) -> Result<Vec<Round>, Stri
                     },
                     n + 1
                 );
+                // The loop boots fresh hosts (and a new guest) for the same round.
                 drop(lab.take());
-                let fresh = start_lab(opts.guest_mem_mib)?;
-                let ns = fresh
-                    .net()
-                    .map(|n| n.ns.clone())
-                    .ok_or("the lab has no network")?;
-                chain = Chain::default();
-                let r = round(&fresh, &ns, &mut chain, n + 1, at, opts, log)
-                    .map_err(|e| e.to_string())?;
-                lab = Some(fresh);
-                r
+                plan.push_front(kill);
+                continue;
             }
         };
         if r.primary_died_first && kill == Kill::Process {

@@ -18,7 +18,9 @@ fn failover_after_the_primary_is_killed_keeps_every_acknowledged_write() {
          agent fo mem-start 16 2000
          agent fo records vda 1 50
          echo '== verify'; ./mcvmm ctl --api-sock fo.sock verify
-         sleep 2
+         # The digests ride on the next checkpoint; under the memory workload an epoch
+         # can take a while to commit. Wait for the comparison (20 s at most).
+         i=0; until ./mcvmm ctl --api-sock fo.s.sock status | grep -q '\"verified_epochs\": [1-9]' || [ $i -gt 200 ]; do sleep 0.1; i=$((i+1)); done
          echo '== primary'; ./mcvmm ctl --api-sock fo.sock status
          echo '== secondary'; ./mcvmm ctl --api-sock fo.s.sock status
          # Acknowledged writes go on while the primary is killed under them.
@@ -222,7 +224,7 @@ fn a_guest_started_unprotected_is_protected_later_and_its_copy_verifies() {
          agent lp mem-start 16 2000
          agent lp records vda 2 10
          echo '== verify'; ./mcvmm ctl --api-sock lp.sock verify
-         sleep 2
+         i=0; until ./mcvmm ctl --api-sock lp.s.sock status | grep -q '\"verified_epochs\": [1-9]' || [ $i -gt 200 ]; do sleep 0.1; i=$((i+1)); done
          echo '== primary'; ./mcvmm ctl --api-sock lp.sock status
          echo '== secondary'; ./mcvmm ctl --api-sock lp.s.sock status
          cat lp.log",
