@@ -450,9 +450,22 @@ fn run(
             Ok(VcpuExit::Hlt) => {}
             Ok(VcpuExit::Shutdown) => {
                 if let (Ok(r), Ok(s)) = (vcpu.get_regs(), vcpu.get_sregs()) {
+                    // On AMD, KVM reinitializes the vCPU when it sees the shutdown, so
+                    // what is read here is the reset state, not where the guest was.
+                    let reset = r.rip == 0xfff0 && s.cr0 & 1 == 0;
                     eprintln!(
-                        "mcvmm: vCPU {id} triple fault at rip {:#x} rsp {:#x} cr0 {:#x} cr3 {:#x} cr4 {:#x} efer {:#x}",
-                        r.rip, r.rsp, s.cr0, s.cr3, s.cr4, s.efer
+                        "mcvmm: vCPU {id} triple fault at rip {:#x} rsp {:#x} cr0 {:#x} cr3 {:#x} cr4 {:#x} efer {:#x}{}",
+                        r.rip,
+                        r.rsp,
+                        s.cr0,
+                        s.cr3,
+                        s.cr4,
+                        s.efer,
+                        if reset {
+                            " (the reset state: KVM reinitialized the vCPU at the shutdown, as it does on AMD; where the guest faulted is not known)"
+                        } else {
+                            ""
+                        }
                     );
                 }
                 return ExitReason::TripleFault { vcpu: id };
