@@ -24,6 +24,16 @@ fn twenty_process_kills_and_a_host_kill_lose_no_acknowledged_write() {
     };
     let rounds =
         drill::run(&opts, &mut |m| eprintln!("drill: {m}")).unwrap_or_else(|e| panic!("{e}"));
+    // A passing test's output is not shown: what each round did is kept for a look after.
+    let kept = mcvmm_tests::repo_root().join("target/drill-test.json");
+    let json = serde_json::json!({ "seed": seed, "rounds": rounds });
+    match serde_json::to_string_pretty(&json).map(|s| std::fs::write(&kept, s)) {
+        Ok(Ok(())) => eprintln!("drill: rounds in {}", kept.display()),
+        other => eprintln!(
+            "drill: could not keep the rounds in {}: {other:?}",
+            kept.display()
+        ),
+    }
     // Rounds whose primary died on its own before the kill are checked like the rest
     // and do not count: the drill adds one (a few at most) for each.
     let killed = |kind| {
