@@ -55,31 +55,15 @@ pub struct Forwarded {
     pub data: Vec<u8>,
 }
 
-/// Collects the guest's disk writes of the epoch in progress, while recording (a primary
-/// that lost its secondary, or a guest not protected yet, keeps none).
+/// Collects the guest's disk writes of the epoch in progress, while recording (from the
+/// start of a protection until its secondary is lost; `Default` is not recording).
+#[derive(Default)]
 pub struct ForwardedWrites {
     writes: Mutex<Vec<Forwarded>>,
     recording: AtomicBool,
 }
 
-impl Default for ForwardedWrites {
-    /// Recording from the start.
-    fn default() -> Self {
-        ForwardedWrites {
-            writes: Mutex::new(Vec::new()),
-            recording: AtomicBool::new(true),
-        }
-    }
-}
-
 impl ForwardedWrites {
-    /// Not recording until [`ForwardedWrites::record`] is called.
-    pub fn idle() -> Self {
-        let w = ForwardedWrites::default();
-        w.recording.store(false, Ordering::SeqCst);
-        w
-    }
-
     /// The writes since the last call (at a pause: those of the epoch that just ended).
     pub fn take(&self) -> Vec<Forwarded> {
         std::mem::take(&mut *self.writes.lock().unwrap_or_else(PoisonError::into_inner))
@@ -690,7 +674,7 @@ mod tests {
 
     #[test]
     fn writes_are_kept_only_while_recording() {
-        let w = ForwardedWrites::idle();
+        let w = ForwardedWrites::default();
         assert!(!w.recording());
         w.written(0, 0, vec![1]);
         assert!(w.take().is_empty(), "idle: nothing kept");

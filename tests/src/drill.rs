@@ -91,6 +91,17 @@ impl Rng {
     }
 }
 
+/// How many rounds protected the running guest again, and why the attempts that failed
+/// did.
+pub fn protected_again(rounds: &[Round]) -> (usize, Vec<&String>) {
+    let again = rounds.iter().filter(|r| r.protected_again).count();
+    let failed = rounds
+        .iter()
+        .filter_map(|r| r.protect_again_failed.as_ref())
+        .collect();
+    (again, failed)
+}
+
 /// How and when a round kills the primary: `after_ms` after the guest is protected.
 #[derive(Debug, Clone, Copy)]
 pub struct KillAt {

@@ -47,11 +47,7 @@ fn twenty_process_kills_and_a_host_kill_lose_no_acknowledged_write() {
     // Protecting the guest again is the way every round but the first begins; the lab's
     // guests die on their own now and then (then a new one is booted, loudly), but at
     // least half the rounds must have gone that way.
-    let again = rounds.iter().filter(|r| r.protected_again).count();
-    let failed: Vec<&String> = rounds
-        .iter()
-        .filter_map(|r| r.protect_again_failed.as_ref())
-        .collect();
+    let (again, failed) = drill::protected_again(&rounds);
     eprintln!(
         "drill: {again} rounds protected the running guest again; {} attempts failed: {failed:?}",
         failed.len()

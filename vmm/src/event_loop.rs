@@ -152,8 +152,9 @@ pub enum Role {
     Standalone,
     /// Replicating to a secondary.
     Primary(Box<Primary>),
-    /// A secondary that took over: an unprotected primary (what it took over from).
-    TookOver(serde_json::Value),
+    /// A secondary that took over: an unprotected primary (`Protectable::took_over` says
+    /// from what).
+    TookOver,
 }
 
 impl Role {
@@ -169,10 +170,9 @@ impl Role {
                 v["protected"] = r["protected"].clone();
                 v["replication"] = r;
             }
-            Role::TookOver(info) => {
+            Role::TookOver => {
                 v["role"] = json!("primary");
                 v["protected"] = json!(false);
-                v["took_over"] = info.clone();
             }
         }
     }
@@ -498,8 +498,6 @@ pub fn run(
     }
 }
 
-/// Raises again each device interrupt the guest left set and unacknowledged since the
-/// previous look, and says so: the first few times per device, then every hundredth.
 /// Why the guest cannot start being protected now, if it cannot.
 fn cannot_protect(
     paused: bool,
@@ -517,6 +515,8 @@ fn cannot_protect(
     }
 }
 
+/// Raises again each device interrupt the guest left set and unacknowledged since the
+/// previous look, and says so: the first few times per device, then every hundredth.
 fn raise_ignored_interrupts(vm: &Vm) {
     for dev in &vm.devices {
         let t = dev

@@ -26,8 +26,7 @@ use crate::event_loop::Role;
 use crate::vcpu::ExitReason;
 use crate::vm::{DiskConfig, SerialOut, Source, VmConfig};
 use mcvmm_checkpoint::snapshot::{self as snapshot_files, Loaded};
-use mcvmm_checkpoint::state::{DiskShape, VmShape, FORMAT_VERSION};
-use mcvmm_replication::messages::{Hello, PROTOCOL_VERSION};
+use mcvmm_checkpoint::state::{DiskShape, VmShape};
 use mcvmm_replication::primary as replication;
 
 #[derive(Parser)]
@@ -253,13 +252,7 @@ struct PrimaryLink {
 fn connect_primary(args: &RunArgs, cfg: &VmConfig) -> anyhow::Result<PrimaryLink> {
     let peer = args.peer.clone().context("--primary needs --peer")?;
     let shape = shape_of(cfg)?;
-    let hello = Hello {
-        protocol: PROTOCOL_VERSION,
-        state_format: FORMAT_VERSION,
-        shape: shape.clone(),
-        generation: args.generation,
-        chunk_bytes: protect::SYNC_CHUNK,
-    };
+    let hello = protect::hello(shape.clone(), args.generation);
     eprintln!("mcvmm: primary: connecting to the secondary at {peer}");
     let (stream, accept) =
         replication::connect(&peer, &hello, Duration::from_secs(args.peer_wait_s))?;
@@ -301,8 +294,8 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     let (cfg, api_sock) = config(&args, snapshot.as_ref())?;
     // Blocked before any thread exists, so only the device loop ever sees them.
     let signals = event_loop::SignalFd::block_and_open().context("setting up signal handling")?;
-    // Every VM can be protected later (`ctl protect`); a primary's records writes now.
-    let hooks = protect::Hooks::new(is_primary);
+    // Every VM can be protected later (`ctl protect`).
+    let hooks = protect::Hooks::new();
     let link = if is_primary {
         let l = connect_primary(&args, &cfg)?;
         // The link's threads start now, so the secondary hears heartbeats while the VM
@@ -400,7 +393,7 @@ fn run_secondary(args: RunArgs) -> anyhow::Result<()> {
         &signals,
         api.as_ref(),
         args.api_sock.as_ref(),
-        Role::TookOver(took.info),
+        Role::TookOver,
         protectable,
     )
 }

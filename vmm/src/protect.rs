@@ -16,7 +16,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use mcvmm_checkpoint::seams::OutputGate;
-use mcvmm_checkpoint::state::FORMAT_VERSION;
+use mcvmm_checkpoint::state::{VmShape, FORMAT_VERSION};
 use mcvmm_replication::gate::{HeldOutput, Transmit};
 use mcvmm_replication::messages::{Accept, Hello, PROTOCOL_VERSION};
 use mcvmm_replication::primary::{self as replication, ForwardedWrites, Link};
@@ -50,15 +50,10 @@ pub struct Hooks {
 }
 
 impl Hooks {
-    /// `recording`: collect disk writes from the start (a `--primary`), or only once
-    /// protection starts.
-    pub fn new(recording: bool) -> Hooks {
+    /// Idle seams: disk writes are recorded once a protection starts (`Primary::start`).
+    pub fn new() -> Hooks {
         let tap_out: Arc<OnceLock<File>> = Arc::new(OnceLock::new());
-        let writes = Arc::new(if recording {
-            ForwardedWrites::default()
-        } else {
-            ForwardedWrites::idle()
-        });
+        let writes = Arc::new(ForwardedWrites::default());
         let first = Arc::new(HeldOutput::new(transmit_to(tap_out.clone())));
         Hooks {
             gate: Arc::new(CurrentGate(Mutex::new(first))),
@@ -117,6 +112,17 @@ pub struct Protectable {
     pub took_over: Option<serde_json::Value>,
 }
 
+/// What a primary says of its VM in the handshake.
+pub fn hello(shape: VmShape, generation: u64) -> Hello {
+    Hello {
+        protocol: PROTOCOL_VERSION,
+        state_format: FORMAT_VERSION,
+        shape,
+        generation,
+        chunk_bytes: SYNC_CHUNK,
+    }
+}
+
 type Connected = Result<(Arc<Link>, Arc<HeldOutput>, Accept), String>;
 
 /// A connection to a new secondary being made off the device loop.
@@ -137,13 +143,7 @@ pub fn connect(
     generation: u64,
     reply_to: UnixStream,
 ) -> Pending {
-    let hello = Hello {
-        protocol: PROTOCOL_VERSION,
-        state_format: FORMAT_VERSION,
-        shape: vm.shape.clone(),
-        generation,
-        chunk_bytes: SYNC_CHUNK,
-    };
+    let hello = hello(vm.shape.clone(), generation);
     let gate = p.hooks.fresh_gate();
     let s = p.settings;
     let to = peer.clone();

@@ -292,7 +292,7 @@ fn prepare_in_background(
     tap: Option<&Tap>,
 ) -> (Preparing, Hooks) {
     let config = replica_config(cfg, hello, peer, 0);
-    let hooks = Hooks::new(false);
+    let hooks = Hooks::new();
     let hook_seams = hooks.seams();
     let tap = match (tap, hello.shape.net) {
         (Some(t), Some(_)) => t.try_clone().map(Some),

@@ -95,11 +95,7 @@ fn main() {
             println!("{line}");
         }
     }
-    let again = rounds.iter().filter(|r| r.protected_again).count();
-    let failed: Vec<&String> = rounds
-        .iter()
-        .filter_map(|r| r.protect_again_failed.as_ref())
-        .collect();
+    let (again, failed) = drill::protected_again(&rounds);
     println!(
         "\nThe running guest was protected again (`mcvmm ctl protect`) for {again} round(s); {} attempt(s) failed{}",
         failed.len(),
