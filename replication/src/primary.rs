@@ -474,18 +474,21 @@ fn sync(
     let batch = MAX_RUN_PAGES as usize * PAGE_SIZE as usize;
     let mut buf = vec![0u8; batch];
     let mut skipped = 0u64;
-    // Long stretches of zero pages send nothing: say we are alive meanwhile.
-    let mut last_frame = Instant::now();
+    // The secondary must hear from us at least every HEARTBEAT: long stretches of zero
+    // pages send nothing, and frames that were sent may still sit in the buffer (a
+    // mostly-zero guest fills 1 MiB slowly: a secondary once gave up after 500 ms of
+    // silence in the middle of a sync that was sending).
+    let mut last_flush = Instant::now();
     let mut alive = |w: &mut BufWriter<TcpStream>, sent: bool| -> std::io::Result<()> {
         if link.is_lost() {
             return Err(std::io::Error::other("the secondary is gone"));
         }
-        if sent {
-            last_frame = Instant::now();
-        } else if last_frame.elapsed() >= HEARTBEAT {
-            wire::write_frame(w, Kind::Heartbeat, 0, &[])?;
+        if last_flush.elapsed() >= HEARTBEAT {
+            if !sent {
+                wire::write_frame(w, Kind::Heartbeat, 0, &[])?;
+            }
             w.flush()?;
-            last_frame = Instant::now();
+            last_flush = Instant::now();
         }
         Ok(())
     };
