@@ -110,6 +110,12 @@ impl HeldOutput {
         }
     }
 
+    /// Whether a frame of the running epoch waits: ending the epoch now is what lets it go.
+    pub fn holds_running_epoch(&self) -> bool {
+        let g = self.lock();
+        g.holding && g.queue.back().is_some_and(|f| f.0 == g.epoch)
+    }
+
     pub fn stats(&self) -> GateStats {
         self.lock().stats.clone()
     }
@@ -170,5 +176,27 @@ mod tests {
             !g.hold(b"late"),
             "a pause racing the loss does not hold again"
         );
+    }
+
+    #[test]
+    fn only_output_of_the_running_epoch_hurries_its_end() {
+        let (_, g) = gate();
+        assert!(!g.holds_running_epoch(), "nothing held");
+        g.hold_from(2);
+        assert!(!g.holds_running_epoch());
+        g.hold(b"a2");
+        assert!(g.holds_running_epoch());
+        g.hold_from(3);
+        assert!(
+            !g.holds_running_epoch(),
+            "epoch 2's frame waits for its ack, not for epoch 3 to end"
+        );
+        g.hold(b"b3");
+        assert!(g.holds_running_epoch());
+        g.release_through(3);
+        assert!(!g.holds_running_epoch());
+        g.hold(b"c3");
+        g.open();
+        assert!(!g.holds_running_epoch(), "an open gate holds nothing");
     }
 }

@@ -19,6 +19,7 @@
 //! Takeover(n)                        ──►    (planned switch)
 //! ```
 
+pub mod delta;
 pub mod disk;
 pub mod gate;
 pub mod messages;

@@ -18,7 +18,7 @@ use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use crate::wire::{Header, WireError, MAX_PAYLOAD};
 
 /// Version of this protocol. Primary and secondary must run the same one.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 /// Pages in one `Pages` frame at most.
 pub const MAX_RUN_PAGES: u32 = 256;
 pub const PAGES_HEADER_LEN: usize = 16;
@@ -78,6 +78,9 @@ pub struct End {
 pub enum PageEncoding {
     Raw = 0,
     Lz4 = 1,
+    /// LZ4 of the XOR against the pages the secondary holds, after their CRC32C
+    /// (`delta`); checkpoints only.
+    Delta = 2,
 }
 
 /// The fixed part of a `Pages` frame.
@@ -115,6 +118,7 @@ pub fn parse_pages<'a>(h: &Header, p: &'a [u8]) -> Result<PageRun<'a>, WireError
     let encoding = match p[12] {
         0 => PageEncoding::Raw,
         1 => PageEncoding::Lz4,
+        2 => PageEncoding::Delta,
         e => return Err(h.malformed(format!("unknown page encoding {e}"))),
     };
     let data = &p[PAGES_HEADER_LEN..];
@@ -148,7 +152,20 @@ impl PageRun<'_> {
                 }
                 Ok(&scratch[..want])
             }
+            PageEncoding::Delta => Err(h.malformed("a delta run needs the pages it is based on")),
         }
+    }
+
+    /// A delta run's pages, rebuilt into `scratch` from `base`, the pages the receiver
+    /// holds at the same addresses.
+    pub fn rebuild<'s>(
+        &self,
+        h: &Header,
+        base: &[u8],
+        scratch: &'s mut Vec<u8>,
+    ) -> Result<&'s [u8], WireError> {
+        crate::delta::decode(self.data, base, scratch).map_err(|e| h.malformed(e.to_string()))?;
+        Ok(&scratch[..base.len()])
     }
 }
 

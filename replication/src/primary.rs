@@ -20,6 +20,7 @@ use mcvmm_checkpoint::state::MachineState;
 use mcvmm_checkpoint::{GuestMemory, PAGE_SIZE};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
+use crate::delta::SentPages;
 use crate::gate::HeldOutput;
 use crate::messages::{self, Accept, End, Hello, PageEncoding, MAX_RUN_PAGES};
 use crate::wire::{self, Kind, WireError};
@@ -159,10 +160,13 @@ pub struct Link {
     handed_over: AtomicBool,
     gate: Arc<HeldOutput>,
     jobs: Mutex<Option<SyncSender<Job>>>,
-    compress: bool,
+    coding: PageCoding,
     /// Page buffers of checkpoints already sent, for the next captures: memory the VMM
     /// has touched before costs no page faults inside a pause.
     spare: Mutex<Vec<(Vec<GuestAddress>, Vec<u8>)>>,
+    /// Called by the sender each time it has nothing left to write (a checkpoint or the
+    /// initial sync is out): the device loop may end an epoch that waited for that.
+    on_idle: Mutex<Option<Box<dyn Fn() + Send + Sync>>>,
 }
 
 impl Link {
@@ -186,6 +190,17 @@ impl Link {
             addrs.clear();
             data.clear();
             spare.push((addrs, data));
+        }
+    }
+
+    /// Sets what the sender calls each time it has written everything it was given.
+    pub fn on_idle(&self, f: Box<dyn Fn() + Send + Sync>) {
+        *self.on_idle.lock().unwrap_or_else(PoisonError::into_inner) = Some(f);
+    }
+
+    fn idle(&self) {
+        if let Some(f) = &*self.on_idle.lock().unwrap_or_else(PoisonError::into_inner) {
+            f();
         }
     }
 
@@ -335,7 +350,7 @@ pub fn start(
     peer: &str,
     gate: Arc<HeldOutput>,
     timeout: Duration,
-    compress: bool,
+    coding: PageCoding,
 ) -> std::io::Result<Arc<Link>> {
     let (tx, rx) = mpsc::sync_channel(2);
     let link = Arc::new(Link {
@@ -350,8 +365,9 @@ pub fn start(
         handed_over: AtomicBool::new(false),
         gate,
         jobs: Mutex::new(Some(tx)),
-        compress,
+        coding,
         spare: Mutex::new(Vec::new()),
+        on_idle: Mutex::new(None),
     });
     let mut reader = stream.try_clone()?;
     reader.set_read_timeout(Some(timeout))?;
@@ -376,15 +392,19 @@ pub fn start(
 }
 
 fn sender(link: &Link, rx: &Receiver<Job>, w: &mut BufWriter<TcpStream>) -> std::io::Result<()> {
-    let mut scratch = Vec::new();
+    let mut scratch = Coder::new(link.coding);
     loop {
         match rx.recv_timeout(HEARTBEAT) {
-            Ok(Job::Sync(src)) => sync(link, &src, w, &mut scratch)?,
+            Ok(Job::Sync(src)) => {
+                sync(link, &src, w, &mut scratch)?;
+                link.idle();
+            }
             Ok(Job::Epoch(c)) => {
                 let r = epoch(link, &c, w, &mut scratch);
                 link.in_flight.fetch_sub(1, Ordering::SeqCst);
                 r?;
                 link.recycle(c.addrs, c.data);
+                link.idle();
             }
             Ok(Job::Takeover(n)) => {
                 let waited = Instant::now();
@@ -411,33 +431,77 @@ fn sender(link: &Link, rx: &Receiver<Job>, w: &mut BufWriter<TcpStream>) -> std:
 
 /// Writes one page run, compressed when that saves at least an eighth. Returns the bytes
 /// put on the wire.
+/// How pages go on the wire.
+#[derive(Debug, Clone, Copy)]
+pub struct PageCoding {
+    /// LZ4 where it saves an eighth or more.
+    pub lz4: bool,
+    /// Pages sent before are kept (up to this many MiB) so a checkpoint can send a page
+    /// as its difference from the version the secondary holds ([`delta`]); 0 for none.
+    /// Only with `lz4`.
+    pub delta_cache_mib: u64,
+}
+
+/// The sender's page encoder and its buffers.
+struct Coder {
+    lz4: bool,
+    sent: Option<SentPages>,
+    out: Vec<u8>,
+    xor: Vec<u8>,
+}
+
+impl Coder {
+    fn new(c: PageCoding) -> Coder {
+        Coder {
+            lz4: c.lz4,
+            sent: (c.lz4 && c.delta_cache_mib > 0).then(|| SentPages::new(c.delta_cache_mib)),
+            out: Vec::new(),
+            xor: Vec::new(),
+        }
+    }
+}
+
+/// Writes a run of pages: as a delta against what the secondary holds if that pays and
+/// this is a checkpoint (epoch > 0), else LZ4 if that pays, else raw.
 fn page_run(
     w: &mut impl Write,
     epoch: u64,
     gpa: u64,
     data: &[u8],
-    compress: bool,
-    scratch: &mut Vec<u8>,
+    c: &mut Coder,
 ) -> std::io::Result<usize> {
     let count = (data.len() as u64 / PAGE_SIZE) as u32;
-    if compress {
-        scratch.resize(lz4_flex::block::get_maximum_output_size(data.len()), 0);
-        if let Ok(n) = lz4_flex::block::compress_into(data, scratch) {
+    let mut encoding = PageEncoding::Raw;
+    if let Some(sent) = c.sent.as_mut() {
+        if epoch > 0 && sent.encode(gpa, data, &mut c.xor, &mut c.out) {
+            encoding = PageEncoding::Delta;
+        }
+        sent.put(gpa, data);
+    }
+    if encoding == PageEncoding::Raw && c.lz4 {
+        c.out
+            .resize(lz4_flex::block::get_maximum_output_size(data.len()), 0);
+        if let Ok(n) = lz4_flex::block::compress_into(data, &mut c.out) {
             if n < data.len() - data.len() / 8 {
-                let h = messages::pages_header(gpa, count, PageEncoding::Lz4);
-                return wire::write_frame(w, Kind::Pages, epoch, &[&h, &scratch[..n]]);
+                c.out.truncate(n);
+                encoding = PageEncoding::Lz4;
             }
         }
     }
-    let h = messages::pages_header(gpa, count, PageEncoding::Raw);
-    wire::write_frame(w, Kind::Pages, epoch, &[&h, data])
+    let h = messages::pages_header(gpa, count, encoding);
+    let body = if encoding == PageEncoding::Raw {
+        data
+    } else {
+        &c.out
+    };
+    wire::write_frame(w, Kind::Pages, epoch, &[&h, body])
 }
 
 fn sync(
     link: &Link,
     src: &SyncSource,
     w: &mut BufWriter<TcpStream>,
-    scratch: &mut Vec<u8>,
+    scratch: &mut Coder,
 ) -> std::io::Result<()> {
     let started = Instant::now();
     let ram: u64 = src.mem.iter().map(|r| r.len()).sum();
@@ -514,14 +578,7 @@ fn sync(
                 }
                 let j = (i..pages.len()).find(|&k| !pages[k]).unwrap_or(pages.len());
                 let bytes = &buf[i * PAGE_SIZE as usize..j * PAGE_SIZE as usize];
-                let sent = page_run(
-                    w,
-                    0,
-                    start + at + i as u64 * PAGE_SIZE,
-                    bytes,
-                    link.compress,
-                    scratch,
-                )?;
+                let sent = page_run(w, 0, start + at + i as u64 * PAGE_SIZE, bytes, scratch)?;
                 link.stats().bytes_sent += sent as u64;
                 any = true;
                 i = j;
@@ -582,7 +639,7 @@ fn epoch(
     link: &Link,
     c: &Capture,
     w: &mut BufWriter<TcpStream>,
-    scratch: &mut Vec<u8>,
+    scratch: &mut Coder,
 ) -> std::io::Result<()> {
     let mut wire_bytes = 0;
     for fw in &c.writes {
@@ -606,7 +663,6 @@ fn epoch(
             c.epoch,
             c.addrs[i].0,
             &c.data[i * page..j * page],
-            link.compress,
             scratch,
         )?;
         i = j;

@@ -34,7 +34,7 @@ use mcvmm_checkpoint::{GuestMemory, PAGE_SIZE};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
 use crate::disk::{DiskError, Disks};
-use crate::messages::{self, Accept, End, Hello, PROTOCOL_VERSION};
+use crate::messages::{self, Accept, End, Hello, PageEncoding, PROTOCOL_VERSION};
 use crate::wire::{self, Header, Kind, WireError};
 
 #[derive(Debug, thiserror::Error)]
@@ -179,6 +179,8 @@ pub struct Receiver {
     stage: Option<Stage>,
     synced: bool,
     scratch: Vec<u8>,
+    /// The committed pages a delta run is rebuilt from.
+    base: Vec<u8>,
     pub progress: Arc<Mutex<Progress>>,
 }
 
@@ -193,6 +195,7 @@ impl Receiver {
             stage: None,
             synced: false,
             scratch: Vec::new(),
+            base: Vec::new(),
             progress,
         }
     }
@@ -275,7 +278,20 @@ impl Receiver {
                 let run = messages::parse_pages(h, p)?;
                 let len = u64::from(run.count) * PAGE_SIZE;
                 self.check_pages(run.gpa, len)?;
-                let bytes = run.bytes(h, &mut self.scratch)?;
+                let bytes = if run.encoding == PageEncoding::Delta {
+                    if h.epoch == 0 {
+                        return Err(Self::order(h, "a delta run in the initial sync"));
+                    }
+                    // The committed image changes only at a commit, and a checkpoint
+                    // names each page once: it is the base the primary encoded against.
+                    self.base.resize(len as usize, 0);
+                    self.mem
+                        .read_slice(&mut self.base, GuestAddress(run.gpa))
+                        .map_err(|e| ReceiveError::Memory(e.to_string()))?;
+                    run.rebuild(h, &self.base, &mut self.scratch)?
+                } else {
+                    run.bytes(h, &mut self.scratch)?
+                };
                 if h.epoch == 0 {
                     if self.synced {
                         return Err(Self::order(h, "initial sync pages after the sync ended"));

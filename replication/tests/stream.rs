@@ -10,6 +10,7 @@ use mcvmm_checkpoint::state::{
     DiskShape, I8042State, MachineState, SerialState, VmShape, VmState, FORMAT_VERSION,
 };
 use mcvmm_checkpoint::{GuestMemory, PAGE_SIZE};
+use mcvmm_replication::delta::SentPages;
 use mcvmm_replication::disk::{Disks, Replica};
 use mcvmm_replication::messages::{
     self, disk_header, pages_header, End, Hello, PageEncoding, PROTOCOL_VERSION,
@@ -365,4 +366,48 @@ fn handshakes_that_do_not_fit_are_refused_with_the_reason() {
     let mut h = hello.clone();
     h.shape.disks.clear();
     assert!(refused(&h, &expect(1, false)).contains("disks"));
+}
+
+/// A delta run of one page at `gpa`: `new` encoded against `base`.
+fn delta_run(s: &mut Stream, epoch: u64, gpa: u64, base: &[u8], new: &[u8]) {
+    let mut sent = SentPages::new(1);
+    sent.put(gpa, base);
+    let (mut xor, mut out) = (Vec::new(), Vec::new());
+    assert!(sent.encode(gpa, new, &mut xor, &mut out), "worth a delta");
+    let h = pages_header(gpa, 1, PageEncoding::Delta);
+    s.frame(Kind::Pages, epoch, &[&h, &out]);
+}
+
+#[test]
+fn a_delta_run_is_rebuilt_from_the_committed_page() {
+    let mut side = secondary();
+    let mut s = Stream::synced_and_epoch_one();
+    let base = vec![0x22u8; PAGE_SIZE as usize];
+    let mut new = base.clone();
+    new[10..14].copy_from_slice(b"abcd");
+    s.frame(Kind::Begin, 2, &[]);
+    delta_run(&mut s, 2, 0x2000, &base, &new);
+    s.state(2).end(2, 1, 0, None);
+    let (_, replies) = run(&mut side, &s.0);
+    assert_eq!(acks(&replies), vec![1, 2]);
+    let mut got = vec![0u8; PAGE_SIZE as usize];
+    side.rx
+        .mem
+        .read_slice(&mut got, GuestAddress(0x2000))
+        .expect("read");
+    assert_eq!(got, new);
+    assert_eq!(
+        byte(&side, 0x3000),
+        0x22,
+        "the page next to it is untouched"
+    );
+}
+
+#[test]
+fn a_delta_against_another_base_is_refused() {
+    let base = vec![0x23u8; PAGE_SIZE as usize];
+    let mut new = base.clone();
+    new[0] = 0;
+    let (_, ended) = refused_epoch_two(|s| delta_run(s, 2, 0x3000, &base, &new));
+    assert!(format!("{ended:?}").contains("checksum"), "{ended:?}");
 }

@@ -15,7 +15,7 @@ use vmm_sys_util::timerfd::TimerFd;
 
 use crate::api::{self, Request};
 use crate::epochs::{EpochRun, PAUSE_LIMIT};
-use crate::primary::Primary;
+use crate::primary::{EpochClock, Primary};
 use crate::protect::{self, Pending, Protectable};
 use crate::snapshot::{self, Snapshots};
 use crate::vcpu::{ExitReason, PauseError};
@@ -28,6 +28,8 @@ const TOKEN_EPOCH: u64 = 4;
 const TOKEN_DEVICES: u64 = 5;
 const TOKEN_REPLICATION: u64 = 6;
 const TOKEN_INTERRUPT_WATCH: u64 = 7;
+const TOKEN_EPOCH_EARLY: u64 = 8;
+const TOKEN_LINK_IDLE: u64 = 9;
 const TOKEN_QUEUE: u64 = 1 << 32;
 const TOKEN_IO: u64 = 2 << 32;
 
@@ -195,11 +197,17 @@ pub fn run(
     }
     let mut timer = TimerFd::new()?;
     add(&epoll, timer.as_raw_fd(), TOKEN_EPOCH)?;
-    let mut epoch_timer = TimerFd::new()?;
-    add(&epoll, epoch_timer.as_raw_fd(), TOKEN_REPLICATION)?;
+    let mut clock = EpochClock::new()?;
+    for (fd, token) in
+        clock
+            .fds()
+            .into_iter()
+            .zip([TOKEN_REPLICATION, TOKEN_EPOCH_EARLY, TOKEN_LINK_IDLE])
+    {
+        add(&epoll, fd, token)?;
+    }
     if let Role::Primary(p) = role {
-        let every = Duration::from_millis(p.epoch_ms);
-        epoch_timer.reset(every, Some(every))?;
+        clock.start(p)?;
     }
     let mut replicating = matches!(role, Role::Primary(_));
     let mut pending: Option<Pending> = None;
@@ -450,11 +458,15 @@ pub fn run(
                     }
                 }
                 TOKEN_REPLICATION => {
-                    let _ = epoch_timer.wait();
                     // A VM paused by the operator stays paused: its epoch runs on.
-                    if let (Role::Primary(p), false) = (&mut *role, paused) {
-                        p.tick(vm);
-                    }
+                    let p = match (&mut *role, paused) {
+                        (Role::Primary(p), false) => Some(&mut **p),
+                        _ => None,
+                    };
+                    clock.on_regular(p, vm)?;
+                }
+                TOKEN_EPOCH_EARLY | TOKEN_LINK_IDLE => {
+                    clock.on_wake(ev.data() == TOKEN_EPOCH_EARLY);
                 }
                 TOKEN_INTERRUPT_WATCH => {
                     let _ = interrupt_watch.wait();
@@ -465,10 +477,9 @@ pub fn run(
                             let (result, reply_to) = p.finish(vm, protectable, refuse);
                             match result {
                                 Ok(primary) => {
-                                    let every = Duration::from_millis(primary.epoch_ms);
+                                    clock.start(&primary)?;
                                     *role = Role::Primary(Box::new(primary));
                                     replicating = true;
-                                    epoch_timer.reset(every, Some(every))?;
                                     reply(
                                         &reply_to,
                                         &json!({"ok": true, "secondary": peer, "generation": protectable.generation, "syncing": true}),
@@ -494,6 +505,9 @@ pub fn run(
                 }
                 _ => {}
             }
+        }
+        if let (Role::Primary(p), false) = (&mut *role, paused) {
+            clock.after_events(p, vm)?;
         }
     }
 }

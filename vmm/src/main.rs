@@ -112,6 +112,11 @@ struct RunArgs {
     /// the guest's network output, longer ones cost less guest time.
     #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u64).range(5..=10_000))]
     epoch_ms: u64,
+    /// An epoch in which the guest sent network output ends once it is this old instead
+    /// of at --epoch-ms, so the output waits less; set it to --epoch-ms for fixed-length
+    /// epochs. Each epoch costs the guest one pause.
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=10_000))]
+    epoch_min_ms: u64,
     /// How long the primary waits for the secondary to be reachable at start.
     #[arg(long, default_value_t = 60)]
     peer_wait_s: u64,
@@ -119,6 +124,11 @@ struct RunArgs {
     /// compressed) or none.
     #[arg(long, default_value = "lz4", value_parser = ["lz4", "none"])]
     compress: String,
+    /// With lz4: MiB of pages the primary keeps as it sent them, so that a page sent
+    /// before goes as LZ4 of its XOR with that version (a page changed in a few bytes
+    /// costs a few dozen); 0 turns this off.
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(0..=65_536))]
+    delta_cache_mib: u64,
     /// Receive a primary's checkpoints on --listen and take over when it is lost. Needs
     /// no kernel: memory, vCPUs and the MAC come from the primary; give the disks (same
     /// order and sizes as the primary's), and --tap if the guest has a NIC.
@@ -272,8 +282,12 @@ fn connect_primary(args: &RunArgs, cfg: &VmConfig) -> anyhow::Result<PrimaryLink
 fn settings(args: &RunArgs) -> protect::Settings {
     protect::Settings {
         epoch_ms: args.epoch_ms,
+        epoch_min_ms: args.epoch_min_ms.min(args.epoch_ms),
         timeout: Duration::from_millis(args.failover_timeout_ms),
-        compress: args.compress == "lz4",
+        coding: replication::PageCoding {
+            lz4: args.compress == "lz4",
+            delta_cache_mib: args.delta_cache_mib,
+        },
         peer_wait: Duration::from_secs(args.peer_wait_s),
     }
 }
@@ -306,7 +320,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
             &l.peer,
             gate.clone(),
             settings.timeout,
-            settings.compress,
+            settings.coding,
         )
         .context("starting replication")?;
         Some((link, gate, l.shape, l.disk_digests))
@@ -330,7 +344,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
             if vm.shape != shape {
                 bail!("the VM built differs from the shape agreed with the secondary");
             }
-            let mut p = primary::Primary::new(link, gate, hooks.writes.clone(), settings.epoch_ms);
+            let mut p = primary::Primary::new(link, gate, hooks.writes.clone(), &settings);
             p.start(&vm, disk_digests, protect::SYNC_CHUNK)
                 .map_err(|e| anyhow::anyhow!("starting the initial sync: {e}"))?;
             Role::Primary(Box::new(p))

@@ -1,7 +1,8 @@
 //! The primary role: keeps the guest protected by a secondary. Once connected (the
-//! handshake happens before the VM is built, see `main`), the device loop calls
-//! [`Primary::tick`] every `--epoch-ms`; each tick that finds the previous checkpoint
-//! sent ends an epoch:
+//! handshake happens before the VM is built, see `main`), the device loop ends an epoch
+//! (through [`EpochClock`]) `--epoch-ms` after the previous pause, or sooner: once the
+//! guest has output waiting for the checkpoint (and the epoch ran `--epoch-min-ms`), or
+//! as soon as the link is free again for an epoch that had to run on. Ending an epoch:
 //!
 //! 1. pause the vCPUs (the device loop is this thread, so no device runs either);
 //! 2. end the epoch's dirty set (KVM log ∪ the VMM's own writes) and copy those pages
@@ -14,6 +15,7 @@
 //! goes on unprotected, loudly) rather than letting a checkpoint miss a page.
 
 use std::fs::File;
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -25,8 +27,11 @@ use mcvmm_replication::disk::file_digest;
 use mcvmm_replication::gate::HeldOutput;
 use mcvmm_replication::primary::{Capture, ForwardedWrites, Link, SyncSource};
 use serde_json::{json, Value};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::timerfd::TimerFd;
 
 use crate::epochs::PAUSE_LIMIT;
+use crate::protect::Settings;
 use crate::snapshot::machine_state;
 use crate::vm::Vm;
 
@@ -38,6 +43,15 @@ pub struct Primary {
     pub gate: Arc<HeldOutput>,
     pub writes: Arc<ForwardedWrites>,
     pub epoch_ms: u64,
+    /// An epoch with output waiting ends once it is this old.
+    epoch_min: Duration,
+    /// When the running epoch began (the end of the previous pause).
+    epoch_began: Instant,
+    /// The running epoch found the link busy when it was due: it ends as soon as the
+    /// link is free.
+    overdue: bool,
+    /// Epochs ended before `epoch_ms` for the guest's output.
+    early_epochs: u64,
     tracker: Option<DirtyTracker>,
     /// The epoch now running (its checkpoint is taken at the next pause).
     epoch: u64,
@@ -55,13 +69,17 @@ impl Primary {
         link: Arc<Link>,
         gate: Arc<HeldOutput>,
         writes: Arc<ForwardedWrites>,
-        epoch_ms: u64,
+        settings: &Settings,
     ) -> Primary {
         Primary {
             link,
             gate,
             writes,
-            epoch_ms,
+            epoch_ms: settings.epoch_ms,
+            epoch_min: Duration::from_millis(settings.epoch_min_ms),
+            epoch_began: Instant::now(),
+            overdue: false,
+            early_epochs: 0,
             tracker: None,
             epoch: 1,
             stretched: 0,
@@ -110,8 +128,9 @@ impl Primary {
         self.epoch
     }
 
-    /// Called every `epoch_ms` by the device loop.
-    pub fn tick(&mut self, vm: &Vm) {
+    /// Ends the running epoch if it can (see [`EpochClock`]); `early` is for an epoch
+    /// ended before `epoch_ms` for its output. Returns whether it ended.
+    pub fn tick(&mut self, vm: &Vm, early: bool) -> bool {
         if self.link.is_lost() {
             if let Some(t) = self.tracker.take() {
                 let _ = vm
@@ -127,19 +146,50 @@ impl Primary {
                     self.epoch
                 );
             }
-            return;
+            return false;
         }
         if !self.link.is_synced() || self.link.busy() {
             // The sync or the previous checkpoint is still on its way: the epoch runs on.
-            if self.link.is_synced() {
+            if self.link.is_synced() && !self.overdue {
                 self.stretched += 1;
+                self.overdue = true;
             }
-            return;
+            return false;
         }
-        if let Err(why) = self.checkpoint(vm, false) {
-            self.link
-                .lose(&format!("checkpoint of epoch {}: {why}", self.epoch));
+        let for_output = early && !self.overdue;
+        match self.checkpoint(vm, false) {
+            Ok(_) => {
+                if for_output {
+                    self.early_epochs += 1;
+                }
+                true
+            }
+            Err(why) => {
+                self.link
+                    .lose(&format!("checkpoint of epoch {}: {why}", self.epoch));
+                false
+            }
         }
+    }
+
+    /// How soon the running epoch should end, if sooner than `epoch_ms` after the last
+    /// pause: at once when it ran on for a busy link that is free now; when the guest has
+    /// output waiting for it, once it is `--epoch-min-ms` old. `None` when the link is
+    /// busy (its going idle wakes the device loop) or nothing hurries.
+    pub fn end_soon(&self) -> Option<Duration> {
+        if self.tracker.is_none()
+            || self.link.is_lost()
+            || !self.link.is_synced()
+            || self.link.busy()
+        {
+            return None;
+        }
+        if self.overdue {
+            return Some(Duration::ZERO);
+        }
+        self.gate
+            .holds_running_epoch()
+            .then(|| self.epoch_min.saturating_sub(self.epoch_began.elapsed()))
     }
 
     /// Ends the running epoch and hands its checkpoint to the sender; `keep_paused` leaves
@@ -189,6 +239,8 @@ impl Primary {
         if !keep_paused {
             vm.vcpus.resume();
         }
+        self.epoch_began = Instant::now();
+        self.overdue = false;
         let pause = t0.elapsed().as_micros() as u64;
         let capture = captured?;
         self.record_pause(pause);
@@ -287,6 +339,8 @@ impl Primary {
             "peer": link.peer,
             "epoch": self.epoch,
             "epoch_ms": self.epoch_ms,
+            "epoch_min_ms": self.epoch_min.as_millis() as u64,
+            "early_epochs": self.early_epochs,
             "last_sent_epoch": link.sent_epoch,
             "last_acked_epoch": link.acked_epoch,
             "last_committed_epoch": link.acked_epoch,
@@ -349,4 +403,96 @@ fn pause_histogram(sorted_us: &[u64]) -> Value {
         json!(counts[PAUSE_BUCKETS_MS.len()]),
     );
     Value::Object(m)
+}
+
+/// The device loop's clock for a primary's epochs: a timer for `epoch_ms` after each
+/// pause, one for an early end that must wait for `--epoch-min-ms`, and the link's
+/// "everything sent" event.
+pub struct EpochClock {
+    every: Duration,
+    regular: TimerFd,
+    early: TimerFd,
+    early_at: Option<Instant>,
+    link_idle: EventFd,
+}
+
+impl EpochClock {
+    pub fn new() -> std::io::Result<EpochClock> {
+        Ok(EpochClock {
+            every: Duration::ZERO,
+            regular: TimerFd::new()?,
+            early: TimerFd::new()?,
+            early_at: None,
+            link_idle: EventFd::new(EFD_NONBLOCK)?,
+        })
+    }
+
+    /// The regular timer, the early timer and the link's idle event, for the device
+    /// loop's epoll.
+    pub fn fds(&self) -> [RawFd; 3] {
+        [
+            self.regular.as_raw_fd(),
+            self.early.as_raw_fd(),
+            self.link_idle.as_raw_fd(),
+        ]
+    }
+
+    /// Starts timing `p`'s epochs; the link wakes the loop whenever it has sent all.
+    pub fn start(&mut self, p: &Primary) -> std::io::Result<()> {
+        let idle = self.link_idle.try_clone()?;
+        p.link.on_idle(Box::new(move || {
+            let _ = idle.write(1);
+        }));
+        self.every = Duration::from_millis(p.epoch_ms);
+        self.regular_from_now()
+    }
+
+    fn regular_from_now(&mut self) -> std::io::Result<()> {
+        Ok(self.regular.reset(self.every, None)?)
+    }
+
+    /// The regular timer fired: the epoch ends if it can, and the next one is due
+    /// `epoch_ms` from now either way (an epoch that could not end ends once the link is
+    /// free, see [`Primary::end_soon`]). `p` is `None` while the operator has the guest
+    /// paused: its epoch runs on.
+    pub fn on_regular(&mut self, p: Option<&mut Primary>, vm: &Vm) -> std::io::Result<()> {
+        let _ = self.regular.wait();
+        if let Some(p) = p {
+            p.tick(vm, false);
+        }
+        self.regular_from_now()
+    }
+
+    /// The early timer or the link's idle event fired; what it means is looked at in
+    /// [`EpochClock::after_events`].
+    pub fn on_wake(&mut self, early: bool) {
+        if early {
+            let _ = self.early.wait();
+            self.early_at = None;
+        } else {
+            let _ = self.link_idle.read();
+        }
+    }
+
+    /// After each round of events (a frame the guest sent may be waiting now): ends the
+    /// epoch if it should end now, or arms the early timer for when it should.
+    pub fn after_events(&mut self, p: &mut Primary, vm: &Vm) -> std::io::Result<()> {
+        let Some(d) = p.end_soon() else {
+            return Ok(());
+        };
+        if d.is_zero() {
+            if p.tick(vm, true) {
+                self.early_at = None;
+                self.early.clear()?;
+                self.regular_from_now()?;
+            }
+            return Ok(());
+        }
+        let at = Instant::now() + d;
+        if self.early_at.is_none_or(|e| e > at) {
+            self.early.reset(d, None)?;
+            self.early_at = Some(at);
+        }
+        Ok(())
+    }
 }

@@ -95,8 +95,10 @@ fn transmit_to(tap_out: Arc<OnceLock<File>>) -> Transmit {
 #[derive(Clone, Copy)]
 pub struct Settings {
     pub epoch_ms: u64,
+    /// An epoch whose guest output waits ends once it is this old.
+    pub epoch_min_ms: u64,
     pub timeout: Duration,
-    pub compress: bool,
+    pub coding: replication::PageCoding,
     /// How long a connection attempt waits for the secondary to be reachable.
     pub peer_wait: Duration,
 }
@@ -151,7 +153,7 @@ pub fn connect(
     let handle = std::thread::spawn(move || {
         let (stream, accept) =
             replication::connect(&to, &hello, s.peer_wait).map_err(|e| e.to_string())?;
-        let link = replication::start(stream, &to, gate.clone(), s.timeout, s.compress)
+        let link = replication::start(stream, &to, gate.clone(), s.timeout, s.coding)
             .map_err(|e| format!("starting replication to {to}: {e}"))?;
         Ok((link, gate, accept))
     });
@@ -186,12 +188,7 @@ impl Pending {
                 link.lose(why);
                 return Err(why.to_string());
             }
-            let mut primary = Primary::new(
-                link.clone(),
-                gate,
-                p.hooks.writes.clone(),
-                p.settings.epoch_ms,
-            );
+            let mut primary = Primary::new(link.clone(), gate, p.hooks.writes.clone(), &p.settings);
             match primary.start(vm, accept.disk_digests, SYNC_CHUNK) {
                 Ok(()) => {
                     p.generation = self.generation;

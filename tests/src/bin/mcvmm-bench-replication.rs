@@ -6,7 +6,8 @@
 //! work (an integer loop in the guest), memory dirtying (pages the guest writes per
 //! second, as fast as it can), disk writes (in-guest sequential O_DIRECT), and
 //! request/response latency to the agent. For protected runs also the pause-time
-//! distribution and bytes per epoch, with and without page compression. Then failover
+//! distribution and bytes per epoch, with and without page compression and deltas, and
+//! with fixed-length epochs against the default (ended early for output). Then failover
 //! rounds (SIGKILL of the primary at random moments). Prints tables, writes JSON.
 //!
 //! Usage: mcvmm-bench-replication [--epochs-ms LIST] [--failovers N] [--out FILE]
@@ -14,7 +15,7 @@
 use std::time::Duration;
 
 use mcvmm_lab::Lab;
-use mcvmm_tests::drill::{self, agent, run_ok, value, Kill, PRIMARY};
+use mcvmm_tests::drill::{self, agent, run_ok, value, Kill, PRIMARY, SECONDARY};
 use serde_json::{json, Value};
 
 const MEM_MIB: u32 = 128;
@@ -29,10 +30,89 @@ fn status(lab: &Lab) -> Result<Value, String> {
     serde_json::from_str(&s).map_err(|e| format!("status: {e}: {s}"))
 }
 
+/// CPU time used so far on a test host, in ms.
+struct CpuUse {
+    /// By each thread of the node's mcvmm, by name (none if it is not running).
+    threads: Vec<(String, f64)>,
+    /// The whole host, all CPUs: busy, and busy plus idle.
+    busy: f64,
+    total: f64,
+}
+
+fn cpu_use(lab: &Lab, host: usize, node: &str) -> Result<CpuUse, String> {
+    let out = run_ok(
+        lab.host(host),
+        "reading CPU use",
+        &format!(
+            "if [ -f {node}.pid ] && kill -0 $(cat {node}.pid) 2>/dev/null; then
+               for t in /proc/$(cat {node}.pid)/task/*; do echo \"$(cat $t/comm) $(cut -d' ' -f14,15 $t/stat)\"; done
+             fi
+             head -1 /proc/stat"
+        ),
+        20,
+    )?;
+    // USER_HZ is 100 on the test hosts' kernel: a tick is 10 ms.
+    let tick_ms = 10.0;
+    let mut threads: Vec<(String, f64)> = Vec::new();
+    let (mut busy, mut total) = (0.0, 0.0);
+    for line in out.lines() {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        if f.first() == Some(&"cpu") {
+            let v: Vec<f64> = f[1..].iter().filter_map(|x| x.parse().ok()).collect();
+            total = v.iter().take(8).sum::<f64>() * tick_ms;
+            // idle and iowait are fields 4 and 5.
+            busy = total - (v.get(3).unwrap_or(&0.0) + v.get(4).unwrap_or(&0.0)) * tick_ms;
+        } else if let [name, utime, stime] = f[..] {
+            let ms = (utime.parse::<f64>().unwrap_or(0.0) + stime.parse::<f64>().unwrap_or(0.0))
+                * tick_ms;
+            match threads.iter_mut().find(|t| t.0 == name) {
+                Some(t) => t.1 += ms,
+                None => threads.push((name.to_string(), ms)),
+            }
+        }
+    }
+    Ok(CpuUse {
+        threads,
+        busy,
+        total,
+    })
+}
+
+/// Where both test hosts' CPU went between two [`cpu_use`] readings, per second of wall
+/// time: each mcvmm thread (ms/s) and each host's busy share.
+fn cpu_spent(before: &[CpuUse], after: &[CpuUse]) -> Value {
+    let mut out = serde_json::Map::new();
+    for (i, (b, a)) in before.iter().zip(after).enumerate() {
+        let secs = ((a.total - b.total) / 2.0 / 1e3).max(1e-3); // two CPUs per test host
+        let mut threads = serde_json::Map::new();
+        for (name, ms) in &a.threads {
+            let was = b.threads.iter().find(|t| &t.0 == name).map_or(0.0, |t| t.1);
+            threads.insert(name.clone(), json!(((ms - was) / secs).round()));
+        }
+        out.insert(
+            if i == 0 { "primary_host" } else { "secondary_host" }.to_string(),
+            json!({
+                "mcvmm_threads_ms_per_s": threads,
+                "host_busy_percent": (100.0 * (a.busy - b.busy) / (a.total - b.total).max(1.0)).round(),
+            }),
+        );
+    }
+    Value::Object(out)
+}
+
 /// The guest workloads, in the order they run; the guest is up and answering.
 fn workloads(lab: &Lab, ns: &str, protected: bool) -> Result<Value, String> {
     let lat = agent(ns, &["latency", "300"])?;
+    let hosts = [(PRIMARY, "p"), (SECONDARY, "s")];
+    let cpu_before = hosts
+        .iter()
+        .map(|(h, n)| cpu_use(lab, *h, n))
+        .collect::<Result<Vec<_>, _>>()?;
     let cpu = agent(ns, &["cpubench", "4000"])?;
+    let cpu_after = hosts
+        .iter()
+        .map(|(h, n)| cpu_use(lab, *h, n))
+        .collect::<Result<Vec<_>, _>>()?;
     let disk = agent(ns, &["diskbench", "vdb", "16"])?;
     let write_mbps = disk
         .split_whitespace()
@@ -57,6 +137,7 @@ fn workloads(lab: &Lab, ns: &str, protected: bool) -> Result<Value, String> {
         "cpu_iters_per_s": value(&cpu, "iters").unwrap_or(0) as f64 / 4.0,
         "disk_write_mbps": write_mbps,
         "mem_pages_per_s": pages_per_s,
+        "cpu_phase": cpu_spent(&cpu_before, &cpu_after),
     });
     if let (Some(b), Some(a)) = (repl_before, repl_after) {
         let r = |v: &Value, k: &str| v["replication"]["bytes_per_epoch"][k].as_u64().unwrap_or(0);
@@ -162,6 +243,25 @@ fn run(epochs: &[u64], failovers: usize, out: &std::path::Path) -> Result<(), St
         "protected 50 ms, no compression",
         Some(&format!("--epoch-ms {default_ms} --compress none")),
     )?;
+    // Epochs that end on the guest's output (the default) against fixed-length ones.
+    let fixed = config(
+        &lab,
+        &ns,
+        "protected 50 ms, fixed length",
+        Some(&format!(
+            "--epoch-ms {default_ms} --epoch-min-ms {default_ms}"
+        )),
+    )?;
+    protected.push(fixed.clone());
+    // Pages sent as their difference from the version the secondary holds (the default)
+    // against LZ4 of whole pages.
+    let no_delta = config(
+        &lab,
+        &ns,
+        "protected 50 ms, no delta",
+        Some(&format!("--epoch-ms {default_ms} --delta-cache-mib 0")),
+    )?;
+    protected.push(no_delta.clone());
     let opts = drill::Options {
         process_rounds: failovers,
         host_rounds: 0,
@@ -213,22 +313,52 @@ fn run(epochs: &[u64], failovers: usize, out: &std::path::Path) -> Result<(), St
         println!("{line}");
     }
     println!("\nPauses and bytes per epoch (protected runs):\n");
-    println!("| run | pause p50 (µs) | pause p99 (µs) | pause max (µs) | stretched epochs | wire bytes/epoch (memory phase) | page bytes/epoch | latency added, median (µs) |");
-    println!("|---|---|---|---|---|---|---|---|");
+    println!("| run | pause p50 (µs) | pause p99 (µs) | pause max (µs) | epochs | ended early for output | stretched epochs | wire bytes/epoch (memory phase) | page bytes/epoch | latency added, median (µs) |");
+    println!("|---|---|---|---|---|---|---|---|---|---|");
     let mut all = protected.clone();
     all.push(none.clone());
     for p in &all {
         let pu = &p["replication"]["pause_us"];
         println!(
-            "| {} | {} | {} | {} | {} | {} | {} | {:.0} |",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {:.0} |",
             p["name"].as_str().unwrap_or(""),
             pu["p50"],
             pu["p99"],
             pu["max"],
+            pu["count"],
+            p["replication"]["early_epochs"],
             p["replication"]["stretched_epochs"],
             p["mem_phase"]["wire_bytes_per_epoch"],
             p["mem_phase"]["page_bytes_per_epoch"],
             f(p, "latency_median_us") - f(&base, "latency_median_us"),
+        );
+    }
+    println!("\nWhere the test hosts' CPU went during the CPU-bound run (ms of CPU per second; each test host's two vCPUs share this machine's cores with the other host):\n");
+    println!("| run | primary: guest vCPU | primary: mcvmm's other threads | primary host busy | secondary: mcvmm | secondary host busy |");
+    println!("|---|---|---|---|---|---|");
+    let mut rows = vec![base.clone()];
+    rows.extend(all.iter().cloned());
+    for r in &rows {
+        let c = &r["cpu_phase"];
+        let sum = |host: &str, vcpu: bool| -> f64 {
+            c[host]["mcvmm_threads_ms_per_s"]
+                .as_object()
+                .map(|m| {
+                    m.iter()
+                        .filter(|(k, _)| k.starts_with("vcpu") == vcpu)
+                        .filter_map(|(_, v)| v.as_f64())
+                        .sum()
+                })
+                .unwrap_or(0.0)
+        };
+        println!(
+            "| {} | {:.0} | {:.0} | {}% | {:.0} | {}% |",
+            r["name"].as_str().unwrap_or(""),
+            sum("primary_host", true),
+            sum("primary_host", false),
+            c["primary_host"]["host_busy_percent"],
+            sum("secondary_host", true) + sum("secondary_host", false),
+            c["secondary_host"]["host_busy_percent"],
         );
     }
     let mut fo: Vec<u64> = rounds.iter().map(|r| r.failover_ms).collect();
