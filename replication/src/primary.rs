@@ -164,9 +164,10 @@ pub struct Link {
     /// Page buffers of checkpoints already sent, for the next captures: memory the VMM
     /// has touched before costs no page faults inside a pause.
     spare: Mutex<Vec<(Vec<GuestAddress>, Vec<u8>)>>,
-    /// Called by the sender each time it has nothing left to write (a checkpoint or the
-    /// initial sync is out): the device loop may end an epoch that waited for that.
-    on_idle: Mutex<Option<Box<dyn Fn() + Send + Sync>>>,
+    /// Called each time the sender has nothing left to write (a checkpoint or the
+    /// initial sync is out) and each time an ack arrives: the device loop may end an
+    /// epoch that waited for that.
+    on_progress: Mutex<Option<Box<dyn Fn() + Send + Sync>>>,
 }
 
 impl Link {
@@ -193,13 +194,21 @@ impl Link {
         }
     }
 
-    /// Sets what the sender calls each time it has written everything it was given.
-    pub fn on_idle(&self, f: Box<dyn Fn() + Send + Sync>) {
-        *self.on_idle.lock().unwrap_or_else(PoisonError::into_inner) = Some(f);
+    /// Sets what the link calls each time the sender has written everything it was
+    /// given and each time the secondary acknowledges a checkpoint.
+    pub fn on_progress(&self, f: Box<dyn Fn() + Send + Sync>) {
+        *self
+            .on_progress
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Some(f);
     }
 
-    fn idle(&self) {
-        if let Some(f) = &*self.on_idle.lock().unwrap_or_else(PoisonError::into_inner) {
+    fn progress(&self) {
+        if let Some(f) = &*self
+            .on_progress
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+        {
             f();
         }
     }
@@ -367,7 +376,7 @@ pub fn start(
         jobs: Mutex::new(Some(tx)),
         coding,
         spare: Mutex::new(Vec::new()),
-        on_idle: Mutex::new(None),
+        on_progress: Mutex::new(None),
     });
     let mut reader = stream.try_clone()?;
     reader.set_read_timeout(Some(timeout))?;
@@ -396,15 +405,16 @@ fn sender(link: &Link, rx: &Receiver<Job>, w: &mut BufWriter<TcpStream>) -> std:
     loop {
         match rx.recv_timeout(HEARTBEAT) {
             Ok(Job::Sync(src)) => {
+                scratch.fit(src.mem.iter().map(|r| r.len()).sum());
                 sync(link, &src, w, &mut scratch)?;
-                link.idle();
+                link.progress();
             }
             Ok(Job::Epoch(c)) => {
                 let r = epoch(link, &c, w, &mut scratch);
                 link.in_flight.fetch_sub(1, Ordering::SeqCst);
                 r?;
                 link.recycle(c.addrs, c.data);
-                link.idle();
+                link.progress();
             }
             Ok(Job::Takeover(n)) => {
                 let waited = Instant::now();
@@ -429,8 +439,6 @@ fn sender(link: &Link, rx: &Receiver<Job>, w: &mut BufWriter<TcpStream>) -> std:
     }
 }
 
-/// Writes one page run, compressed when that saves at least an eighth. Returns the bytes
-/// put on the wire.
 /// How pages go on the wire.
 #[derive(Debug, Clone, Copy)]
 pub struct PageCoding {
@@ -444,20 +452,28 @@ pub struct PageCoding {
 
 /// The sender's page encoder and its buffers.
 struct Coder {
-    lz4: bool,
+    coding: PageCoding,
+    /// Made at the initial sync, when the guest's size is known.
     sent: Option<SentPages>,
     out: Vec<u8>,
     xor: Vec<u8>,
 }
 
 impl Coder {
-    fn new(c: PageCoding) -> Coder {
+    fn new(coding: PageCoding) -> Coder {
         Coder {
-            lz4: c.lz4,
-            sent: (c.lz4 && c.delta_cache_mib > 0).then(|| SentPages::new(c.delta_cache_mib)),
+            coding,
+            sent: None,
             out: Vec::new(),
             xor: Vec::new(),
         }
+    }
+
+    /// Sizes the delta cache for a guest of `ram` bytes: never more than the guest.
+    fn fit(&mut self, ram: u64) {
+        let c = self.coding;
+        let mib = c.delta_cache_mib.min(ram.div_ceil(1 << 20));
+        self.sent = (c.lz4 && mib > 0).then(|| SentPages::new(mib));
     }
 }
 
@@ -478,7 +494,7 @@ fn page_run(
         }
         sent.put(gpa, data);
     }
-    if encoding == PageEncoding::Raw && c.lz4 {
+    if encoding == PageEncoding::Raw && c.coding.lz4 {
         c.out
             .resize(lz4_flex::block::get_maximum_output_size(data.len()), 0);
         if let Ok(n) = lz4_flex::block::compress_into(data, &mut c.out) {
@@ -714,6 +730,8 @@ fn acks(link: &Link, r: &mut impl Read, timeout: Duration) -> String {
                 if let Some(l) = latency {
                     s.last_ack_latency_us = l;
                 }
+                drop(s);
+                link.progress();
             }
             Kind::Heartbeat => {}
             Kind::Refuse => {

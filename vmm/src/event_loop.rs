@@ -29,7 +29,7 @@ const TOKEN_DEVICES: u64 = 5;
 const TOKEN_REPLICATION: u64 = 6;
 const TOKEN_INTERRUPT_WATCH: u64 = 7;
 const TOKEN_EPOCH_EARLY: u64 = 8;
-const TOKEN_LINK_IDLE: u64 = 9;
+const TOKEN_LINK_PROGRESS: u64 = 9;
 const TOKEN_QUEUE: u64 = 1 << 32;
 const TOKEN_IO: u64 = 2 << 32;
 
@@ -202,7 +202,7 @@ pub fn run(
         clock
             .fds()
             .into_iter()
-            .zip([TOKEN_REPLICATION, TOKEN_EPOCH_EARLY, TOKEN_LINK_IDLE])
+            .zip([TOKEN_REPLICATION, TOKEN_EPOCH_EARLY, TOKEN_LINK_PROGRESS])
     {
         add(&epoll, fd, token)?;
     }
@@ -465,7 +465,7 @@ pub fn run(
                     };
                     clock.on_regular(p, vm)?;
                 }
-                TOKEN_EPOCH_EARLY | TOKEN_LINK_IDLE => {
+                TOKEN_EPOCH_EARLY | TOKEN_LINK_PROGRESS => {
                     clock.on_wake(ev.data() == TOKEN_EPOCH_EARLY);
                 }
                 TOKEN_INTERRUPT_WATCH => {

@@ -174,8 +174,14 @@ impl Primary {
 
     /// How soon the running epoch should end, if sooner than `epoch_ms` after the last
     /// pause: at once when it ran on for a busy link that is free now; when the guest has
-    /// output waiting for it, once it is `--epoch-min-ms` old. `None` when the link is
-    /// busy (its going idle wakes the device loop) or nothing hurries.
+    /// output waiting for it and every earlier checkpoint is acknowledged, once it is
+    /// `--epoch-min-ms` old. `None` when the link is busy (its going idle wakes the
+    /// device loop), an ack is awaited (its arrival does), or nothing hurries.
+    ///
+    /// Waiting for the acks bounds the pauses of a guest that sends all the time to one
+    /// per round trip to the secondary (its output could not leave sooner anyway); a
+    /// request/response client finds the previous checkpoint acknowledged, since that is
+    /// what released the previous answer.
     pub fn end_soon(&self) -> Option<Duration> {
         if self.tracker.is_none()
             || self.link.is_lost()
@@ -187,8 +193,7 @@ impl Primary {
         if self.overdue {
             return Some(Duration::ZERO);
         }
-        self.gate
-            .holds_running_epoch()
+        (self.gate.holds_running_epoch() && self.link.acked() + 1 >= self.epoch)
             .then(|| self.epoch_min.saturating_sub(self.epoch_began.elapsed()))
     }
 
@@ -407,13 +412,13 @@ fn pause_histogram(sorted_us: &[u64]) -> Value {
 
 /// The device loop's clock for a primary's epochs: a timer for `epoch_ms` after each
 /// pause, one for an early end that must wait for `--epoch-min-ms`, and the link's
-/// "everything sent" event.
+/// progress event.
 pub struct EpochClock {
     every: Duration,
     regular: TimerFd,
     early: TimerFd,
     early_at: Option<Instant>,
-    link_idle: EventFd,
+    link_progress: EventFd,
 }
 
 impl EpochClock {
@@ -423,25 +428,26 @@ impl EpochClock {
             regular: TimerFd::new()?,
             early: TimerFd::new()?,
             early_at: None,
-            link_idle: EventFd::new(EFD_NONBLOCK)?,
+            link_progress: EventFd::new(EFD_NONBLOCK)?,
         })
     }
 
-    /// The regular timer, the early timer and the link's idle event, for the device
-    /// loop's epoll.
+    /// The regular timer, the early timer and the link's progress event (all sent, or
+    /// an ack), for the device loop's epoll.
     pub fn fds(&self) -> [RawFd; 3] {
         [
             self.regular.as_raw_fd(),
             self.early.as_raw_fd(),
-            self.link_idle.as_raw_fd(),
+            self.link_progress.as_raw_fd(),
         ]
     }
 
-    /// Starts timing `p`'s epochs; the link wakes the loop whenever it has sent all.
+    /// Starts timing `p`'s epochs; the link wakes the loop whenever it has sent all or
+    /// an ack arrives.
     pub fn start(&mut self, p: &Primary) -> std::io::Result<()> {
-        let idle = self.link_idle.try_clone()?;
-        p.link.on_idle(Box::new(move || {
-            let _ = idle.write(1);
+        let progress = self.link_progress.try_clone()?;
+        p.link.on_progress(Box::new(move || {
+            let _ = progress.write(1);
         }));
         self.every = Duration::from_millis(p.epoch_ms);
         self.regular_from_now()
@@ -456,6 +462,11 @@ impl EpochClock {
     /// free, see [`Primary::end_soon`]). `p` is `None` while the operator has the guest
     /// paused: its epoch runs on.
     pub fn on_regular(&mut self, p: Option<&mut Primary>, vm: &Vm) -> std::io::Result<()> {
+        if self.regular.is_armed()? {
+            // Re-armed (a new protection) after it fired, in the same round of events:
+            // nothing is due, and a read would wait for the new expiry.
+            return Ok(());
+        }
         let _ = self.regular.wait();
         if let Some(p) = p {
             p.tick(vm, false);
@@ -463,14 +474,16 @@ impl EpochClock {
         self.regular_from_now()
     }
 
-    /// The early timer or the link's idle event fired; what it means is looked at in
+    /// The early timer or the link's progress event fired; what it means is looked at in
     /// [`EpochClock::after_events`].
     pub fn on_wake(&mut self, early: bool) {
         if early {
-            let _ = self.early.wait();
+            if !matches!(self.early.is_armed(), Ok(true)) {
+                let _ = self.early.wait();
+            }
             self.early_at = None;
         } else {
-            let _ = self.link_idle.read();
+            let _ = self.link_progress.read();
         }
     }
 
