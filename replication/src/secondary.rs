@@ -282,6 +282,9 @@ impl Receiver {
                     if h.epoch == 0 {
                         return Err(Self::order(h, "a delta run in the initial sync"));
                     }
+                    if self.stage.as_ref().is_none_or(|s| s.epoch != h.epoch) {
+                        return Err(Self::order(h, "no checkpoint of that epoch is open"));
+                    }
                     // The committed image changes only at a commit, and a checkpoint
                     // names each page once: it is the base the primary encoded against.
                     self.base.resize(len as usize, 0);

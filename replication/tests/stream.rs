@@ -411,3 +411,16 @@ fn a_delta_against_another_base_is_refused() {
     let (_, ended) = refused_epoch_two(|s| delta_run(s, 2, 0x3000, &base, &new));
     assert!(format!("{ended:?}").contains("checksum"), "{ended:?}");
 }
+
+#[test]
+fn a_delta_run_in_the_initial_sync_is_refused() {
+    let mut side = secondary();
+    let mut s = Stream::default();
+    let base = vec![0u8; PAGE_SIZE as usize];
+    let mut new = base.clone();
+    new[1] = 9;
+    delta_run(&mut s, 0, 0x1000, &base, &new);
+    let (ended, _) = run(&mut side, &s.0);
+    assert!(format!("{ended:?}").contains("initial sync"), "{ended:?}");
+    assert_eq!(byte(&side, 0x1001), 0, "nothing written");
+}
