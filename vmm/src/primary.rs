@@ -193,7 +193,9 @@ impl Primary {
         if self.overdue {
             return Some(Duration::ZERO);
         }
-        (self.gate.holds_running_epoch() && self.link.acked() + 1 >= self.epoch)
+        // With --epoch-min-ms off (= --epoch-ms) output never hurries an epoch.
+        let hurries = self.epoch_min < Duration::from_millis(self.epoch_ms);
+        (hurries && self.gate.holds_running_epoch() && self.link.acked() + 1 >= self.epoch)
             .then(|| self.epoch_min.saturating_sub(self.epoch_began.elapsed()))
     }
 
