@@ -401,16 +401,16 @@ pub fn start(
 }
 
 fn sender(link: &Link, rx: &Receiver<Job>, w: &mut BufWriter<TcpStream>) -> std::io::Result<()> {
-    let mut scratch = Coder::new(link.coding);
+    let mut coder = Coder::new(link.coding);
     loop {
         match rx.recv_timeout(HEARTBEAT) {
             Ok(Job::Sync(src)) => {
-                scratch.fit(src.mem.iter().map(|r| r.len()).sum());
-                sync(link, &src, w, &mut scratch)?;
+                coder.fit(src.mem.iter().map(|r| r.len()).sum());
+                sync(link, &src, w, &mut coder)?;
                 link.progress();
             }
             Ok(Job::Epoch(c)) => {
-                let r = epoch(link, &c, w, &mut scratch);
+                let r = epoch(link, &c, w, &mut coder);
                 link.in_flight.fetch_sub(1, Ordering::SeqCst);
                 r?;
                 link.recycle(c.addrs, c.data);
@@ -517,7 +517,7 @@ fn sync(
     link: &Link,
     src: &SyncSource,
     w: &mut BufWriter<TcpStream>,
-    scratch: &mut Coder,
+    coder: &mut Coder,
 ) -> std::io::Result<()> {
     let started = Instant::now();
     let ram: u64 = src.mem.iter().map(|r| r.len()).sum();
@@ -594,7 +594,7 @@ fn sync(
                 }
                 let j = (i..pages.len()).find(|&k| !pages[k]).unwrap_or(pages.len());
                 let bytes = &buf[i * PAGE_SIZE as usize..j * PAGE_SIZE as usize];
-                let sent = page_run(w, 0, start + at + i as u64 * PAGE_SIZE, bytes, scratch)?;
+                let sent = page_run(w, 0, start + at + i as u64 * PAGE_SIZE, bytes, coder)?;
                 link.stats().bytes_sent += sent as u64;
                 any = true;
                 i = j;
@@ -655,7 +655,7 @@ fn epoch(
     link: &Link,
     c: &Capture,
     w: &mut BufWriter<TcpStream>,
-    scratch: &mut Coder,
+    coder: &mut Coder,
 ) -> std::io::Result<()> {
     let mut wire_bytes = 0;
     for fw in &c.writes {
@@ -674,13 +674,7 @@ fn epoch(
         {
             j += 1;
         }
-        wire_bytes += page_run(
-            w,
-            c.epoch,
-            c.addrs[i].0,
-            &c.data[i * page..j * page],
-            scratch,
-        )?;
+        wire_bytes += page_run(w, c.epoch, c.addrs[i].0, &c.data[i * page..j * page], coder)?;
         i = j;
     }
     wire_bytes += wire::write_frame(w, Kind::State, c.epoch, &[&messages::encode(&c.state)])?;

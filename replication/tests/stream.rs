@@ -368,6 +368,14 @@ fn handshakes_that_do_not_fit_are_refused_with_the_reason() {
     assert!(refused(&h, &expect(1, false)).contains("disks"));
 }
 
+/// A page filled with `fill`, and the same page with `bytes` written at `at`.
+fn page_and_changed(fill: u8, at: usize, bytes: &[u8]) -> (Vec<u8>, Vec<u8>) {
+    let base = vec![fill; PAGE_SIZE as usize];
+    let mut new = base.clone();
+    new[at..at + bytes.len()].copy_from_slice(bytes);
+    (base, new)
+}
+
 /// A delta run of one page at `gpa`: `new` encoded against `base`.
 fn delta_run(s: &mut Stream, epoch: u64, gpa: u64, base: &[u8], new: &[u8]) {
     let mut sent = SentPages::new(1);
@@ -382,9 +390,7 @@ fn delta_run(s: &mut Stream, epoch: u64, gpa: u64, base: &[u8], new: &[u8]) {
 fn a_delta_run_is_rebuilt_from_the_committed_page() {
     let mut side = secondary();
     let mut s = Stream::synced_and_epoch_one();
-    let base = vec![0x22u8; PAGE_SIZE as usize];
-    let mut new = base.clone();
-    new[10..14].copy_from_slice(b"abcd");
+    let (base, new) = page_and_changed(0x22, 10, b"abcd");
     s.frame(Kind::Begin, 2, &[]);
     delta_run(&mut s, 2, 0x2000, &base, &new);
     s.state(2).end(2, 1, 0, None);
@@ -405,9 +411,7 @@ fn a_delta_run_is_rebuilt_from_the_committed_page() {
 
 #[test]
 fn a_delta_against_another_base_is_refused() {
-    let base = vec![0x23u8; PAGE_SIZE as usize];
-    let mut new = base.clone();
-    new[0] = 0;
+    let (base, new) = page_and_changed(0x23, 0, &[0]);
     let (_, ended) = refused_epoch_two(|s| delta_run(s, 2, 0x3000, &base, &new));
     assert!(format!("{ended:?}").contains("checksum"), "{ended:?}");
 }
@@ -416,9 +420,7 @@ fn a_delta_against_another_base_is_refused() {
 fn a_delta_run_in_the_initial_sync_is_refused() {
     let mut side = secondary();
     let mut s = Stream::default();
-    let base = vec![0u8; PAGE_SIZE as usize];
-    let mut new = base.clone();
-    new[1] = 9;
+    let (base, new) = page_and_changed(0, 1, &[9]);
     delta_run(&mut s, 0, 0x1000, &base, &new);
     let (ended, _) = run(&mut side, &s.0);
     assert!(format!("{ended:?}").contains("initial sync"), "{ended:?}");

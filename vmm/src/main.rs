@@ -283,10 +283,8 @@ fn connect_primary(args: &RunArgs, cfg: &VmConfig) -> anyhow::Result<PrimaryLink
 fn settings(args: &RunArgs) -> protect::Settings {
     protect::Settings {
         epoch_ms: args.epoch_ms,
-        epoch_min_ms: args
-            .epoch_min_ms
-            .unwrap_or(args.epoch_ms)
-            .min(args.epoch_ms),
+        // Not below --epoch-ms, it changes nothing: off.
+        epoch_min_ms: args.epoch_min_ms.filter(|ms| *ms < args.epoch_ms),
         timeout: Duration::from_millis(args.failover_timeout_ms),
         coding: replication::PageCoding {
             lz4: args.compress == "lz4",

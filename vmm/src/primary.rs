@@ -43,8 +43,8 @@ pub struct Primary {
     pub gate: Arc<HeldOutput>,
     pub writes: Arc<ForwardedWrites>,
     pub epoch_ms: u64,
-    /// An epoch with output waiting ends once it is this old.
-    epoch_min: Duration,
+    /// An epoch with output waiting ends once it is this old (`--epoch-min-ms`, if set).
+    epoch_min: Option<Duration>,
     /// When the running epoch began (the end of the previous pause).
     epoch_began: Instant,
     /// The running epoch found the link busy when it was due: it ends as soon as the
@@ -76,7 +76,7 @@ impl Primary {
             gate,
             writes,
             epoch_ms: settings.epoch_ms,
-            epoch_min: Duration::from_millis(settings.epoch_min_ms),
+            epoch_min: settings.epoch_min_ms.map(Duration::from_millis),
             epoch_began: Instant::now(),
             overdue: false,
             early_epochs: 0,
@@ -183,6 +183,11 @@ impl Primary {
     /// request/response client finds the previous checkpoint acknowledged, since that is
     /// what released the previous answer.
     pub fn end_soon(&self) -> Option<Duration> {
+        // Called after every round of the device loop's events: the common case (fixed
+        // epochs, nothing overdue) returns before any lock.
+        if !self.overdue && self.epoch_min.is_none() {
+            return None;
+        }
         if self.tracker.is_none()
             || self.link.is_lost()
             || !self.link.is_synced()
@@ -193,10 +198,9 @@ impl Primary {
         if self.overdue {
             return Some(Duration::ZERO);
         }
-        // With --epoch-min-ms off (= --epoch-ms) output never hurries an epoch.
-        let hurries = self.epoch_min < Duration::from_millis(self.epoch_ms);
-        (hurries && self.gate.holds_running_epoch() && self.link.acked() + 1 >= self.epoch)
-            .then(|| self.epoch_min.saturating_sub(self.epoch_began.elapsed()))
+        let min = self.epoch_min?;
+        (self.gate.holds_running_epoch() && self.link.acked() + 1 >= self.epoch)
+            .then(|| min.saturating_sub(self.epoch_began.elapsed()))
     }
 
     /// Ends the running epoch and hands its checkpoint to the sender; `keep_paused` leaves
@@ -346,7 +350,7 @@ impl Primary {
             "peer": link.peer,
             "epoch": self.epoch,
             "epoch_ms": self.epoch_ms,
-            "epoch_min_ms": self.epoch_min.as_millis() as u64,
+            "epoch_min_ms": self.epoch_min.map_or(self.epoch_ms, |d| d.as_millis() as u64),
             "early_epochs": self.early_epochs,
             "last_sent_epoch": link.sent_epoch,
             "last_acked_epoch": link.acked_epoch,

@@ -95,8 +95,9 @@ fn transmit_to(tap_out: Arc<OnceLock<File>>) -> Transmit {
 #[derive(Clone, Copy)]
 pub struct Settings {
     pub epoch_ms: u64,
-    /// An epoch whose guest output waits ends once it is this old.
-    pub epoch_min_ms: u64,
+    /// An epoch whose guest output waits ends once it is this old; `None`: at
+    /// `epoch_ms` like any other.
+    pub epoch_min_ms: Option<u64>,
     pub timeout: Duration,
     pub coding: replication::PageCoding,
     /// How long a connection attempt waits for the secondary to be reachable.

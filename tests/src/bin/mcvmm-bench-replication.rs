@@ -243,24 +243,19 @@ fn run(epochs: &[u64], failovers: usize, out: &std::path::Path) -> Result<(), St
         "protected 50 ms, no compression",
         Some(&format!("--epoch-ms {default_ms} --compress none")),
     )?;
-    // Epochs that may end early for the guest's output against fixed-length ones (the
-    // default).
-    let early = config(
-        &lab,
-        &ns,
-        "protected 50 ms, early for output",
-        Some(&format!("--epoch-ms {default_ms} --epoch-min-ms 10")),
-    )?;
-    protected.push(early.clone());
-    // Pages sent as their difference from the version the secondary holds (the default)
-    // against LZ4 of whole pages.
-    let no_delta = config(
-        &lab,
-        &ns,
-        "protected 50 ms, no delta",
-        Some(&format!("--epoch-ms {default_ms} --delta-cache-mib 0")),
-    )?;
-    protected.push(no_delta.clone());
+    // Against the default (fixed-length epochs, pages as deltas where they can be):
+    // epochs that may end early for the guest's output, and LZ4 of whole pages.
+    for (name, flags) in [
+        ("early for output", "--epoch-min-ms 10"),
+        ("no delta", "--delta-cache-mib 0"),
+    ] {
+        protected.push(config(
+            &lab,
+            &ns,
+            &format!("protected {default_ms} ms, {name}"),
+            Some(&format!("--epoch-ms {default_ms} {flags}")),
+        )?);
+    }
     let opts = drill::Options {
         process_rounds: failovers,
         host_rounds: 0,
