@@ -55,6 +55,29 @@ pub struct RegionDirty {
     pub bits: Vec<u64>,
 }
 
+impl RegionDirty {
+    /// The guest address of every dirty page of this region, lowest first.
+    fn addresses(&self) -> impl Iterator<Item = GuestAddress> + '_ {
+        // Only set bits are visited: an idle epoch over GiBs of RAM costs a pass over
+        // the words, not one step per page.
+        self.bits
+            .iter()
+            .enumerate()
+            .filter(|(_, &word)| word != 0)
+            .flat_map(move |(w, &word)| {
+                let mut rest = word;
+                std::iter::from_fn(move || {
+                    (rest != 0).then(|| {
+                        let b = u64::from(rest.trailing_zeros());
+                        rest &= rest - 1;
+                        self.start.unchecked_add((w as u64 * 64 + b) * PAGE_SIZE)
+                    })
+                })
+            })
+            .filter(move |a| a.0 < self.start.0 + self.len)
+    }
+}
+
 /// The pages written during one epoch, region by region.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct DirtySet {
@@ -73,24 +96,23 @@ impl DirtySet {
 
     /// The guest address of every dirty page, lowest first.
     pub fn addresses(&self) -> impl Iterator<Item = GuestAddress> + '_ {
-        // Only set bits are visited: an idle epoch over GiBs of RAM costs a pass over
-        // the words, not one step per page.
+        self.regions.iter().flat_map(RegionDirty::addresses)
+    }
+
+    /// Runs of consecutive dirty pages as (first page, pages), lowest first; a run never
+    /// crosses from one region into the next, so each is one slice of guest memory.
+    pub fn runs(&self) -> impl Iterator<Item = (GuestAddress, u64)> + '_ {
         self.regions.iter().flat_map(|r| {
-            r.bits
-                .iter()
-                .enumerate()
-                .filter(|(_, &word)| word != 0)
-                .flat_map(move |(w, &word)| {
-                    let mut rest = word;
-                    std::iter::from_fn(move || {
-                        (rest != 0).then(|| {
-                            let b = u64::from(rest.trailing_zeros());
-                            rest &= rest - 1;
-                            r.start.unchecked_add((w as u64 * 64 + b) * PAGE_SIZE)
-                        })
-                    })
-                })
-                .filter(move |a| a.0 < r.start.0 + r.len)
+            let mut pages = r.addresses().peekable();
+            std::iter::from_fn(move || {
+                let first = pages.next()?;
+                let mut n = 1;
+                while pages.peek() == Some(&first.unchecked_add(n * PAGE_SIZE)) {
+                    pages.next();
+                    n += 1;
+                }
+                Some((first, n))
+            })
         })
     }
 }
@@ -182,5 +204,36 @@ mod tests {
         let got: Vec<u64> = set.addresses().map(|a| a.0).collect();
         assert_eq!(got, vec![0, 2 * PAGE_SIZE, 69 * PAGE_SIZE, 1 << 32]);
         assert_eq!(set.pages(), 5, "pages counts bits");
+        let runs: Vec<(u64, u64)> = set.runs().map(|(a, n)| (a.0, n)).collect();
+        assert_eq!(
+            runs,
+            vec![
+                (0, 1),
+                (2 * PAGE_SIZE, 1),
+                (69 * PAGE_SIZE, 1),
+                (1 << 32, 1)
+            ]
+        );
+    }
+
+    #[test]
+    fn runs_join_neighbours_across_words_but_not_regions() {
+        let set = DirtySet {
+            regions: vec![
+                RegionDirty {
+                    start: GuestAddress(0),
+                    len: 128 * PAGE_SIZE,
+                    // pages 62..=65 straddle a word; 127 ends the region.
+                    bits: vec![3 << 62, 0b11 | (1 << 63)],
+                },
+                RegionDirty {
+                    start: GuestAddress(128 * PAGE_SIZE),
+                    len: PAGE_SIZE,
+                    bits: vec![1],
+                },
+            ],
+        };
+        let runs: Vec<(u64, u64)> = set.runs().map(|(a, n)| (a.0 / PAGE_SIZE, n)).collect();
+        assert_eq!(runs, vec![(62, 4), (127, 1), (128, 1)]);
     }
 }
