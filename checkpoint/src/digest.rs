@@ -82,6 +82,41 @@ pub fn of(data: &[u8]) -> u64 {
     d.finish()
 }
 
+/// Guest memory, and the memory file of a full snapshot, are digested in chunks of this
+/// many bytes, counted from the start of each RAM region (a region's last chunk may be
+/// shorter). A snapshot then checksums its file while copying it, takes again only the
+/// chunks a pause patched, and a restore skips chunks that are holes in the file.
+pub const CHUNK: usize = 1 << 20;
+
+/// The digest of a sequence of chunk digests, in region order: the digest of all memory.
+pub fn of_chunks(chunks: impl IntoIterator<Item = u64>) -> u64 {
+    let mut d = Digest::default();
+    for c in chunks {
+        d.update(&c.to_le_bytes());
+    }
+    d.finish()
+}
+
+/// The digest of `len` zero bytes, remembered for the last length asked: the chunk digest
+/// of a hole.
+#[derive(Default)]
+pub struct Zeros {
+    last: Option<(usize, u64)>,
+}
+
+impl Zeros {
+    pub fn digest(&mut self, len: usize) -> u64 {
+        match self.last {
+            Some((l, d)) if l == len => d,
+            _ => {
+                let d = of(&vec![0u8; len]);
+                self.last = Some((len, d));
+                d
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -101,5 +136,18 @@ mod tests {
         assert_ne!(of(&flipped), whole);
         assert_ne!(of(&data[..999]), whole, "truncation");
         assert_ne!(of(&[0u8; 64]), of(&[0u8; 65]), "zeros of another length");
+    }
+
+    #[test]
+    fn zeros_and_chunk_lists() {
+        let mut z = Zeros::default();
+        assert_eq!(z.digest(4096), of(&[0u8; 4096]));
+        assert_eq!(
+            z.digest(100),
+            of(&[0u8; 100]),
+            "another length is not the cached one"
+        );
+        assert_ne!(of_chunks([1, 2]), of_chunks([2, 1]), "order matters");
+        assert_ne!(of_chunks([1]), of_chunks([1, 1]));
     }
 }

@@ -9,8 +9,9 @@ use kvm_bindings::{
 };
 use serde::{Deserialize, Serialize};
 
-/// Version of the state types and of the snapshot layout.
-pub const FORMAT_VERSION: u32 = 1;
+/// Version of the state types and of the snapshot layout (2: memory checksums and digests
+/// are taken chunk by chunk).
+pub const FORMAT_VERSION: u32 = 2;
 
 /// What a VM must look like for a checkpoint to fit it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -101,7 +102,7 @@ pub struct VcpuState {
 }
 
 /// The in-kernel devices of the VM.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct VmState {
     pub pic_master: kvm_irqchip,
     pub pic_slave: kvm_irqchip,
@@ -140,7 +141,7 @@ pub struct VirtioMmioState {
 }
 
 /// The 16550 UART (mirrors `vm_superio::SerialState`).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SerialState {
     pub baud_divisor_low: u8,
     pub baud_divisor_high: u8,
@@ -154,7 +155,7 @@ pub struct SerialState {
     pub in_buffer: Vec<u8>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct I8042State {
     pub status: u8,
     pub control: u8,
@@ -163,8 +164,9 @@ pub struct I8042State {
     pub pending_write: Option<u8>,
 }
 
-/// All of a VM's state but RAM.
-#[derive(Debug, Serialize, Deserialize)]
+/// All of a VM's state but RAM. (The default, with no vCPUs and every device at zeros,
+/// is no machine that runs; tests use it where only the RAM matters.)
+#[derive(Debug, Default, Serialize, Deserialize)]
 pub struct MachineState {
     pub cmdline: String,
     pub vcpus: Vec<VcpuState>,

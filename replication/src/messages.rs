@@ -17,8 +17,9 @@ use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
 use crate::wire::{Header, WireError, MAX_PAYLOAD};
 
-/// Version of this protocol. Primary and secondary must run the same one.
-pub const PROTOCOL_VERSION: u32 = 2;
+/// Version of this protocol. Primary and secondary must run the same one. (3: the memory
+/// digest of a verified checkpoint is taken chunk by chunk.)
+pub const PROTOCOL_VERSION: u32 = 3;
 /// Pages in one `Pages` frame at most.
 pub const MAX_RUN_PAGES: u32 = 256;
 pub const PAGES_HEADER_LEN: usize = 16;

@@ -6,9 +6,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use mcvmm_checkpoint::snapshot::memory_digest;
-use mcvmm_checkpoint::state::{
-    DiskShape, I8042State, MachineState, SerialState, VmShape, VmState, FORMAT_VERSION,
-};
+use mcvmm_checkpoint::state::{DiskShape, MachineState, VmShape, FORMAT_VERSION};
 use mcvmm_checkpoint::{GuestMemory, PAGE_SIZE};
 use mcvmm_replication::delta::SentPages;
 use mcvmm_replication::disk::{Disks, Replica};
@@ -25,34 +23,7 @@ const DISK: u64 = 64 << 10;
 fn state(tag: &str) -> MachineState {
     MachineState {
         cmdline: tag.into(),
-        vcpus: Vec::new(),
-        vm: VmState {
-            pic_master: Default::default(),
-            pic_slave: Default::default(),
-            ioapic: Default::default(),
-            pit: Default::default(),
-            clock: Default::default(),
-        },
-        serial: SerialState {
-            baud_divisor_low: 0,
-            baud_divisor_high: 0,
-            interrupt_enable: 0,
-            interrupt_identification: 0,
-            line_control: 0,
-            line_status: 0,
-            modem_control: 0,
-            modem_status: 0,
-            scratch: 0,
-            in_buffer: Vec::new(),
-        },
-        i8042: I8042State {
-            status: 0,
-            control: 0,
-            outport: 0,
-            output: None,
-            pending_write: None,
-        },
-        virtio: Vec::new(),
+        ..MachineState::default()
     }
 }
 

@@ -199,8 +199,11 @@ fn an_incremental_chain_restores_the_memory_of_a_full_snapshot_and_bad_snapshots
          kill_guest ic
          refuse() { label=$1; shift
            rm -f refused.sock
-           if ip netns exec ic ./mcvmm run --restore \"$@\" --tap gtap --serial refused.console \
-                --api-sock refused.sock 2>refused.err; then echo \"$label: STARTED\"; fi
+           # A snapshot wrongly accepted runs its guest: stopped after 60 s, reported.
+           rc=0
+           ip netns exec ic timeout 60 ./mcvmm run --restore \"$@\" --tap gtap \
+                --serial refused.console --api-sock refused.sock 2>refused.err || rc=$?
+           case $rc in 0|124|137|143) echo \"$label: STARTED\";; esac
            [ -e refused.sock ] && echo \"$label: SOCKET LEFT\"
            echo \"$label: $(cat refused.err)\"
          }
@@ -218,7 +221,7 @@ fn an_incremental_chain_restores_the_memory_of_a_full_snapshot_and_bad_snapshots
          printf 'Z' | dd of=st/state.json bs=1 seek=100 conv=notrunc 2>/dev/null
          refuse state st --disk ic.img
          variant ver; ln f3/memory ver/memory
-         sed -i 's/\"format_version\": 1/\"format_version\": 99/' ver/manifest.json
+         sed -i 's/\"format_version\": [0-9]*/\"format_version\": 99/' ver/manifest.json
          refuse version ver --disk ic.img
          rm -rf st ver
          refuse memory f3 --disk ic.img --mem-mib 256
