@@ -31,6 +31,7 @@ use serde::{Deserialize, Serialize};
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
 use crate::digest::{self, CHUNK};
+use crate::resident::Pagemap;
 use crate::state::{MachineState, VmShape, FORMAT_VERSION};
 use crate::GuestMemory;
 
@@ -128,13 +129,25 @@ unsafe fn regions(mem: &GuestMemory) -> Vec<(GuestAddress, &[u8])> {
 /// The digest of all guest RAM: of the digests of its [`CHUNK`]s, region after region.
 /// Same contract as for capture: nothing writes meanwhile.
 pub fn memory_digest(mem: &GuestMemory) -> u64 {
+    let mut pagemap = Pagemap::open();
+    let mut zeros = digest::Zeros::default();
     // SAFETY: see this function's contract (the vCPUs are paused by the caller).
     let regions = unsafe { regions(mem) };
-    digest::of_chunks(
-        regions
-            .iter()
-            .flat_map(|(_, bytes)| bytes.chunks(CHUNK).map(digest::of)),
-    )
+    let mut chunks = Vec::new();
+    for (_, bytes) in &regions {
+        for chunk in bytes.chunks(CHUNK) {
+            // Memory never touched is zeros: its digest is known without faulting it in.
+            let untouched = pagemap
+                .as_mut()
+                .is_some_and(|p| !p.touched(chunk.as_ptr(), chunk.len()));
+            chunks.push(if untouched {
+                zeros.digest(chunk.len())
+            } else {
+                digest::of(chunk)
+            });
+        }
+    }
+    digest::of_chunks(chunks)
 }
 
 fn write_state(dir: &Path, state: &MachineState) -> Result<(u64, u64), SnapshotError> {
@@ -197,4 +210,25 @@ fn read_manifest(dir: &Path) -> Result<Manifest, SnapshotError> {
         path: path.display().to_string(),
         why: e.to_string(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vm_memory::Bytes;
+
+    #[test]
+    fn untouched_memory_has_the_digest_of_zeros_written_out() {
+        let len = (5 << 20) / 2;
+        let fresh = GuestMemory::from_ranges(&[(GuestAddress(0), len)]).expect("memory");
+        let written = GuestMemory::from_ranges(&[(GuestAddress(0), len)]).expect("memory");
+        written
+            .write_slice(&vec![0u8; len], GuestAddress(0))
+            .expect("write");
+        assert_eq!(memory_digest(&fresh), memory_digest(&written));
+        fresh
+            .write_obj(1u8, GuestAddress(len as u64 - 1))
+            .expect("write");
+        assert_ne!(memory_digest(&fresh), memory_digest(&written));
+    }
 }
