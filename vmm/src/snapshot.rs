@@ -15,6 +15,11 @@ use crate::epochs::PAUSE_LIMIT;
 use crate::vm::Vm;
 use crate::vm_state::save_vm_state;
 
+/// Rounds of copying again what the guest wrote meanwhile, at most, before the pause.
+const PRECOPY_ROUNDS: usize = 5;
+/// Pages few enough to leave to the pause (4 MiB).
+const PRECOPY_DONE_PAGES: u64 = 1024;
+
 /// Snapshots taken so far by this process.
 #[derive(Default)]
 pub struct Snapshots {
@@ -87,6 +92,21 @@ pub fn take(
         }
         full = Some(begin_full(dir, &vm.mem).map_err(|x| e(&x))?);
     }
+    // What the guest wrote during the copy is copied again while it runs on, round after
+    // round, as long as that shrinks the set, so the pause holds only the last few pages.
+    let mut rounds = Vec::new();
+    if let (Some(f), Some(tracker), false) = (full.as_mut(), snaps.tracker.as_mut(), paused) {
+        while rounds.len() < PRECOPY_ROUNDS {
+            let dirty = tracker.end_epoch(&vm.vm_fd, &vm.mem).map_err(|x| e(&x))?;
+            let pages = dirty.pages();
+            f.patch(&dirty, &vm.mem).map_err(|x| e(&x))?;
+            let shrinking = rounds.last().is_none_or(|&last| pages * 4 < last * 3);
+            rounds.push(pages);
+            if pages <= PRECOPY_DONE_PAGES || !shrinking {
+                break;
+            }
+        }
+    }
     let precopy = started.elapsed();
     let t0 = Instant::now();
     if !paused {
@@ -121,6 +141,7 @@ pub fn take(
         "vcpu_stop_us": stopped.as_micros() as u64,
         "state_capture_us": state_us,
         "precopy_ms": precopy.as_secs_f64() * 1e3,
+        "precopy_rounds_pages": rounds,
         "seal_ms": t.elapsed().as_secs_f64() * 1e3,
         "total_ms": started.elapsed().as_secs_f64() * 1e3,
     }))

@@ -316,9 +316,13 @@ mod tests {
         mem.write_obj(7u8, GuestAddress((2 << 20) + 3 * page))
             .expect("write");
         mem.write_obj(9u8, GuestAddress(page + 1)).expect("write");
+        // A run longer than a chunk, across a chunk boundary.
+        mem.write_slice(&[0x11; 300 * 4096], GuestAddress(128 * page))
+            .expect("write");
         let mut first = vec![0u64; 10];
-        first[0] = 1 << 1;
-        first[(512 + 3) / 64] |= 1 << ((512 + 3) % 64);
+        for p in [1].into_iter().chain(128..428).chain([512 + 3]) {
+            first[p / 64] |= 1 << (p % 64);
+        }
         let dirty = DirtySet {
             regions: vec![
                 RegionDirty {
@@ -333,7 +337,7 @@ mod tests {
                 },
             ],
         };
-        assert_eq!(full.patch(&dirty, &mem).expect("patch"), 2);
+        assert_eq!(full.patch(&dirty, &mem).expect("patch"), 302);
         let m = full.seal(&MachineState::default(), &shape()).expect("seal");
         assert_eq!(m.memory_digest, memory_digest(&mem), "digest at the pause");
         mem

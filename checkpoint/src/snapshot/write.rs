@@ -138,8 +138,9 @@ fn nonzero_runs(buf: &[u8]) -> Vec<(usize, &[u8])> {
 }
 
 impl FullSnapshot {
-    /// Copies the pages of `dirty` again, now that they hold still (vCPUs paused).
-    /// Returns how many.
+    /// Copies the pages of `dirty` again. At the pause (vCPUs paused) this makes the file
+    /// the memory of that instant; before it, while the guest runs, a page written again
+    /// after its copy must be in a later dirty set. Returns how many.
     pub fn patch(&mut self, dirty: &DirtySet, mem: &GuestMemory) -> Result<u64, SnapshotError> {
         let mut pages = 0;
         for (at, n) in dirty.runs() {
@@ -156,12 +157,18 @@ impl FullSnapshot {
                     (rel + bytes <= r.len).then_some((r, rel))
                 })
                 .ok_or_else(bad)?;
-            self.buf.resize(bytes as usize, 0);
-            mem.read_slice(&mut self.buf, at)
-                .map_err(|e| io(&self.path)(std::io::Error::other(e.to_string())))?;
-            self.file
-                .write_all_at(&self.buf, r.offset + rel)
-                .map_err(io(&self.path))?;
+            // A long run goes a chunk at a time: the buffer stays small.
+            let mut done = 0;
+            while done < bytes {
+                let piece = (bytes - done).min(CHUNK as u64);
+                self.buf.resize(piece as usize, 0);
+                mem.read_slice(&mut self.buf, at.unchecked_add(done))
+                    .map_err(|e| io(&self.path)(std::io::Error::other(e.to_string())))?;
+                self.file
+                    .write_all_at(&self.buf, r.offset + rel + done)
+                    .map_err(io(&self.path))?;
+                done += piece;
+            }
             let first = r.first_chunk + (rel / CHUNK as u64) as usize;
             let last = r.first_chunk + ((rel + bytes - 1) / CHUNK as u64) as usize;
             self.stale[first..=last].fill(true);
