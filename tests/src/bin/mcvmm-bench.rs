@@ -9,7 +9,11 @@
 //! * disk: in-guest sequential O_DIRECT write and read of 128 MiB in 1 MiB requests;
 //! * network: request/response latency of 500 PINGs to the agent over the tap.
 //!
-//! Usage: mcvmm-bench [--runs N] [--out FILE]
+//! With `--baseline PATH`, a second mcvmm binary (an earlier commit, another build) runs
+//! in the same host, alternating with the other two, and the table gains its column and
+//! the ratio to it: a change measured side by side, not against another day's lab.
+//!
+//! Usage: mcvmm-bench [--runs N] [--baseline PATH] [--out FILE]
 
 use mcvmm_lab::{HostOptions, KvmHost};
 use serde_json::json;
@@ -20,6 +24,8 @@ const MEM_MIB: u32 = 256;
 enum Vmm {
     Mcvmm,
     Qemu,
+    /// The `--baseline` binary, copied into the host as `mcvmm-baseline`.
+    Baseline,
 }
 
 impl Vmm {
@@ -27,6 +33,7 @@ impl Vmm {
         match self {
             Vmm::Mcvmm => "mcvmm",
             Vmm::Qemu => "qemu",
+            Vmm::Baseline => "baseline",
         }
     }
 
@@ -40,9 +47,14 @@ impl Vmm {
             "panic=-1"
         };
         match self {
-            Vmm::Mcvmm => {
+            Vmm::Mcvmm | Vmm::Baseline => {
+                let bin = if self == Vmm::Mcvmm {
+                    "mcvmm"
+                } else {
+                    "mcvmm-baseline"
+                };
                 let mut c = format!(
-                    "./mcvmm run --kernel guest/vmlinux --initrd guest/initrd.img --mem-mib {MEM_MIB} \
+                    "./{bin} run --kernel guest/vmlinux --initrd guest/initrd.img --mem-mib {MEM_MIB} \
                      --serial {log} --cmdline '{cmdline}'"
                 );
                 if io {
@@ -153,6 +165,7 @@ fn main() {
 
 fn bench() -> Result<(), String> {
     let mut runs = 10usize;
+    let mut baseline: Option<std::path::PathBuf> = None;
     let mut out_path = mcvmm_tests::repo_root().join("bench-results/vmm.json");
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -160,8 +173,9 @@ fn bench() -> Result<(), String> {
             ("--runs", Some(v)) => {
                 runs = v.parse().map_err(|_| format!("--runs {v}: not a number"))?
             }
+            ("--baseline", Some(v)) => baseline = Some(v.into()),
             ("--out", Some(v)) => out_path = v.into(),
-            _ => return Err("usage: mcvmm-bench [--runs N] [--out FILE]".into()),
+            _ => return Err("usage: mcvmm-bench [--runs N] [--baseline PATH] [--out FILE]".into()),
         }
     }
     let host = mcvmm_tests::guest_host(&HostOptions {
@@ -169,15 +183,24 @@ fn bench() -> Result<(), String> {
         with_qemu: true,
         ..HostOptions::default()
     })?;
+    let mut vmms = vec![Vmm::Mcvmm, Vmm::Qemu];
+    if let Some(path) = &baseline {
+        if !path.is_file() {
+            return Err(format!("--baseline {}: no such file", path.display()));
+        }
+        host.put_binary(path, "mcvmm-baseline")
+            .map_err(|e| e.to_string())?;
+        vmms.push(Vmm::Baseline);
+    }
     eprintln!(
         "mcvmm-bench: on {}; {runs} boots per VMM, alternating",
         host.describe()
     );
 
-    let mut boot = [Vec::new(), Vec::new()];
-    let mut overhead = [Vec::new(), Vec::new()];
+    let mut boot = vec![Vec::new(); vmms.len()];
+    let mut overhead = vec![Vec::new(); vmms.len()];
     for r in 0..runs {
-        for (i, vmm) in [Vmm::Mcvmm, Vmm::Qemu].into_iter().enumerate() {
+        for (i, &vmm) in vmms.iter().enumerate() {
             let (ms, over) = boot_once(&host, vmm)?;
             eprintln!(
                 "  boot {r:2} {:5}: {ms:7.1} ms, overhead {over:5.1} MiB",
@@ -187,9 +210,9 @@ fn bench() -> Result<(), String> {
             overhead[i].push(over);
         }
     }
-    let mut io = [Vec::new(), Vec::new()];
+    let mut io = vec![Vec::new(); vmms.len()];
     for r in 0..3 {
-        for (i, vmm) in [Vmm::Mcvmm, Vmm::Qemu].into_iter().enumerate() {
+        for (i, &vmm) in vmms.iter().enumerate() {
             let s = io_once(&host, vmm)?;
             eprintln!(
                 "  io   {r:2} {:5}: write {:.0} MB/s, read {:.0} MB/s, rtt median {:.0} µs p99 {:.0} µs",
@@ -202,61 +225,85 @@ fn bench() -> Result<(), String> {
             io[i].push(s);
         }
     }
-    let col = |i: usize, f: fn(&(f64, f64, f64, f64)) -> f64| {
+    let io_median = |i: usize, f: fn(&(f64, f64, f64, f64)) -> f64| {
         let mut v: Vec<f64> = io[i].iter().map(f).collect();
         median(&mut v)
     };
-    let rows = [
+    let per_vmm = |f: &dyn Fn(usize) -> f64| -> Vec<f64> { (0..vmms.len()).map(f).collect() };
+    let rows: Vec<(&str, Vec<f64>, &str)> = vec![
         (
             "boot to ready, median (ms)",
-            median(&mut boot[0]),
-            median(&mut boot[1]),
+            per_vmm(&|i| median(&mut boot[i].clone())),
             "≤ 0.7",
         ),
         (
             "VMM memory overhead, median (MiB)",
-            median(&mut overhead[0]),
-            median(&mut overhead[1]),
+            per_vmm(&|i| median(&mut overhead[i].clone())),
             "≤ 5 MiB",
         ),
         (
             "disk sequential write (MB/s)",
-            col(0, |s| s.0),
-            col(1, |s| s.0),
+            per_vmm(&|i| io_median(i, |s| s.0)),
             "≥ 1",
         ),
         (
             "disk sequential read (MB/s)",
-            col(0, |s| s.1),
-            col(1, |s| s.1),
+            per_vmm(&|i| io_median(i, |s| s.1)),
             "≥ 1",
         ),
         (
             "TCP request/response median (µs)",
-            col(0, |s| s.2),
-            col(1, |s| s.2),
+            per_vmm(&|i| io_median(i, |s| s.2)),
             "≤ 1",
         ),
         (
             "TCP request/response p99 (µs)",
-            col(0, |s| s.3),
-            col(1, |s| s.3),
+            per_vmm(&|i| io_median(i, |s| s.3)),
             "≤ 1",
         ),
     ];
-    println!("| measure | mcvmm | QEMU microvm | mcvmm/QEMU | target |");
-    println!("|---|---|---|---|---|");
-    for (name, m, q, target) in &rows {
-        println!("| {name} | {m:.1} | {q:.1} | {:.2} | {target} |", m / q);
+    let with_baseline = vmms.len() > 2;
+    if with_baseline {
+        println!(
+            "| measure | mcvmm | QEMU microvm | mcvmm/QEMU | target | baseline | mcvmm/baseline |"
+        );
+        println!("|---|---|---|---|---|---|---|");
+    } else {
+        println!("| measure | mcvmm | QEMU microvm | mcvmm/QEMU | target |");
+        println!("|---|---|---|---|---|");
     }
+    for (name, v, target) in &rows {
+        let (m, q) = (v[0], v[1]);
+        print!("| {name} | {m:.1} | {q:.1} | {:.2} | {target} |", m / q);
+        if with_baseline {
+            print!(" {:.1} | {:.2} |", v[2], m / v[2]);
+        }
+        println!();
+    }
+    let by_vmm = |f: &dyn Fn(usize) -> serde_json::Value| -> serde_json::Value {
+        vmms.iter()
+            .enumerate()
+            .map(|(i, v)| (v.name().to_string(), f(i)))
+            .collect::<serde_json::Map<_, _>>()
+            .into()
+    };
     let json = json!({
         "host": host.describe(),
         "runs": runs,
         "guest_mem_mib": MEM_MIB,
-        "boot_ms": { "mcvmm": boot[0], "qemu": boot[1] },
-        "overhead_mib": { "mcvmm": overhead[0], "qemu": overhead[1] },
-        "io": { "mcvmm": io_json(&io[0]), "qemu": io_json(&io[1]) },
-        "summary": rows.iter().map(|(n, m, q, t)| json!({"measure": n, "mcvmm": m, "qemu": q, "ratio": m / q, "target": t})).collect::<Vec<_>>(),
+        "baseline": baseline.as_ref().map(|p| p.display().to_string()),
+        "boot_ms": by_vmm(&|i| json!(boot[i])),
+        "overhead_mib": by_vmm(&|i| json!(overhead[i])),
+        "io": by_vmm(&|i| json!(io_json(&io[i]))),
+        "summary": rows.iter().map(|(n, v, t)| json!({
+            "measure": n,
+            "mcvmm": v[0],
+            "qemu": v[1],
+            "ratio": v[0] / v[1],
+            "baseline": v.get(2),
+            "ratio_to_baseline": v.get(2).map(|b| v[0] / b),
+            "target": t,
+        })).collect::<Vec<_>>(),
     });
     if let Some(dir) = out_path.parent() {
         std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
