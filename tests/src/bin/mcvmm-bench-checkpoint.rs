@@ -142,7 +142,7 @@ fn qemu_snapshot(host: &KvmHost, mib: u64) -> Result<QemuRun, String> {
              # The migration's figures stand even if the restore fails (seen in the lab).
              if $a --wait 120 ping >/dev/null; then
                t3=$(cut -d' ' -f1 /proc/uptime)
-               $a status | grep boot_id
+               $a status | grep boot_id || true
                $a mem-verify || true
                awk -v c=$t2 -v d=$t3 'BEGIN {{ printf \"restore_ms=%d\\n\", (d - c) * 1000 }}'
              else
