@@ -103,12 +103,19 @@ impl Primary {
             .collect::<Result<Vec<File>, String>>()?;
         // Tracking must be on before the copy starts: whatever the guest writes from here
         // on is in the first checkpoint.
+        let paused = Instant::now();
         vm.vcpus.pause(PAUSE_LIMIT).map_err(|e| e.to_string())?;
         let tracker = DirtyTracker::start(&vm.vm_fd, &vm.mem, Sources::GuestAndVmm);
         // Writes before this point are in the disks the sync copies; from here on each
         // is forwarded.
         self.writes.record(true);
         vm.vcpus.resume();
+        // Turning the log on write-protects all of RAM in KVM: a pause that grows with
+        // the guest, worth seeing.
+        eprintln!(
+            "mcvmm: dirty tracking on ({:.1} ms with the vCPUs paused)",
+            paused.elapsed().as_secs_f64() * 1e3
+        );
         self.tracker = Some(tracker.map_err(|e| e.to_string())?);
         self.started = Instant::now();
         if !self.link.start_sync(SyncSource {

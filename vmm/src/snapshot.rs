@@ -78,15 +78,19 @@ pub fn take(
     // Tracking on (or a new epoch started) before the copy: what the guest writes from
     // here on is copied again at the pause.
     let mut full = None;
+    // Turning the log on write-protects all of RAM in KVM, with the vCPUs paused.
+    let mut tracking_on = std::time::Duration::ZERO;
     if !incremental {
         match &mut snaps.tracker {
             Some(t) => {
                 t.end_epoch(&vm.vm_fd, &vm.mem).map_err(|x| e(&x))?;
             }
             None => {
+                let t = Instant::now();
                 let started = vm.vcpus.paused_for(paused, PAUSE_LIMIT, || {
                     DirtyTracker::start(&vm.vm_fd, &vm.mem, Sources::GuestAndVmm)
                 });
+                tracking_on = t.elapsed();
                 snaps.tracker = Some(started.map_err(|x| e(&x))?.map_err(|x| e(&x))?)
             }
         }
@@ -140,6 +144,7 @@ pub fn take(
         "pause_ms": pause.as_secs_f64() * 1e3,
         "vcpu_stop_us": stopped.as_micros() as u64,
         "state_capture_us": state_us,
+        "tracking_on_pause_ms": tracking_on.as_secs_f64() * 1e3,
         "precopy_ms": precopy.as_secs_f64() * 1e3,
         "precopy_rounds_pages": rounds,
         "seal_ms": t.elapsed().as_secs_f64() * 1e3,

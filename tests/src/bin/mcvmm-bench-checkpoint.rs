@@ -84,6 +84,10 @@ fn mcvmm_snapshot(host: &KvmHost, mib: u64) -> Result<(f64, f64, f64), String> {
         900,
     )?;
     let snap = report(&out, "snapshot")?;
+    eprintln!(
+        "  snapshot {mib} MiB mcvmm: tracking on in a pause of {} ms, pages copied again per round {}",
+        snap["tracking_on_pause_ms"], snap["precopy_rounds_pages"]
+    );
     if !out.contains(" errors=0") {
         return Err(format!("mcvmm: memory did not verify after restore: {out}"));
     }
