@@ -145,8 +145,11 @@ impl DirtyTracker {
     }
 
     /// Ends the current epoch and starts the next: the pages written since the previous
-    /// call (or `start`). Call only while the vCPUs are out of KVM_RUN and no device runs,
-    /// or writes in flight land in neither epoch's set.
+    /// call (or `start`). Call it from the thread that runs the devices (a device write
+    /// in flight would land in neither set). With the vCPUs out of KVM_RUN the set is
+    /// exact; while they run, a page written during the call may be reported now or in
+    /// the next set, and is writable without logging until the call returns, so a copy
+    /// made after the call (a snapshot's copy-again round) misses nothing.
     pub fn end_epoch(&mut self, vm: &VmFd, mem: &GuestMemory) -> Result<DirtySet, DirtyError> {
         let mut regions = Vec::new();
         for (slot, region) in mem.iter().enumerate() {

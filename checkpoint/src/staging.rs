@@ -1,11 +1,30 @@
 //! The pages of an epoch, copied at the pause into memory the VMM owns, so that the guest
 //! can run on while they are sent or written. The buffer is reused epoch after epoch.
 
+use std::ops::Range;
+
 use vm_memory::{Bytes, GuestAddress};
 
 use crate::dirty::DirtySet;
 use crate::shadow::ShadowError;
 use crate::{GuestMemory, PAGE_SIZE};
+
+/// The runs of consecutive pages in `addrs` (in address order), as index ranges of at
+/// most `max` pages each.
+pub fn runs(addrs: &[GuestAddress], max: usize) -> impl Iterator<Item = Range<usize>> + '_ {
+    let mut i = 0;
+    std::iter::from_fn(move || {
+        if i >= addrs.len() {
+            return None;
+        }
+        let start = i;
+        i += 1;
+        while i < addrs.len() && i - start < max && addrs[i].0 == addrs[i - 1].0 + PAGE_SIZE {
+            i += 1;
+        }
+        Some(start..i)
+    })
+}
 
 /// Dirty pages of one epoch: their addresses and contents, in address order.
 #[derive(Default)]
@@ -23,12 +42,11 @@ impl Staged {
         self.data.resize(len, 0);
         // One copy per run of neighbouring pages rather than per page: the address is
         // looked up once and the copy streams.
-        let mut rest = &mut self.data[..];
-        for (at, pages) in set.runs() {
-            let (run, tail) = rest.split_at_mut((pages * PAGE_SIZE) as usize);
-            mem.read_slice(run, at)
+        let page = PAGE_SIZE as usize;
+        for run in runs(&self.addrs, usize::MAX) {
+            let at = self.addrs[run.start];
+            mem.read_slice(&mut self.data[run.start * page..run.end * page], at)
                 .map_err(|source| ShadowError::Read { addr: at.0, source })?;
-            rest = tail;
         }
         Ok(())
     }
@@ -76,5 +94,17 @@ mod tests {
         assert_eq!(firsts, vec![1, 3, 6, 7, 8, 0x77]);
         assert_eq!(staged.addrs.len(), 6);
         assert_eq!(staged.addrs[5], second.unchecked_add(PAGE_SIZE));
+    }
+
+    #[test]
+    fn runs_are_consecutive_pages_cut_at_the_maximum() {
+        let addrs: Vec<GuestAddress> = [0u64, 1, 2, 3, 4, 7, 9, 10]
+            .iter()
+            .map(|p| GuestAddress(p * PAGE_SIZE))
+            .collect();
+        let got: Vec<Range<usize>> = runs(&addrs, 3).collect();
+        assert_eq!(got, vec![0..3, 3..5, 5..6, 6..8]);
+        assert_eq!(runs(&addrs, usize::MAX).count(), 3);
+        assert_eq!(runs(&[], 3).count(), 0);
     }
 }

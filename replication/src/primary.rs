@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 
 use mcvmm_checkpoint::resident::Pagemap;
 use mcvmm_checkpoint::seams::DiskWriteSink;
+use mcvmm_checkpoint::staging;
 use mcvmm_checkpoint::state::MachineState;
 use mcvmm_checkpoint::{GuestMemory, PAGE_SIZE};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
@@ -680,18 +681,12 @@ fn epoch(
     }
     wire_bytes += wire::write_frame(w, Kind::Begin, c.epoch, &[])?;
     let page = PAGE_SIZE as usize;
-    let mut i = 0;
-    while i < c.addrs.len() {
-        // A run: consecutive addresses, at most MAX_RUN_PAGES.
-        let mut j = i + 1;
-        while j < c.addrs.len()
-            && j - i < MAX_RUN_PAGES as usize
-            && c.addrs[j].0 == c.addrs[j - 1].0 + PAGE_SIZE
-        {
-            j += 1;
-        }
-        wire_bytes += page_run(w, c.epoch, c.addrs[i].0, &c.data[i * page..j * page], coder)?;
-        i = j;
+    for run in staging::runs(&c.addrs, MAX_RUN_PAGES as usize) {
+        let (at, bytes) = (
+            c.addrs[run.start].0,
+            &c.data[run.start * page..run.end * page],
+        );
+        wire_bytes += page_run(w, c.epoch, at, bytes, coder)?;
     }
     wire_bytes += wire::write_frame(w, Kind::State, c.epoch, &[&messages::encode(&c.state)])?;
     let end = End {

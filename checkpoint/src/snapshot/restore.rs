@@ -245,7 +245,13 @@ fn next_data(file: &File, pos: u64, end: u64) -> std::io::Result<Option<(u64, u6
     if hole < 0 {
         return Err(std::io::Error::last_os_error());
     }
-    Ok(Some((data, (hole as u64).min(end))))
+    let hole = (hole as u64).min(end);
+    // An answer out of order (the file changing under us) must neither loop nor index
+    // outside the chunk: then the rest of the range is read as data.
+    if data < pos || hole <= data {
+        return Ok(Some((pos, end)));
+    }
+    Ok(Some((data, hole)))
 }
 
 /// Applies an incremental snapshot's page records to `regions` and returns the file's
