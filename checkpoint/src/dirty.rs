@@ -2,8 +2,21 @@
 //! into guest memory (virtio-blk reads, virtio-net RX, used rings) never reach that log
 //! and are recorded in each region's `AtomicBitmap` instead. An epoch's dirty set is the
 //! union of both; missing either is silent corruption after a failover.
+//!
+//! Where KVM offers `KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2`, reading the log and arming it
+//! again (clearing the bits and write-protecting those pages) are separate calls, and the
+//! log can start with every page marked dirty. A full copy then needs no pause to turn
+//! tracking on: it arms each range just before copying it ([`LogArm`]), and a page never
+//! armed is still reported. Without it, turning the log on write-protects all of RAM at
+//! once, which must happen with the vCPUs paused.
 
-use kvm_bindings::{kvm_userspace_memory_region, KVM_MEM_LOG_DIRTY_PAGES};
+use std::fs::File;
+use std::os::fd::{AsRawFd, FromRawFd};
+
+use kvm_bindings::{
+    kvm_clear_dirty_log, kvm_enable_cap, kvm_userspace_memory_region,
+    KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2, KVM_DIRTY_LOG_INITIALLY_SET, KVM_MEM_LOG_DIRTY_PAGES,
+};
 use kvm_ioctls::VmFd;
 use vm_memory::bitmap::AtomicBitmap;
 use vm_memory::{Address, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
@@ -18,6 +31,152 @@ pub enum DirtyError {
         slot: u32,
         source: kvm_ioctls::Error,
     },
+    #[error("{what}: {source}")]
+    Os {
+        what: &'static str,
+        source: std::io::Error,
+    },
+    #[error("cannot arm the dirty log for {len:#x} bytes at {gpa:#x}: {why}")]
+    Range {
+        gpa: u64,
+        len: u64,
+        why: &'static str,
+    },
+}
+
+/// How KVM's log is read and armed again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogMode {
+    /// `KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2` where KVM has it (else [`LogMode::Legacy`]):
+    /// `KVM_GET_DIRTY_LOG` only reads, `KVM_CLEAR_DIRTY_LOG` arms again.
+    Manual,
+    /// `KVM_GET_DIRTY_LOG` reads, clears and write-protects in one call.
+    Legacy,
+}
+
+/// `KVM_CLEAR_DIRTY_LOG`: `_IOWR(KVMIO, 0xc0, struct kvm_clear_dirty_log)`.
+const KVM_CLEAR_DIRTY_LOG: libc::c_ulong = (3 << 30)
+    | ((std::mem::size_of::<kvm_clear_dirty_log>() as libc::c_ulong) << 16)
+    | (0xAE << 8)
+    | 0xc0;
+
+/// Pages per bitmap word: `KVM_CLEAR_DIRTY_LOG` takes ranges aligned to it.
+const WORD_PAGES: u64 = 64;
+
+/// The `KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2` options this KVM has (0: none).
+fn manual_caps(vm: &VmFd) -> u64 {
+    let caps = vm.check_extension_raw(libc::c_ulong::from(KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2));
+    u64::try_from(caps).unwrap_or(0)
+}
+
+/// Sets how the log of a slot whose logging is turned on from now behaves: `options` of
+/// `KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2` (0 for the legacy behaviour).
+fn set_manual(vm: &VmFd, options: u64) -> Result<(), DirtyError> {
+    let mut cap = kvm_enable_cap {
+        cap: KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2,
+        ..Default::default()
+    };
+    cap.args[0] = options;
+    vm.enable_cap(&cap).map_err(|source| DirtyError::Kvm {
+        what: "KVM_ENABLE_CAP(MANUAL_DIRTY_LOG_PROTECT2)",
+        slot: 0,
+        source,
+    })
+}
+
+/// Arms KVM's log again on ranges of guest memory: clears their bits and write-protects
+/// their pages, so that the next write to one is logged. A handle of its own on the VM,
+/// so the thread that copies memory can hold it.
+pub struct LogArm {
+    vm: File,
+    /// Each slot's (guest address, bytes), slot `i` at index `i`.
+    slots: Vec<(u64, u64)>,
+    /// All ones, for arming whole ranges.
+    ones: Vec<u64>,
+}
+
+impl LogArm {
+    fn new(vm: &VmFd, mem: &GuestMemory) -> Result<Self, DirtyError> {
+        // SAFETY: dup of a descriptor this process owns for as long as `vm` lives; the
+        // new one is owned by the returned File alone.
+        let fd = unsafe { libc::dup(vm.as_raw_fd()) };
+        if fd < 0 {
+            return Err(DirtyError::Os {
+                what: "dup of the VM descriptor",
+                source: std::io::Error::last_os_error(),
+            });
+        }
+        // SAFETY: `fd` is a fresh descriptor nobody else owns.
+        let vm = unsafe { File::from_raw_fd(fd) };
+        Ok(LogArm {
+            vm,
+            slots: mem.iter().map(|r| (r.start_addr().0, r.len())).collect(),
+            ones: Vec::new(),
+        })
+    }
+
+    /// Arms the log of `[gpa, gpa + len)`: call it just before copying that range, so a
+    /// write after the copy began is in the next dirty set. The range lies in one region
+    /// and starts at a multiple of 64 pages from the region's start; its length is a
+    /// multiple of 64 pages or it reaches the region's end.
+    pub fn arm(&mut self, gpa: GuestAddress, len: u64) -> Result<(), DirtyError> {
+        let bad = |why| DirtyError::Range {
+            gpa: gpa.0,
+            len,
+            why,
+        };
+        let (slot, &(start, size)) = self
+            .slots
+            .iter()
+            .enumerate()
+            .find(|(_, &(s, l))| gpa.0 >= s && gpa.0 - s < l)
+            .ok_or(bad("not in guest RAM"))?;
+        let offset = gpa.0 - start;
+        if len == 0 || len > size - offset {
+            return Err(bad("not inside one region"));
+        }
+        let (first, pages) = (offset / PAGE_SIZE, len.div_ceil(PAGE_SIZE));
+        if !offset.is_multiple_of(WORD_PAGES * PAGE_SIZE)
+            || (!len.is_multiple_of(WORD_PAGES * PAGE_SIZE) && offset + len != size)
+        {
+            return Err(bad("not aligned to 64 pages"));
+        }
+        let words = pages.div_ceil(WORD_PAGES) as usize;
+        if self.ones.len() < words {
+            self.ones.resize(words, u64::MAX);
+        }
+        let ones = std::mem::take(&mut self.ones);
+        let r = self.clear(slot as u32, first, pages, &ones[..words]);
+        self.ones = ones;
+        r
+    }
+
+    /// `KVM_CLEAR_DIRTY_LOG` of the pages whose bits are set in `bits`, `bits[0]` bit 0
+    /// being page `first` of the slot.
+    fn clear(&self, slot: u32, first: u64, pages: u64, bits: &[u64]) -> Result<(), DirtyError> {
+        let kvm_err = |source| DirtyError::Kvm {
+            what: "KVM_CLEAR_DIRTY_LOG",
+            slot,
+            source,
+        };
+        let pages =
+            u32::try_from(pages).map_err(|_| kvm_err(kvm_ioctls::Error::new(libc::EINVAL)))?;
+        debug_assert!(bits.len() as u64 * WORD_PAGES >= u64::from(pages));
+        let mut log = kvm_clear_dirty_log {
+            slot,
+            num_pages: pages,
+            first_page: first,
+            ..Default::default()
+        };
+        log.__bindgen_anon_1.dirty_bitmap = bits.as_ptr() as *mut libc::c_void;
+        // SAFETY: KVM reads ceil(pages / 64) words from `bits`, which holds at least that
+        // many and outlives the call; it writes nothing back.
+        let rc = unsafe { libc::ioctl(self.vm.as_raw_fd(), KVM_CLEAR_DIRTY_LOG, &log) };
+        if rc < 0 {
+            return Err(kvm_err(kvm_ioctls::Error::last()));
+        }
+        Ok(())
+    }
 }
 
 /// Registers every region of `mem` with KVM as slot 0, 1, ... in order, with `flags`.
@@ -130,18 +289,71 @@ pub enum Sources {
 /// Epoch-by-epoch dirty tracking of all of a VM's RAM.
 pub struct DirtyTracker {
     sources: Sources,
+    /// With manual protection: the handle `end_epoch` arms the log with.
+    manual: Option<LogArm>,
 }
 
 impl DirtyTracker {
     /// Turns on KVM's dirty log on every RAM slot and forgets what the VMM wrote before:
     /// the first epoch starts now. The vCPUs should be paused (or the first epoch's set
-    /// may include writes from just before).
-    pub fn start(vm: &VmFd, mem: &GuestMemory, sources: Sources) -> Result<Self, DirtyError> {
+    /// may include writes from just before): this write-protects all of RAM.
+    pub fn start(
+        vm: &VmFd,
+        mem: &GuestMemory,
+        sources: Sources,
+        mode: LogMode,
+    ) -> Result<Self, DirtyError> {
+        let manual = match mode {
+            LogMode::Manual if manual_caps(vm) & 1 != 0 => {
+                set_manual(vm, 1)?;
+                Some(LogArm::new(vm, mem)?)
+            }
+            _ => {
+                if manual_caps(vm) != 0 {
+                    set_manual(vm, 0)?;
+                }
+                None
+            }
+        };
+        Self::log_on(vm, mem, sources, manual)
+    }
+
+    /// Turns on KVM's dirty log with every page of RAM reported dirty until it is armed,
+    /// which a full copy does range by range just before copying each ([`LogArm`]). No
+    /// pause is needed: nothing is write-protected yet. `None` where KVM cannot start the
+    /// log this way (or `mode` is legacy): use [`DirtyTracker::start`] with the vCPUs paused.
+    pub fn start_all_dirty(
+        vm: &VmFd,
+        mem: &GuestMemory,
+        sources: Sources,
+        mode: LogMode,
+    ) -> Result<Option<(Self, LogArm)>, DirtyError> {
+        let want = 1 | u64::from(KVM_DIRTY_LOG_INITIALLY_SET);
+        if mode != LogMode::Manual || manual_caps(vm) & want != want {
+            return Ok(None);
+        }
+        set_manual(vm, want)?;
+        let arm = LogArm::new(vm, mem)?;
+        let tracker = Self::log_on(vm, mem, sources, Some(LogArm::new(vm, mem)?))?;
+        Ok(Some((tracker, arm)))
+    }
+
+    fn log_on(
+        vm: &VmFd,
+        mem: &GuestMemory,
+        sources: Sources,
+        manual: Option<LogArm>,
+    ) -> Result<Self, DirtyError> {
         register_slots(vm, mem, KVM_MEM_LOG_DIRTY_PAGES)?;
         for region in mem.iter() {
             vmm_bitmap(region).reset();
         }
-        Ok(DirtyTracker { sources })
+        Ok(DirtyTracker { sources, manual })
+    }
+
+    /// Whether KVM's log is armed by separate calls (`KVM_CLEAR_DIRTY_LOG`).
+    pub fn manual(&self) -> bool {
+        self.manual.is_some()
     }
 
     /// Ends the current epoch and starts the next: the pages written since the previous
@@ -154,7 +366,6 @@ impl DirtyTracker {
         let mut regions = Vec::new();
         for (slot, region) in mem.iter().enumerate() {
             let len = region.len();
-            // Without manual protection KVM hands over the log and clears it in one call.
             let mut bits = vm
                 .get_dirty_log(slot as u32, len as usize)
                 .map_err(|source| DirtyError::Kvm {
@@ -162,6 +373,14 @@ impl DirtyTracker {
                     slot: slot as u32,
                     source,
                 })?;
+            // Without manual protection KVM cleared and armed the log in that call; with
+            // it, exactly the pages read are armed now (a page first written since the
+            // read keeps its bit for the next set).
+            if let Some(arm) = &self.manual {
+                if bits.iter().any(|&w| w != 0) {
+                    arm.clear(slot as u32, 0, len.div_ceil(PAGE_SIZE), &bits)?;
+                }
+            }
             let vmm = vmm_bitmap(region).get_and_reset();
             if self.sources == Sources::GuestAndVmm {
                 for (k, v) in bits.iter_mut().zip(vmm) {
@@ -186,6 +405,169 @@ impl DirtyTracker {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use kvm_ioctls::{Kvm, VcpuExit, VcpuFd};
+    use vm_memory::Bytes;
+
+    /// A VM of 1 MiB with one vCPU in real mode: enough to see KVM log the guest's writes
+    /// (the local /dev/kvm runs this much; no Linux needed).
+    struct Tiny {
+        vm: VmFd,
+        vcpu: VcpuFd,
+        mem: GuestMemory,
+    }
+
+    const CODE: u64 = 0x1000;
+
+    impl Tiny {
+        fn new() -> Tiny {
+            let kvm = Kvm::new().expect("these tests need /dev/kvm");
+            let vm = kvm.create_vm().expect("KVM_CREATE_VM");
+            let mem = GuestMemory::from_ranges(&[(GuestAddress(0), 1 << 20)]).expect("memory");
+            register_slots(&vm, &mem, 0).expect("slots");
+            let vcpu = vm.create_vcpu(0).expect("vcpu");
+            let mut sregs = vcpu.get_sregs().expect("sregs");
+            sregs.cs.base = 0;
+            sregs.cs.selector = 0;
+            sregs.ds.base = 0;
+            sregs.ds.selector = 0;
+            vcpu.set_sregs(&sregs).expect("sregs");
+            Tiny { vm, vcpu, mem }
+        }
+
+        /// Runs `mov byte [page], 1` for each page below 64 KiB, then `hlt`.
+        fn write_pages(&mut self, pages: &[u16]) {
+            let mut code = Vec::new();
+            for &p in pages {
+                let a = (p * 0x1000).to_le_bytes();
+                code.extend_from_slice(&[0xc6, 0x06, a[0], a[1], 0x01]);
+            }
+            code.push(0xf4);
+            // Written before the tracker starts, or seen as the VMM's own write.
+            self.mem
+                .write_slice(&code, GuestAddress(CODE))
+                .expect("code");
+            self.go();
+        }
+
+        fn go(&mut self) {
+            let mut regs = self.vcpu.get_regs().expect("regs");
+            regs.rip = CODE;
+            regs.rflags = 2;
+            self.vcpu.set_regs(&regs).expect("regs");
+            for _ in 0..100 {
+                match self.vcpu.run().expect("KVM_RUN") {
+                    VcpuExit::Hlt => return,
+                    other => eprintln!("exit {other:?}"),
+                }
+            }
+            panic!("the guest did not halt");
+        }
+
+        fn pages(set: &DirtySet) -> Vec<u64> {
+            set.addresses().map(|a| a.0 / PAGE_SIZE).collect()
+        }
+    }
+
+    #[test]
+    fn both_modes_log_the_guests_writes_and_arm_again_each_epoch() {
+        for mode in [LogMode::Manual, LogMode::Legacy] {
+            let mut t = Tiny::new();
+            t.write_pages(&[]); // the code page, before tracking
+            let mut d =
+                DirtyTracker::start(&t.vm, &t.mem, Sources::GuestAndVmm, mode).expect("start");
+            assert_eq!(
+                d.manual(),
+                mode == LogMode::Manual,
+                "local KVM has manual protect"
+            );
+            t.go();
+            assert_eq!(
+                Tiny::pages(&d.end_epoch(&t.vm, &t.mem).expect("end")),
+                Vec::<u64>::new()
+            );
+            let code = [
+                0xc6, 0x06, 0x00, 0x30, 0x01, 0xc6, 0x06, 0x00, 0x80, 0x01, 0xf4,
+            ];
+            t.mem.write_slice(&code, GuestAddress(CODE)).expect("code");
+            let _ = d.end_epoch(&t.vm, &t.mem).expect("end"); // the code write itself
+            t.go();
+            assert_eq!(
+                Tiny::pages(&d.end_epoch(&t.vm, &t.mem).expect("end")),
+                vec![3, 8],
+                "{mode:?}: the guest's writes"
+            );
+            // The same pages again: only an armed log sees the second write.
+            t.go();
+            assert_eq!(
+                Tiny::pages(&d.end_epoch(&t.vm, &t.mem).expect("end")),
+                vec![3, 8]
+            );
+            t.mem
+                .write_obj(7u8, GuestAddress(0x2_0000))
+                .expect("vmm write");
+            assert_eq!(
+                Tiny::pages(&d.end_epoch(&t.vm, &t.mem).expect("end")),
+                vec![0x20],
+                "the VMM's own write"
+            );
+            d.stop(&t.vm, &t.mem).expect("stop");
+        }
+    }
+
+    #[test]
+    fn all_dirty_start_reports_every_page_not_armed_yet() {
+        let mut t = Tiny::new();
+        t.write_pages(&[3]);
+        let (mut d, mut arm) =
+            DirtyTracker::start_all_dirty(&t.vm, &t.mem, Sources::GuestAndVmm, LogMode::Manual)
+                .expect("start")
+                .expect("local KVM has INITIALLY_SET");
+        // The first 64 pages are copied (armed); the rest never were.
+        arm.arm(GuestAddress(0), 64 * PAGE_SIZE).expect("arm");
+        t.go();
+        let first = Tiny::pages(&d.end_epoch(&t.vm, &t.mem).expect("end"));
+        let mut want = vec![3];
+        want.extend(64..256);
+        assert_eq!(first, want);
+        t.go();
+        assert_eq!(
+            Tiny::pages(&d.end_epoch(&t.vm, &t.mem).expect("end")),
+            vec![3]
+        );
+        assert!(
+            DirtyTracker::start_all_dirty(&t.vm, &t.mem, Sources::GuestAndVmm, LogMode::Legacy)
+                .expect("legacy")
+                .is_none(),
+            "legacy mode never starts all dirty"
+        );
+    }
+
+    #[test]
+    fn arming_refuses_ranges_kvm_would_reject() {
+        let t = Tiny::new();
+        let (_d, mut arm) =
+            DirtyTracker::start_all_dirty(&t.vm, &t.mem, Sources::GuestAndVmm, LogMode::Manual)
+                .expect("start")
+                .expect("local KVM has INITIALLY_SET");
+        for (gpa, len) in [
+            (PAGE_SIZE, 64 * PAGE_SIZE),        // start not on 64 pages
+            (0, 3 * PAGE_SIZE),                 // short, not reaching the end
+            (1 << 20, PAGE_SIZE),               // outside RAM
+            (192 * PAGE_SIZE, 128 * PAGE_SIZE), // past the region's end
+            (0, 0),
+        ] {
+            let e = arm.arm(GuestAddress(gpa), len).expect_err("refused");
+            assert!(matches!(e, DirtyError::Range { .. }), "{e}");
+        }
+        // The region's tail may be shorter than 64 pages.
+        arm.arm(GuestAddress(192 * PAGE_SIZE), 64 * PAGE_SIZE)
+            .expect("tail");
+    }
+
+    #[test]
+    fn clear_dirty_log_request_number_is_the_kernels() {
+        assert_eq!(KVM_CLEAR_DIRTY_LOG, 0xc018_aec0);
+    }
 
     #[test]
     fn addresses_follow_the_bits_and_stay_inside_the_region() {

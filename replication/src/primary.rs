@@ -15,6 +15,7 @@ use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TrySendError
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
+use mcvmm_checkpoint::dirty::LogArm;
 use mcvmm_checkpoint::resident::Pagemap;
 use mcvmm_checkpoint::seams::DiskWriteSink;
 use mcvmm_checkpoint::staging;
@@ -120,10 +121,13 @@ pub struct SyncSource {
     pub disks: Vec<File>,
     pub theirs: Vec<Vec<u64>>,
     pub chunk: u64,
+    /// A dirty log started with every page dirty: each range is armed just before it is
+    /// read. `None`: the log was armed all at once before the sync began.
+    pub arm: Option<LogArm>,
 }
 
 enum Job {
-    Sync(SyncSource),
+    Sync(Box<SyncSource>),
     Epoch(Box<Capture>),
     Takeover(u64),
 }
@@ -272,7 +276,7 @@ impl Link {
 
     /// Starts the initial sync.
     pub fn start_sync(&self, source: SyncSource) -> bool {
-        self.send(Job::Sync(source))
+        self.send(Job::Sync(Box::new(source)))
     }
 
     /// Hands over a checkpoint; `false` if the link is gone (nothing will be sent).
@@ -406,9 +410,9 @@ fn sender(link: &Link, rx: &Receiver<Job>, w: &mut BufWriter<TcpStream>) -> std:
     let mut coder = Coder::new(link.coding);
     loop {
         match rx.recv_timeout(HEARTBEAT) {
-            Ok(Job::Sync(src)) => {
+            Ok(Job::Sync(mut src)) => {
                 coder.fit(src.mem.iter().map(|r| r.len()).sum());
-                sync(link, &src, w, &mut coder)?;
+                sync(link, &mut src, w, &mut coder)?;
                 link.progress();
             }
             Ok(Job::Epoch(c)) => {
@@ -517,7 +521,7 @@ fn page_run(
 
 fn sync(
     link: &Link,
-    src: &SyncSource,
+    src: &mut SyncSource,
     w: &mut BufWriter<TcpStream>,
     coder: &mut Coder,
 ) -> std::io::Result<()> {
@@ -575,12 +579,19 @@ fn sync(
         Ok(())
     };
     let mut pagemap = Pagemap::open();
+    let mut arm = src.arm.take();
     for region in src.mem.iter() {
         let (start, len) = (region.start_addr().0, region.len());
         let host = region.as_ptr() as *const u8;
         let mut at = 0;
         while at < len {
             let n = (len - at).min(batch as u64) as usize;
+            // From here on a write to these pages is in the first checkpoint; the read
+            // below comes after.
+            if let Some(arm) = arm.as_mut() {
+                arm.arm(GuestAddress(start + at), n as u64)
+                    .map_err(|e| std::io::Error::other(e.to_string()))?;
+            }
             // Memory never touched is zeros, known without faulting it in; a page first
             // written after this look is in the first checkpoint's dirty set.
             if pagemap

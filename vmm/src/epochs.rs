@@ -17,7 +17,7 @@
 use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
-use mcvmm_checkpoint::dirty::{DirtyError, DirtyTracker, Sources};
+use mcvmm_checkpoint::dirty::{DirtyError, DirtyTracker, LogMode, Sources};
 use mcvmm_checkpoint::shadow::{Shadow, ShadowError};
 use mcvmm_checkpoint::staging::Staged;
 use serde_json::{json, Value};
@@ -27,6 +27,16 @@ use crate::vm::Vm;
 
 /// Longest a pause may take to stop every vCPU.
 pub const PAUSE_LIMIT: Duration = Duration::from_secs(2);
+/// How KVM's dirty log is used: manual protection where KVM has it, unless the
+/// environment has `MCVMM_DIRTY_LOG=legacy` (to measure the two side by side).
+pub fn log_mode() -> LogMode {
+    static MODE: std::sync::OnceLock<LogMode> = std::sync::OnceLock::new();
+    *MODE.get_or_init(|| match std::env::var("MCVMM_DIRTY_LOG").as_deref() {
+        Ok("legacy") => LogMode::Legacy,
+        _ => LogMode::Manual,
+    })
+}
+
 /// Mismatching pages named in the report (the count is always complete).
 const EXAMPLES: usize = 16;
 
@@ -149,7 +159,7 @@ impl EpochRun {
                 Mode::Check(s) => s,
                 Mode::Stage => Sources::GuestAndVmm,
             };
-            let tracker = DirtyTracker::start(&vm.vm_fd, &vm.mem, sources)?;
+            let tracker = DirtyTracker::start(&vm.vm_fd, &vm.mem, sources, log_mode())?;
             let work = match req.mode {
                 Mode::Check(sources) => Work::Check {
                     sources,
@@ -245,6 +255,7 @@ impl EpochRun {
     /// Stops tracking and gives the report.
     pub fn finish(self, vm: &Vm) -> Value {
         let tracker = self.tracker;
+        let dirty_log = if tracker.manual() { "manual" } else { "legacy" };
         let stopped = vm
             .vcpus
             .paused_for(false, PAUSE_LIMIT, || tracker.stop(&vm.vm_fd, &vm.mem))
@@ -275,6 +286,7 @@ impl EpochRun {
             "state_us": dist(|s| s.state),
             "resume_us": dist(|s| s.resume),
             "memcpy_gbps": self.memcpy_gbps,
+            "dirty_log": dirty_log,
             "error": stopped.err(),
         });
         match self.work {

@@ -30,7 +30,7 @@ use serde_json::{json, Value};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use vmm_sys_util::timerfd::TimerFd;
 
-use crate::epochs::PAUSE_LIMIT;
+use crate::epochs::{log_mode, PAUSE_LIMIT};
 use crate::protect::Settings;
 use crate::snapshot::machine_state;
 use crate::vm::Vm;
@@ -102,27 +102,47 @@ impl Primary {
             .map(|d| File::open(&d.path).map_err(|e| format!("{}: {e}", d.path.display())))
             .collect::<Result<Vec<File>, String>>()?;
         // Tracking must be on before the copy starts: whatever the guest writes from here
-        // on is in the first checkpoint.
+        // on is in the first checkpoint. Started with every page dirty, the sync arms
+        // each range just before it reads it, and the guest runs on; the old way
+        // write-protects all of RAM with the vCPUs paused, a pause that grows with the
+        // guest, worth seeing.
         let paused = Instant::now();
-        vm.vcpus.pause(PAUSE_LIMIT).map_err(|e| e.to_string())?;
-        let tracker = DirtyTracker::start(&vm.vm_fd, &vm.mem, Sources::GuestAndVmm);
-        // Writes before this point are in the disks the sync copies; from here on each
-        // is forwarded.
+        let all_dirty =
+            DirtyTracker::start_all_dirty(&vm.vm_fd, &vm.mem, Sources::GuestAndVmm, log_mode())
+                .map_err(|e| e.to_string())?;
+        let (tracker, arm) = match all_dirty {
+            Some((tracker, arm)) => {
+                eprintln!(
+                    "mcvmm: dirty tracking on, every page dirty until the sync reads it (no pause)"
+                );
+                (tracker, Some(arm))
+            }
+            None => {
+                let tracker = vm
+                    .vcpus
+                    .paused_for(false, PAUSE_LIMIT, || {
+                        DirtyTracker::start(&vm.vm_fd, &vm.mem, Sources::GuestAndVmm, log_mode())
+                    })
+                    .map_err(|e| e.to_string())?
+                    .map_err(|e| e.to_string())?;
+                eprintln!(
+                    "mcvmm: dirty tracking on ({:.1} ms with the vCPUs paused)",
+                    paused.elapsed().as_secs_f64() * 1e3
+                );
+                (tracker, None)
+            }
+        };
+        // This runs on the device loop, so no guest disk write is half done: the ones
+        // before are in the disks the sync copies, and from here on each is forwarded.
         self.writes.record(true);
-        vm.vcpus.resume();
-        // Turning the log on write-protects all of RAM in KVM: a pause that grows with
-        // the guest, worth seeing.
-        eprintln!(
-            "mcvmm: dirty tracking on ({:.1} ms with the vCPUs paused)",
-            paused.elapsed().as_secs_f64() * 1e3
-        );
-        self.tracker = Some(tracker.map_err(|e| e.to_string())?);
+        self.tracker = Some(tracker);
         self.started = Instant::now();
         if !self.link.start_sync(SyncSource {
             mem: vm.mem.clone(),
             disks,
             theirs,
             chunk,
+            arm,
         }) {
             return Err("the link to the secondary is gone".into());
         }

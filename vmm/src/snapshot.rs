@@ -11,7 +11,7 @@ use mcvmm_checkpoint::snapshot::{begin_full, write_incremental, FullSnapshot, Ma
 use mcvmm_checkpoint::state::MachineState;
 use serde_json::{json, Value};
 
-use crate::epochs::PAUSE_LIMIT;
+use crate::epochs::{log_mode, PAUSE_LIMIT};
 use crate::vm::Vm;
 use crate::vm_state::save_vm_state;
 
@@ -78,23 +78,46 @@ pub fn take(
     // Tracking on (or a new epoch started) before the copy: what the guest writes from
     // here on is copied again at the pause.
     let mut full = None;
-    // Turning the log on write-protects all of RAM in KVM, with the vCPUs paused.
+    // Turning the log on the old way write-protects all of RAM in KVM, with the vCPUs
+    // paused; with every page starting dirty it needs no pause.
     let mut tracking_on = std::time::Duration::ZERO;
     if !incremental {
+        let mut arm = None;
         match &mut snaps.tracker {
             Some(t) => {
                 t.end_epoch(&vm.vm_fd, &vm.mem).map_err(|x| e(&x))?;
             }
             None => {
                 let t = Instant::now();
-                let started = vm.vcpus.paused_for(paused, PAUSE_LIMIT, || {
-                    DirtyTracker::start(&vm.vm_fd, &vm.mem, Sources::GuestAndVmm)
-                });
-                tracking_on = t.elapsed();
-                snaps.tracker = Some(started.map_err(|x| e(&x))?.map_err(|x| e(&x))?)
+                let all_dirty = DirtyTracker::start_all_dirty(
+                    &vm.vm_fd,
+                    &vm.mem,
+                    Sources::GuestAndVmm,
+                    log_mode(),
+                )
+                .map_err(|x| e(&x))?;
+                let tracker = match all_dirty {
+                    Some((tracker, a)) => {
+                        arm = Some(a);
+                        tracker
+                    }
+                    None => {
+                        let started = vm.vcpus.paused_for(paused, PAUSE_LIMIT, || {
+                            DirtyTracker::start(
+                                &vm.vm_fd,
+                                &vm.mem,
+                                Sources::GuestAndVmm,
+                                log_mode(),
+                            )
+                        });
+                        tracking_on = t.elapsed();
+                        started.map_err(|x| e(&x))?.map_err(|x| e(&x))?
+                    }
+                };
+                snaps.tracker = Some(tracker);
             }
         }
-        full = Some(begin_full(dir, &vm.mem).map_err(|x| e(&x))?);
+        full = Some(begin_full(dir, &vm.mem, arm.as_mut()).map_err(|x| e(&x))?);
     }
     // What the guest wrote during the copy is copied again while it runs on, round after
     // round, as long as that shrinks the set, so the pause holds only the last few pages.

@@ -71,6 +71,8 @@ pub enum SnapshotError {
     },
     #[error("{path}: more than {MAX_CHAIN} snapshots in the chain (a loop?)")]
     ChainTooLong { path: String },
+    #[error("arming the dirty log for the copy: {0}")]
+    Dirty(#[from] crate::dirty::DirtyError),
     #[error("{path}: page address {addr:#x} is not a page of guest RAM")]
     BadPage { path: String, addr: u64 },
     #[error("memory after applying {path} does not match the digest taken at the pause")]

@@ -317,7 +317,7 @@ mod tests {
             .expect("write");
         mem.write_obj(0x3cu8, SECOND.unchecked_add((1 << 20) + 17))
             .expect("write");
-        let mut full = begin_full(dir, &mem).expect("begin");
+        let mut full = begin_full(dir, &mem, None).expect("begin");
         let page = PAGE_SIZE;
         mem.write_obj(7u8, GuestAddress((2 << 20) + 3 * page))
             .expect("write");

@@ -13,7 +13,7 @@ use super::{
     SnapshotError, MEMORY, PAGES,
 };
 use crate::digest::{self, Digest, CHUNK};
-use crate::dirty::DirtySet;
+use crate::dirty::{DirtySet, LogArm};
 use crate::resident::Pagemap;
 use crate::state::{MachineState, VmShape, FORMAT_VERSION};
 use crate::{GuestMemory, PAGE_SIZE};
@@ -48,8 +48,13 @@ pub struct FullSnapshot {
 
 /// Starts a full snapshot in `dir`: copies all of guest memory into it, taking each
 /// chunk's digest on the way. The guest may run; what it writes meanwhile must be in the
-/// dirty set given to `patch`.
-pub fn begin_full(dir: &Path, mem: &GuestMemory) -> Result<FullSnapshot, SnapshotError> {
+/// dirty set given to `patch`. `arm`: the tracker started with every page dirty, and
+/// each chunk is armed just before it is copied.
+pub fn begin_full(
+    dir: &Path,
+    mem: &GuestMemory,
+    mut arm: Option<&mut LogArm>,
+) -> Result<FullSnapshot, SnapshotError> {
     create_dir(dir)?;
     let path = dir.join(MEMORY);
     // Read as well: `seal` takes the digest of patched chunks from the file.
@@ -78,6 +83,11 @@ pub fn begin_full(dir: &Path, mem: &GuestMemory) -> Result<FullSnapshot, Snapsho
         while done < len {
             let n = (len - done).min(CHUNK as u64) as usize;
             spans.push((offset + done, n));
+            // A log that started with every page dirty is armed for these pages now: a
+            // write from here on is in the next dirty set, and the copy below is later.
+            if let Some(arm) = arm.as_deref_mut() {
+                arm.arm(start.unchecked_add(done), n as u64)?;
+            }
             // Memory never touched is zeros: a hole, without faulting it in to look. A
             // page the guest first writes after this look is in the dirty set.
             let at = host.wrapping_add(done as usize);

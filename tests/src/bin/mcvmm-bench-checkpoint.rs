@@ -4,10 +4,13 @@
 //!   workload at several rates, `mcvmm ctl epochs` (pause, dirty log, copy into a staging
 //!   buffer, state capture, resume) — median and p99 of each step, the host's memcpy
 //!   bandwidth measured in the same run, and pause / (dirty bytes / memcpy bandwidth);
-//!   alternate epochs capture the vCPUs as they stop or after the copy, compared;
+//!   alternate epochs capture the vCPUs as they stop or after the copy, compared; each
+//!   with KVM's manual dirty-log protection (the default) and with the legacy log
+//!   (`MCVMM_DIRTY_LOG=legacy`);
 //! * snapshot and restore of 256 MiB and 2 GiB guests: mcvmm (`ctl snapshot`, `run
 //!   --restore`) and QEMU (`migrate` to a file, `-incoming` from it), each until the agent
-//!   answers again.
+//!   answers again; mcvmm's snapshot with both dirty logs (the legacy one pauses the
+//!   guest to turn the log on).
 //!
 //! Prints a table and writes JSON (default `bench-results/checkpoint.json`).
 //! Usage: mcvmm-bench-checkpoint [--epochs N] [--snapshots-only] [--out FILE]
@@ -42,8 +45,22 @@ fn number(text: &str, key: &str) -> Option<f64> {
         .and_then(|v| v.split_whitespace().next()?.parse().ok())
 }
 
+/// The shell line that picks mcvmm's dirty log for the guests started after it.
+fn log_env(legacy: bool) -> &'static str {
+    if legacy {
+        "export MCVMM_DIRTY_LOG=legacy"
+    } else {
+        "unset MCVMM_DIRTY_LOG"
+    }
+}
+
 /// Epochs at one memory-workload rate (pages per second; None = idle).
-fn epochs_at(host: &KvmHost, rate: Option<u64>, epochs: u32) -> Result<Value, String> {
+fn epochs_at(
+    host: &KvmHost,
+    rate: Option<u64>,
+    epochs: u32,
+    legacy: bool,
+) -> Result<Value, String> {
     let load = match rate {
         Some(r) => format!("agent ep mem-start 256 {r}"),
         None => "true".into(),
@@ -51,11 +68,13 @@ fn epochs_at(host: &KvmHost, rate: Option<u64>, epochs: u32) -> Result<Value, St
     let out = run(
         host,
         &format!(
-            "start_guest ep vmlinux 1 1024 >/dev/null
+            "{env}
+             start_guest ep vmlinux 1 1024 >/dev/null
              {load} >/dev/null
              sleep 2
              echo '== epochs'; ./mcvmm ctl --api-sock ep.sock epochs {epochs} {EPOCH_MS}
-             kill_guest ep; ip netns del ep"
+             kill_guest ep; ip netns del ep",
+            env = log_env(legacy),
         ),
         600,
     )?;
@@ -63,12 +82,13 @@ fn epochs_at(host: &KvmHost, rate: Option<u64>, epochs: u32) -> Result<Value, St
 }
 
 /// mcvmm: snapshot of a running guest, then a new process restored from it until the
-/// agent answers. Returns (snapshot ms, pause ms, restore ms).
-fn mcvmm_snapshot(host: &KvmHost, mib: u64) -> Result<(f64, f64, f64), String> {
+/// agent answers. Returns (snapshot ms, pause ms, restore ms, pause to turn tracking on ms).
+fn mcvmm_snapshot(host: &KvmHost, mib: u64, legacy: bool) -> Result<[f64; 4], String> {
     let out = run(
         host,
         &format!(
-            "start_guest sn vmlinux 1 {mib} >/dev/null
+            "{env}
+             start_guest sn vmlinux 1 {mib} >/dev/null
              agent sn mem-start {load} 0 >/dev/null
              sleep 2
              echo '== snapshot'; ./mcvmm ctl --api-sock sn.sock snapshot sn.snap
@@ -80,6 +100,7 @@ fn mcvmm_snapshot(host: &KvmHost, mib: u64) -> Result<(f64, f64, f64), String> {
              agent sn mem-verify
              kill_guest sn; ip netns del sn; rm -rf sn.snap",
             load = (mib / 4).min(256),
+            env = log_env(legacy),
         ),
         900,
     )?;
@@ -91,11 +112,12 @@ fn mcvmm_snapshot(host: &KvmHost, mib: u64) -> Result<(f64, f64, f64), String> {
     if !out.contains(" errors=0") {
         return Err(format!("mcvmm: memory did not verify after restore: {out}"));
     }
-    Ok((
+    Ok([
         snap["total_ms"].as_f64().unwrap_or(f64::NAN),
         snap["pause_ms"].as_f64().unwrap_or(f64::NAN),
         number(&out, "restore_ms=").ok_or(format!("no restore time: {out}"))?,
-    ))
+        snap["tracking_on_pause_ms"].as_f64().unwrap_or(f64::NAN),
+    ])
 }
 
 /// The outcome of QEMU's part: (migrate ms, downtime ms as QEMU reports it) once the
@@ -189,11 +211,16 @@ fn main() {
 fn bench() -> Result<(), String> {
     let mut epochs = 50u32;
     let mut snapshots_only = false;
+    let mut legacy_too = true;
     let mut out_path = mcvmm_tests::repo_root().join("bench-results/checkpoint.json");
     let mut args = std::env::args().skip(1).peekable();
     while let Some(a) = args.next() {
         if a == "--snapshots-only" {
             snapshots_only = true;
+            continue;
+        }
+        if a == "--no-legacy" {
+            legacy_too = false;
             continue;
         }
         match (a.as_str(), args.next()) {
@@ -205,7 +232,7 @@ fn bench() -> Result<(), String> {
             ("--out", Some(v)) => out_path = v.into(),
             _ => {
                 return Err(
-                    "usage: mcvmm-bench-checkpoint [--epochs N] [--snapshots-only] [--out FILE]"
+                    "usage: mcvmm-bench-checkpoint [--epochs N] [--snapshots-only] [--no-legacy] [--out FILE]"
                         .into(),
                 )
             }
@@ -230,17 +257,24 @@ fn bench() -> Result<(), String> {
         ("10k", Some(10_000 * per_sec)),
         ("50k", Some(50_000 * per_sec)),
     ];
-    for (label, rate) in targets.into_iter().filter(|_| !snapshots_only) {
-        let r = epochs_at(&host, rate, epochs)?;
+    let modes: &[bool] = if legacy_too { &[false, true] } else { &[false] };
+    let runs = targets
+        .into_iter()
+        .filter(|_| !snapshots_only)
+        .flat_map(|t| modes.iter().map(move |&legacy| (t, legacy)));
+    for ((label, rate), legacy) in runs {
+        let r = epochs_at(&host, rate, epochs, legacy)?;
         let pages = r["dirty_pages_per_epoch"]["median"].as_f64().unwrap_or(0.0);
         let gbps = r["memcpy_gbps"].as_f64().unwrap_or(f64::NAN);
         let copy_bound_us = pages * 4096.0 / (gbps * 1e9) * 1e6;
         let pause = r["pause_us"]["median"].as_f64().unwrap_or(f64::NAN);
+        let log = r["dirty_log"].as_str().unwrap_or("?").to_string();
         eprintln!(
-            "  epochs {label:>4}: {pages:.0} pages/epoch, pause median {pause:.0} µs, memcpy {gbps:.2} GB/s"
+            "  epochs {label:>4} ({log} log): {pages:.0} pages/epoch, pause median {pause:.0} µs, memcpy {gbps:.2} GB/s"
         );
         rows.push(json!({
             "target": label,
+            "dirty_log": log,
             "report": r,
             "copy_bound_us": copy_bound_us,
             "pause_over_copy_bound": pause / copy_bound_us,
@@ -254,11 +288,16 @@ fn bench() -> Result<(), String> {
     let nan = (f64::NAN, f64::NAN, f64::NAN);
     let mut errors = Vec::new();
     for mib in [256u64, 2048] {
-        let m = mcvmm_snapshot(&host, mib).unwrap_or_else(|e| {
-            errors.push(format!("mcvmm {mib} MiB: {e}"));
-            nan
-        });
-        eprintln!("  snapshot {mib} MiB mcvmm: {m:?}");
+        let mut mcvmm = |legacy: bool| {
+            let m = mcvmm_snapshot(&host, mib, legacy).unwrap_or_else(|e| {
+                errors.push(format!("mcvmm {mib} MiB (legacy log {legacy}): {e}"));
+                [f64::NAN; 4]
+            });
+            eprintln!("  snapshot {mib} MiB mcvmm (legacy log {legacy}): {m:?}");
+            json!({"snapshot_ms": m[0], "pause_ms": m[1], "restore_ms": m[2], "tracking_on_pause_ms": m[3]})
+        };
+        let m = mcvmm(false);
+        let legacy = legacy_too.then(|| mcvmm(true));
         let q = match qemu_snapshot(&host, mib) {
             Ok(((migrate, downtime), restored)) => {
                 let restore = restored.unwrap_or_else(|e| {
@@ -273,24 +312,27 @@ fn bench() -> Result<(), String> {
             }
         };
         eprintln!("  snapshot {mib} MiB QEMU:  {q:?}");
+        let f = |k: &str| m[k].as_f64().unwrap_or(f64::NAN);
         snaps.push(json!({
             "mem_mib": mib,
-            "mcvmm": {"snapshot_ms": m.0, "pause_ms": m.1, "restore_ms": m.2},
+            "snapshot_ratio": f("snapshot_ms") / q.0,
+            "restore_ratio": f("restore_ms") / q.2,
+            "mcvmm": m,
+            "mcvmm_legacy_log": legacy,
             "qemu": {"migrate_ms": q.0, "downtime_ms": q.1, "restore_ms": q.2},
-            "snapshot_ratio": m.0 / q.0,
-            "restore_ratio": m.2 / q.2,
         }));
     }
 
     println!("\nEpoch pause vs dirty-set size (1 GiB guest, {EPOCH_MS} ms epochs, {epochs} epochs each; µs)\n");
-    println!("| target | dirty pages/epoch (median) | pause median | pause p99 | vCPU stop | dirty log | copy | state | resume | memcpy GB/s | pause / copy bound | target (1.5×bound+500) |");
-    println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
+    println!("| target | KVM dirty log | dirty pages/epoch (median) | pause median | pause p99 | vCPU stop | dirty log | copy | state | resume | memcpy GB/s | pause / copy bound | target (1.5×bound+500) |");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     for row in &rows {
         let r = &row["report"];
         let m = |k: &str| r[k]["median"].as_f64().unwrap_or(f64::NAN);
         println!(
-            "| {} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.2} | {:.1} | {:.0} |",
+            "| {} | {} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.2} | {:.1} | {:.0} |",
             row["target"].as_str().unwrap_or(""),
+            row["dirty_log"].as_str().unwrap_or(""),
             m("dirty_pages_per_epoch"),
             m("pause_us"),
             r["pause_us"]["p99"].as_f64().unwrap_or(f64::NAN),
@@ -305,14 +347,15 @@ fn bench() -> Result<(), String> {
         );
     }
     println!("\nCapturing the vCPUs as they stop (as a replicating primary does) or after the copy: alternate epochs of the same runs (µs)\n");
-    println!("| target | pause median, after copy | pause median, at stop | ratio | state, after copy | state, at stop |");
-    println!("|---|---|---|---|---|---|");
+    println!("| target | KVM dirty log | pause median, after copy | pause median, at stop | ratio | state, after copy | state, at stop |");
+    println!("|---|---|---|---|---|---|---|");
     for row in &rows {
         let r = &row["report"];
         let m = |way: &str, k: &str| r[way][k]["median"].as_f64().unwrap_or(f64::NAN);
         println!(
-            "| {} | {:.0} | {:.0} | {:.2} | {:.0} | {:.0} |",
+            "| {} | {} | {:.0} | {:.0} | {:.2} | {:.0} | {:.0} |",
             row["target"].as_str().unwrap_or(""),
+            row["dirty_log"].as_str().unwrap_or(""),
             m("capture_after_copy", "pause_us"),
             m("capture_at_stop", "pause_us"),
             m("capture_at_stop", "pause_us") / m("capture_after_copy", "pause_us"),
@@ -321,15 +364,16 @@ fn bench() -> Result<(), String> {
         );
     }
     println!("\nSnapshot and restore (ms; until the agent answers again)\n");
-    println!("| guest | mcvmm snapshot | mcvmm pause | QEMU migrate | QEMU downtime | ratio | mcvmm restore | QEMU restore | ratio |");
-    println!("|---|---|---|---|---|---|---|---|---|");
+    println!("| guest | mcvmm snapshot | mcvmm pause | mcvmm pause turning the log on | QEMU migrate | QEMU downtime | ratio | mcvmm restore | QEMU restore | ratio |");
+    println!("|---|---|---|---|---|---|---|---|---|---|");
     for s in &snaps {
         let f = |a: &str, b: &str| s[a][b].as_f64().unwrap_or(f64::NAN);
         println!(
-            "| {} MiB | {:.0} | {:.0} | {:.0} | {:.0} | {:.2} | {:.0} | {:.0} | {:.2} |",
+            "| {} MiB | {:.0} | {:.1} | {:.1} | {:.0} | {:.0} | {:.2} | {:.0} | {:.0} | {:.2} |",
             s["mem_mib"],
             f("mcvmm", "snapshot_ms"),
             f("mcvmm", "pause_ms"),
+            f("mcvmm", "tracking_on_pause_ms"),
             f("qemu", "migrate_ms"),
             f("qemu", "downtime_ms"),
             s["snapshot_ratio"].as_f64().unwrap_or(f64::NAN),
@@ -337,6 +381,22 @@ fn bench() -> Result<(), String> {
             f("qemu", "restore_ms"),
             s["restore_ratio"].as_f64().unwrap_or(f64::NAN),
         );
+    }
+    if legacy_too {
+        println!("\nmcvmm's snapshot with the legacy dirty log (turning it on write-protects all RAM in a pause; ms)\n");
+        println!("| guest | snapshot | pause | pause turning the log on | restore |");
+        println!("|---|---|---|---|---|");
+        for s in &snaps {
+            let f = |b: &str| s["mcvmm_legacy_log"][b].as_f64().unwrap_or(f64::NAN);
+            println!(
+                "| {} MiB | {:.0} | {:.1} | {:.1} | {:.0} |",
+                s["mem_mib"],
+                f("snapshot_ms"),
+                f("pause_ms"),
+                f("tracking_on_pause_ms"),
+                f("restore_ms"),
+            );
+        }
     }
     let json = json!({
         "host": host.describe(),
