@@ -226,3 +226,63 @@ fn writes_reach_the_disk_whether_or_not_the_sink_records() {
     assert!(disk[3 * 512..4 * 512].iter().all(|b| *b == 0x11));
     assert!(disk[4 * 512..5 * 512].iter().all(|b| *b == 0x22));
 }
+
+#[test]
+fn scattered_segments_move_in_order_and_the_pages_read_into_are_marked() {
+    use vm_memory::bitmap::Bitmap;
+    use vm_memory::GuestMemoryBackend;
+
+    let mut r = Rig::new();
+    // A write of sector 8 from three buffers out of address order.
+    r.header(0x4000, 1, 8);
+    r.desc(0, 0x4000, 16, NEXT, 1);
+    r.desc(1, 0x8000, 512, NEXT, 3);
+    r.desc(3, 0xa000, 1024, NEXT, 4);
+    r.desc(4, 0x9000, 512, NEXT, 2);
+    r.desc(2, 0x5000, 1, WRITE, 0);
+    for (at, byte, len) in [(0x8000, 1u8, 512), (0xa000, 2, 1024), (0x9000, 3, 512)] {
+        r.mem
+            .write_slice(&vec![byte; len], GuestAddress(at))
+            .expect("data");
+    }
+    assert_eq!(r.submit(0), 1);
+    assert_eq!(r.status(0x5000), 0, "scattered write: OK");
+    let disk = std::fs::read(&r.disk).expect("disk");
+    let mut want = vec![1u8; 512];
+    want.extend(vec![2u8; 1024]);
+    want.extend(vec![3u8; 512]);
+    assert_eq!(
+        &disk[8 * 512..12 * 512],
+        &want[..],
+        "segments in chain order"
+    );
+    assert!(
+        disk[12 * 512..13 * 512].iter().all(|&b| b == 0x5a),
+        "nothing past it"
+    );
+
+    // Read it back into three other buffers, also out of order.
+    r.header(0x4000, 0, 8);
+    r.desc(1, 0xc000, 1024, WRITE | NEXT, 3);
+    r.desc(3, 0xe000, 512, WRITE | NEXT, 4);
+    r.desc(4, 0xd000, 512, WRITE | NEXT, 2);
+    // The same regions (and bitmaps) as the rig's.
+    let mem = r.mem.clone();
+    let region = mem.iter().next().expect("region");
+    std::ops::Deref::deref(region).bitmap().reset();
+    assert_eq!(r.submit(0), 2);
+    assert_eq!(r.status(0x5000), 0, "scattered read: OK");
+    let read = |at: u64, len: usize| {
+        let mut b = vec![0u8; len];
+        r.mem.read_slice(&mut b, GuestAddress(at)).expect("read");
+        b
+    };
+    assert_eq!(read(0xc000, 1024), want[..1024]);
+    assert_eq!(read(0xe000, 512), want[1024..1536]);
+    assert_eq!(read(0xd000, 512), want[1536..]);
+    let bitmap = std::ops::Deref::deref(region).bitmap();
+    for page in [0xc000usize, 0xd000, 0xe000] {
+        assert!(bitmap.dirty_at(page), "page {page:#x} read into is marked");
+    }
+    assert!(!bitmap.dirty_at(0xf000), "a page not read into is not");
+}
