@@ -60,6 +60,12 @@ const KVM_CLEAR_DIRTY_LOG: libc::c_ulong = (3 << 30)
     | (0xAE << 8)
     | 0xc0;
 
+/// How much memory a full copy arms at once, ahead of copying it. Each arm is an ioctl
+/// that takes KVM's locks and flushes the TLBs when it protects anything: a 2 GiB copy
+/// makes 64 of them instead of 2048. A write between the arm and the copy of its page is
+/// copied again in the next round, which a larger span makes a little more likely.
+pub const ARM_SPAN: u64 = 32 << 20;
+
 /// Pages per bitmap word: `KVM_CLEAR_DIRTY_LOG` takes ranges aligned to it.
 const WORD_PAGES: u64 = 64;
 
