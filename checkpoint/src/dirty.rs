@@ -6,7 +6,7 @@
 //! Where KVM offers `KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2`, reading the log and arming it
 //! again (clearing the bits and write-protecting those pages) are separate calls, and the
 //! log can start with every page marked dirty. A full copy then needs no pause to turn
-//! tracking on: it arms each range just before copying it ([`LogArm`]), and a page never
+//! tracking on: it arms each span just before copying it ([`LogArm`]), and a page never
 //! armed is still reported. Without it, turning the log on write-protects all of RAM at
 //! once, which must happen with the vCPUs paused.
 
@@ -121,8 +121,8 @@ impl LogArm {
         })
     }
 
-    /// Arms the log of `[gpa, gpa + len)`: call it just before copying that range, so a
-    /// write after the copy began is in the next dirty set. The range lies in one region
+    /// Arms the log of `[gpa, gpa + len)`: call it before copying any of that range: a
+    /// write from then on is in the next dirty set, one before it is in the copy. The range lies in one region
     /// and starts at a multiple of 64 pages from the region's start; its length is a
     /// multiple of 64 pages or it reaches the region's end.
     pub fn arm(&mut self, gpa: GuestAddress, len: u64) -> Result<(), DirtyError> {
@@ -325,7 +325,7 @@ impl DirtyTracker {
     }
 
     /// Turns on KVM's dirty log with every page of RAM reported dirty until it is armed,
-    /// which a full copy does range by range just before copying each ([`LogArm`]). No
+    /// which a full copy does span by span just before copying each ([`LogArm`]). No
     /// pause is needed: nothing is write-protected yet. `None` where KVM cannot start the
     /// log this way (or `mode` is legacy): use [`DirtyTracker::start`] with the vCPUs paused.
     pub fn start_all_dirty(

@@ -121,7 +121,7 @@ pub struct SyncSource {
     pub disks: Vec<File>,
     pub theirs: Vec<Vec<u64>>,
     pub chunk: u64,
-    /// A dirty log started with every page dirty: each range is armed just before it is
+    /// A dirty log started with every page dirty: each span is armed just before it is
     /// read. `None`: the log was armed all at once before the sync began.
     pub arm: Option<LogArm>,
 }

@@ -103,7 +103,7 @@ impl Primary {
             .collect::<Result<Vec<File>, String>>()?;
         // Tracking must be on before the copy starts: whatever the guest writes from here
         // on is in the first checkpoint. Started with every page dirty, the sync arms
-        // each range just before it reads it, and the guest runs on; the old way
+        // each span just before it reads it, and the guest runs on; the old way
         // write-protects all of RAM with the vCPUs paused, a pause that grows with the
         // guest, worth seeing.
         let paused = Instant::now();

@@ -49,7 +49,7 @@ pub struct FullSnapshot {
 /// Starts a full snapshot in `dir`: copies all of guest memory into it, taking each
 /// chunk's digest on the way. The guest may run; what it writes meanwhile must be in the
 /// dirty set given to `patch`. `arm`: the tracker started with every page dirty, and
-/// each chunk is armed just before it is copied.
+/// each 32 MiB span is armed just before its first chunk is copied.
 pub fn begin_full(
     dir: &Path,
     mem: &GuestMemory,
