@@ -64,7 +64,7 @@ const KVM_CLEAR_DIRTY_LOG: libc::c_ulong = (3 << 30)
 /// that takes KVM's locks and flushes the TLBs when it protects anything: a 2 GiB copy
 /// makes 64 of them instead of 2048. A write between the arm and the copy of its page is
 /// copied again in the next round, which a larger span makes a little more likely.
-pub const ARM_SPAN: u64 = 32 << 20;
+const ARM_SPAN: u64 = 32 << 20;
 
 /// Pages per bitmap word: `KVM_CLEAR_DIRTY_LOG` takes ranges aligned to it.
 const WORD_PAGES: u64 = 64;
@@ -122,9 +122,9 @@ impl LogArm {
     }
 
     /// Arms the log of `[gpa, gpa + len)`: call it before copying any of that range: a
-    /// write from then on is in the next dirty set, one before it is in the copy. The range lies in one region
-    /// and starts at a multiple of 64 pages from the region's start; its length is a
-    /// multiple of 64 pages or it reaches the region's end.
+    /// write from then on is in the next dirty set, one before it is in the copy. The
+    /// range lies in one region and starts at a multiple of 64 pages from the region's
+    /// start; its length is a multiple of 64 pages or it reaches the region's end.
     pub fn arm(&mut self, gpa: GuestAddress, len: u64) -> Result<(), DirtyError> {
         let bad = |why| DirtyError::Range {
             gpa: gpa.0,
@@ -151,38 +151,58 @@ impl LogArm {
         if self.ones.len() < words {
             self.ones.resize(words, u64::MAX);
         }
-        let ones = std::mem::take(&mut self.ones);
-        let r = self.clear(slot as u32, first, pages, &ones[..words]);
-        self.ones = ones;
-        r
+        clear_log(&self.vm, slot as u32, first, pages, &self.ones[..words])
     }
 
-    /// `KVM_CLEAR_DIRTY_LOG` of the pages whose bits are set in `bits`, `bits[0]` bit 0
-    /// being page `first` of the slot.
-    fn clear(&self, slot: u32, first: u64, pages: u64, bits: &[u64]) -> Result<(), DirtyError> {
-        let kvm_err = |source| DirtyError::Kvm {
-            what: "KVM_CLEAR_DIRTY_LOG",
-            slot,
-            source,
-        };
-        let pages =
-            u32::try_from(pages).map_err(|_| kvm_err(kvm_ioctls::Error::new(libc::EINVAL)))?;
-        debug_assert!(bits.len() as u64 * WORD_PAGES >= u64::from(pages));
-        let mut log = kvm_clear_dirty_log {
-            slot,
-            num_pages: pages,
-            first_page: first,
-            ..Default::default()
-        };
-        log.__bindgen_anon_1.dirty_bitmap = bits.as_ptr() as *mut libc::c_void;
-        // SAFETY: KVM reads ceil(pages / 64) words from `bits`, which holds at least that
-        // many and outlives the call; it writes nothing back.
-        let rc = unsafe { libc::ioctl(self.vm.as_raw_fd(), KVM_CLEAR_DIRTY_LOG, &log) };
-        if rc < 0 {
-            return Err(kvm_err(kvm_ioctls::Error::last()));
+    /// For a region copied in order from its start, in steps that divide 32 MiB: called
+    /// before the step at `offset`, it arms the next 32 MiB (or what is left of the
+    /// region) when `offset` begins one.
+    pub fn before_copy(
+        &mut self,
+        region_start: GuestAddress,
+        offset: u64,
+        region_len: u64,
+    ) -> Result<(), DirtyError> {
+        if !offset.is_multiple_of(ARM_SPAN) {
+            return Ok(());
         }
-        Ok(())
+        self.arm(
+            region_start.unchecked_add(offset),
+            (region_len - offset).min(ARM_SPAN),
+        )
     }
+}
+
+/// `KVM_CLEAR_DIRTY_LOG` on `vm` of the pages whose bits are set in `bits`, `bits[0]` bit
+/// 0 being page `first` of the slot.
+fn clear_log(
+    vm: &impl AsRawFd,
+    slot: u32,
+    first: u64,
+    pages: u64,
+    bits: &[u64],
+) -> Result<(), DirtyError> {
+    let kvm_err = |source| DirtyError::Kvm {
+        what: "KVM_CLEAR_DIRTY_LOG",
+        slot,
+        source,
+    };
+    let pages = u32::try_from(pages).map_err(|_| kvm_err(kvm_ioctls::Error::new(libc::EINVAL)))?;
+    debug_assert!(bits.len() as u64 * WORD_PAGES >= u64::from(pages));
+    let mut log = kvm_clear_dirty_log {
+        slot,
+        num_pages: pages,
+        first_page: first,
+        ..Default::default()
+    };
+    log.__bindgen_anon_1.dirty_bitmap = bits.as_ptr() as *mut libc::c_void;
+    // SAFETY: KVM reads ceil(pages / 64) words from `bits`, which holds at least that many
+    // and outlives the call; it writes nothing back.
+    let rc = unsafe { libc::ioctl(vm.as_raw_fd(), KVM_CLEAR_DIRTY_LOG, &log) };
+    if rc < 0 {
+        return Err(kvm_err(kvm_ioctls::Error::last()));
+    }
+    Ok(())
 }
 
 /// Registers every region of `mem` with KVM as slot 0, 1, ... in order, with `flags`.
@@ -295,8 +315,8 @@ pub enum Sources {
 /// Epoch-by-epoch dirty tracking of all of a VM's RAM.
 pub struct DirtyTracker {
     sources: Sources,
-    /// With manual protection: the handle `end_epoch` arms the log with.
-    manual: Option<LogArm>,
+    /// Manual protection: `end_epoch` arms the pages it read with `KVM_CLEAR_DIRTY_LOG`.
+    manual: bool,
 }
 
 impl DirtyTracker {
@@ -309,18 +329,13 @@ impl DirtyTracker {
         sources: Sources,
         mode: LogMode,
     ) -> Result<Self, DirtyError> {
-        let manual = match mode {
-            LogMode::Manual if manual_caps(vm) & 1 != 0 => {
-                set_manual(vm, 1)?;
-                Some(LogArm::new(vm, mem)?)
-            }
-            _ => {
-                if manual_caps(vm) != 0 {
-                    set_manual(vm, 0)?;
-                }
-                None
-            }
-        };
+        let caps = manual_caps(vm);
+        let manual = mode == LogMode::Manual && caps & 1 != 0;
+        if manual {
+            set_manual(vm, 1)?;
+        } else if caps != 0 {
+            set_manual(vm, 0)?;
+        }
         Self::log_on(vm, mem, sources, manual)
     }
 
@@ -340,7 +355,7 @@ impl DirtyTracker {
         }
         set_manual(vm, want)?;
         let arm = LogArm::new(vm, mem)?;
-        let tracker = Self::log_on(vm, mem, sources, Some(LogArm::new(vm, mem)?))?;
+        let tracker = Self::log_on(vm, mem, sources, true)?;
         Ok(Some((tracker, arm)))
     }
 
@@ -348,7 +363,7 @@ impl DirtyTracker {
         vm: &VmFd,
         mem: &GuestMemory,
         sources: Sources,
-        manual: Option<LogArm>,
+        manual: bool,
     ) -> Result<Self, DirtyError> {
         register_slots(vm, mem, KVM_MEM_LOG_DIRTY_PAGES)?;
         for region in mem.iter() {
@@ -359,7 +374,7 @@ impl DirtyTracker {
 
     /// Whether KVM's log is armed by separate calls (`KVM_CLEAR_DIRTY_LOG`).
     pub fn manual(&self) -> bool {
-        self.manual.is_some()
+        self.manual
     }
 
     /// Ends the current epoch and starts the next: the pages written since the previous
@@ -382,10 +397,8 @@ impl DirtyTracker {
             // Without manual protection KVM cleared and armed the log in that call; with
             // it, exactly the pages read are armed now (a page first written since the
             // read keeps its bit for the next set).
-            if let Some(arm) = &self.manual {
-                if bits.iter().any(|&w| w != 0) {
-                    arm.clear(slot as u32, 0, len.div_ceil(PAGE_SIZE), &bits)?;
-                }
+            if self.manual && bits.iter().any(|&w| w != 0) {
+                clear_log(vm, slot as u32, 0, len.div_ceil(PAGE_SIZE), &bits)?;
             }
             let vmm = vmm_bitmap(region).get_and_reset();
             if self.sources == Sources::GuestAndVmm {
@@ -442,6 +455,12 @@ mod tests {
 
         /// Runs `mov byte [page], 1` for each page below 64 KiB, then `hlt`.
         fn write_pages(&mut self, pages: &[u16]) {
+            self.load(pages);
+            self.go();
+        }
+
+        /// Loads the code `write_pages` runs, without running it.
+        fn load(&self, pages: &[u16]) {
             let mut code = Vec::new();
             for &p in pages {
                 let a = (p * 0x1000).to_le_bytes();
@@ -452,7 +471,6 @@ mod tests {
             self.mem
                 .write_slice(&code, GuestAddress(CODE))
                 .expect("code");
-            self.go();
         }
 
         fn go(&mut self) {
@@ -491,10 +509,7 @@ mod tests {
                 Tiny::pages(&d.end_epoch(&t.vm, &t.mem).expect("end")),
                 Vec::<u64>::new()
             );
-            let code = [
-                0xc6, 0x06, 0x00, 0x30, 0x01, 0xc6, 0x06, 0x00, 0x80, 0x01, 0xf4,
-            ];
-            t.mem.write_slice(&code, GuestAddress(CODE)).expect("code");
+            t.load(&[3, 8]);
             let _ = d.end_epoch(&t.vm, &t.mem).expect("end"); // the code write itself
             t.go();
             assert_eq!(

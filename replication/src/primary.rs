@@ -15,7 +15,7 @@ use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TrySendError
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
-use mcvmm_checkpoint::dirty::{LogArm, ARM_SPAN};
+use mcvmm_checkpoint::dirty::LogArm;
 use mcvmm_checkpoint::resident::Pagemap;
 use mcvmm_checkpoint::seams::DiskWriteSink;
 use mcvmm_checkpoint::staging;
@@ -588,8 +588,8 @@ fn sync(
             let n = (len - at).min(batch as u64) as usize;
             // Armed a span ahead: from then on a write to these pages is in the first
             // checkpoint, and the read below comes after.
-            if let Some(arm) = arm.as_mut().filter(|_| at.is_multiple_of(ARM_SPAN)) {
-                arm.arm(GuestAddress(start + at), (len - at).min(ARM_SPAN))
+            if let Some(arm) = arm.as_mut() {
+                arm.before_copy(GuestAddress(start), at, len)
                     .map_err(|e| std::io::Error::other(e.to_string()))?;
             }
             // Memory never touched is zeros, known without faulting it in; a page first

@@ -17,7 +17,7 @@
 use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
-use mcvmm_checkpoint::dirty::{DirtyError, DirtyTracker, LogMode, Sources};
+use mcvmm_checkpoint::dirty::{DirtyError, DirtyTracker, LogArm, LogMode, Sources};
 use mcvmm_checkpoint::shadow::{Shadow, ShadowError};
 use mcvmm_checkpoint::staging::Staged;
 use serde_json::{json, Value};
@@ -35,6 +35,32 @@ pub fn log_mode() -> LogMode {
         Ok("legacy") => LogMode::Legacy,
         _ => LogMode::Manual,
     })
+}
+
+/// Turns dirty tracking on for a full copy of memory that starts right after it. Where
+/// KVM can, every page starts dirty and nothing pauses: the copy arms each span with the
+/// handle returned. Else the log write-protects all of RAM with the vCPUs paused (unless
+/// `paused`: they are already), and the pause's length is returned.
+pub fn start_for_copy(
+    vm: &Vm,
+    paused: bool,
+) -> Result<(DirtyTracker, Option<LogArm>, Duration), String> {
+    let e = |e: &dyn std::fmt::Display| e.to_string();
+    let all_dirty =
+        DirtyTracker::start_all_dirty(&vm.vm_fd, &vm.mem, Sources::GuestAndVmm, log_mode())
+            .map_err(|x| e(&x))?;
+    if let Some((tracker, arm)) = all_dirty {
+        return Ok((tracker, Some(arm), Duration::ZERO));
+    }
+    let t = Instant::now();
+    let tracker = vm
+        .vcpus
+        .paused_for(paused, PAUSE_LIMIT, || {
+            DirtyTracker::start(&vm.vm_fd, &vm.mem, Sources::GuestAndVmm, log_mode())
+        })
+        .map_err(|x| e(&x))?
+        .map_err(|x| e(&x))?;
+    Ok((tracker, None, t.elapsed()))
 }
 
 /// Mismatching pages named in the report (the count is always complete).

@@ -20,7 +20,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use mcvmm_checkpoint::dirty::{DirtyTracker, Sources};
+use mcvmm_checkpoint::dirty::DirtyTracker;
 use mcvmm_checkpoint::snapshot::memory_digest;
 use mcvmm_checkpoint::staging::Staged;
 use mcvmm_replication::disk::file_digest;
@@ -30,7 +30,7 @@ use serde_json::{json, Value};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use vmm_sys_util::timerfd::TimerFd;
 
-use crate::epochs::{log_mode, PAUSE_LIMIT};
+use crate::epochs::{start_for_copy, PAUSE_LIMIT};
 use crate::protect::Settings;
 use crate::snapshot::machine_state;
 use crate::vm::Vm;
@@ -106,32 +106,17 @@ impl Primary {
         // each span just before it reads it, and the guest runs on; the old way
         // write-protects all of RAM with the vCPUs paused, a pause that grows with the
         // guest, worth seeing.
-        let paused = Instant::now();
-        let all_dirty =
-            DirtyTracker::start_all_dirty(&vm.vm_fd, &vm.mem, Sources::GuestAndVmm, log_mode())
-                .map_err(|e| e.to_string())?;
-        let (tracker, arm) = match all_dirty {
-            Some((tracker, arm)) => {
-                eprintln!(
-                    "mcvmm: dirty tracking on, every page dirty until the sync reads it (no pause)"
-                );
-                (tracker, Some(arm))
-            }
-            None => {
-                let tracker = vm
-                    .vcpus
-                    .paused_for(false, PAUSE_LIMIT, || {
-                        DirtyTracker::start(&vm.vm_fd, &vm.mem, Sources::GuestAndVmm, log_mode())
-                    })
-                    .map_err(|e| e.to_string())?
-                    .map_err(|e| e.to_string())?;
-                eprintln!(
-                    "mcvmm: dirty tracking on ({:.1} ms with the vCPUs paused)",
-                    paused.elapsed().as_secs_f64() * 1e3
-                );
-                (tracker, None)
-            }
-        };
+        let (tracker, arm, pause) = start_for_copy(vm, false)?;
+        if arm.is_some() {
+            eprintln!(
+                "mcvmm: dirty tracking on, every page dirty until the sync reads it (no pause)"
+            );
+        } else {
+            eprintln!(
+                "mcvmm: dirty tracking on ({:.1} ms with the vCPUs paused)",
+                pause.as_secs_f64() * 1e3
+            );
+        }
         // This runs on the device loop, so no guest disk write is half done: the ones
         // before are in the disks the sync copies, and from here on each is forwarded.
         self.writes.record(true);

@@ -6,12 +6,12 @@ use std::path::{Path, PathBuf};
 use std::sync::PoisonError;
 use std::time::Instant;
 
-use mcvmm_checkpoint::dirty::{DirtyTracker, Sources};
+use mcvmm_checkpoint::dirty::DirtyTracker;
 use mcvmm_checkpoint::snapshot::{begin_full, write_incremental, FullSnapshot, Manifest};
 use mcvmm_checkpoint::state::MachineState;
 use serde_json::{json, Value};
 
-use crate::epochs::{log_mode, PAUSE_LIMIT};
+use crate::epochs::{start_for_copy, PAUSE_LIMIT};
 use crate::vm::Vm;
 use crate::vm_state::save_vm_state;
 
@@ -88,32 +88,9 @@ pub fn take(
                 t.end_epoch(&vm.vm_fd, &vm.mem).map_err(|x| e(&x))?;
             }
             None => {
-                let t = Instant::now();
-                let all_dirty = DirtyTracker::start_all_dirty(
-                    &vm.vm_fd,
-                    &vm.mem,
-                    Sources::GuestAndVmm,
-                    log_mode(),
-                )
-                .map_err(|x| e(&x))?;
-                let tracker = match all_dirty {
-                    Some((tracker, a)) => {
-                        arm = Some(a);
-                        tracker
-                    }
-                    None => {
-                        let started = vm.vcpus.paused_for(paused, PAUSE_LIMIT, || {
-                            DirtyTracker::start(
-                                &vm.vm_fd,
-                                &vm.mem,
-                                Sources::GuestAndVmm,
-                                log_mode(),
-                            )
-                        });
-                        tracking_on = t.elapsed();
-                        started.map_err(|x| e(&x))?.map_err(|x| e(&x))?
-                    }
-                };
+                let (tracker, a, pause) = start_for_copy(vm, paused)?;
+                arm = a;
+                tracking_on = pause;
                 snaps.tracker = Some(tracker);
             }
         }

@@ -13,7 +13,7 @@ use super::{
     SnapshotError, MEMORY, PAGES,
 };
 use crate::digest::{self, Digest, CHUNK};
-use crate::dirty::{DirtySet, LogArm, ARM_SPAN};
+use crate::dirty::{DirtySet, LogArm};
 use crate::resident::Pagemap;
 use crate::state::{MachineState, VmShape, FORMAT_VERSION};
 use crate::{GuestMemory, PAGE_SIZE};
@@ -85,8 +85,8 @@ pub fn begin_full(
             spans.push((offset + done, n));
             // A log that started with every page dirty is armed a span ahead of the copy:
             // a write from then on is in the next dirty set, and the copy is later.
-            if let Some(arm) = arm.as_deref_mut().filter(|_| done.is_multiple_of(ARM_SPAN)) {
-                arm.arm(start.unchecked_add(done), (len - done).min(ARM_SPAN))?;
+            if let Some(arm) = arm.as_deref_mut() {
+                arm.before_copy(start, done, len)?;
             }
             // Memory never touched is zeros: a hole, without faulting it in to look. A
             // page the guest first writes after this look is in the dirty set.
