@@ -41,6 +41,14 @@ fn replace(dead: &Arc<KvmHost>) -> Arc<KvmHost> {
     slot.get_or_insert_with(new_host).clone()
 }
 
+/// The end of a lab test host's console (nothing for local KVM).
+fn console_tail(h: &KvmHost) -> String {
+    match h {
+        KvmHost::Lab(lab) => lab.host(0).console_tail(),
+        KvmHost::Local { .. } => String::new(),
+    }
+}
+
 /// How often a command whose test host died under it runs again on a fresh host.
 const DEAD_HOST_RETRIES: usize = 2;
 
@@ -63,10 +71,7 @@ pub fn resilient(command: &str, timeout: Duration) -> Output {
                 Ok(o) => format!("command status {}", o.status),
                 Err(e) => e.to_string(),
             },
-            match h.as_ref() {
-                KvmHost::Lab(lab) => lab.host(0).console_tail(),
-                KvmHost::Local { .. } => String::new(),
-            }
+            console_tail(&h)
         );
         h = replace(&h);
         result = h.run(command, timeout);
@@ -80,7 +85,8 @@ pub fn resilient(command: &str, timeout: Duration) -> Output {
 /// nothing of the test's doing before it: seen under QEMU as the VMM too, see the README),
 /// or get stuck page-faulting on one instruction for good.
 /// A script that failed with a guest crash in its output runs again, loudly, in a fresh
-/// folder (nothing of an earlier try's disks can count for the next), twice at most; one
+/// folder (nothing of an earlier try's disks can count for the next) on a fresh test
+/// host, twice at most; one
 /// that ran out of time runs once more on a fresh test host. A crash or a hang that the
 /// test's own operation causes happens every time and still fails the test.
 pub fn script(body: &str) -> String {
@@ -96,9 +102,17 @@ pub fn script(body: &str) -> String {
         let crash = crash_lines(&out);
         if !crash.is_empty() && crashes < CRASH_RETRIES {
             crashes += 1;
+            // A test host whose nested KVM went wrong may crash every guest after (one
+            // crashed all of QEMU's boots after an mcvmm guest's triple fault, see the
+            // README; in CI on 2026-12-02 the self-check's guest crashed three times in
+            // one host, while six runs of it in one healthy host all passed): the retry
+            // gets a fresh test host.
+            let h = host();
             eprintln!(
-                "WARNING: a guest crashed under this test:\n{crash}\nrunning the script again in a fresh folder ({crashes} of {CRASH_RETRIES})"
+                "WARNING: a guest crashed under this test:\n{crash}\ntest host console:\n{}\nrunning the script again in a fresh folder on a fresh test host ({crashes} of {CRASH_RETRIES})",
+                console_tail(&h)
             );
+            replace(&h);
         } else if (out.timed_out || host_stalled_the_guest(&out)) && stalls < STALL_RETRIES {
             // Every step of a script has a limit of its own well inside the script's, so
             // a script that ran out of time had a guest or test host stall under it (an
