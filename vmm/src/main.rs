@@ -4,6 +4,7 @@ mod api;
 mod boot;
 mod epochs;
 mod event_loop;
+mod keeper;
 mod layout;
 mod primary;
 mod protect;
@@ -295,6 +296,11 @@ fn settings(args: &RunArgs) -> protect::Settings {
 }
 
 fn run(args: RunArgs) -> anyhow::Result<()> {
+    // Without it a peer learns of this process's death only after the kernel has freed
+    // the guest's memory. Not having one costs failover time, not correctness.
+    if let Err(e) = keeper::start() {
+        eprintln!("mcvmm: warning: {e}; if this process is killed, its peer will notice only once the guest's memory is freed");
+    }
     if args.secondary {
         return run_secondary(args);
     }
