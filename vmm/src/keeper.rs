@@ -116,3 +116,37 @@ pub fn start() -> Result<Option<libc::pid_t>, KeeperError> {
     let _ = write_end.into_raw_fd();
     Ok(Some(pid))
 }
+
+#[cfg(test)]
+mod tests {
+    use std::io::Read;
+    use std::os::unix::net::UnixStream;
+    use std::time::{Duration, Instant};
+
+    #[test]
+    fn the_keeper_holds_no_descriptor_of_ours_but_its_pipe() {
+        let (mine, peer) = UnixStream::pair().expect("socketpair");
+        let pid = super::start().expect("keeper").expect("not turned off");
+        // It drops its copies at once, but runs on its own schedule: give it a moment.
+        let fds = format!("/proc/{pid}/fd");
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let count = loop {
+            let n = std::fs::read_dir(&fds)
+                .map(|d| d.count())
+                .unwrap_or(usize::MAX);
+            if n == 1 || Instant::now() > deadline {
+                break n;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        assert_eq!(count, 1, "the keeper's descriptors: {fds}");
+        // Closing ours closes the connection: the keeper has no copy that keeps it open.
+        drop(mine);
+        peer.set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("timeout");
+        let mut buf = [0u8; 1];
+        assert_eq!((&peer).read(&mut buf).expect("EOF, not a timeout"), 0);
+        // SAFETY: signal 0 only checks that the process exists.
+        assert_eq!(unsafe { libc::kill(pid, 0) }, 0, "the keeper is alive");
+    }
+}
