@@ -4,8 +4,8 @@
 //! descriptor table, and the last one to release the address space tears it down first:
 //! all of the guest's RAM. Only then does the kernel close the replication connection,
 //! so a secondary (or a primary losing its secondary) learns of the death that much
-//! later: 180–350 ms for a 1 GiB guest in the lab, and on real hosts seconds for a guest
-//! of tens of GiB — all of it added to a failover.
+//! later: 220–290 ms for a 1 GiB guest in the lab, growing with the guest's size — all
+//! of it added to a failover.
 //!
 //! The keeper is a second process sharing mcvmm's address space and nothing else: no
 //! descriptors but the read end of a pipe only mcvmm can write to, every signal blocked.
@@ -33,8 +33,9 @@ pub enum KeeperError {
 
 /// What the keeper runs, with the read end of the pipe as `arg`. It shares the address
 /// space, and the thread pointer of the thread that made it, so it uses raw system calls
-/// only: no allocator, no locks, no `errno` it could race on (it exits at the first call
-/// that fails; its signals are blocked, so the read is never interrupted).
+/// only: no allocator, no locks. A call that fails writes `errno`, in that thread's
+/// thread-local area, so the keeper ends at the first one (none fails on Linux ≥ 5.9;
+/// its signals are blocked, so the read is never interrupted).
 extern "C" fn keep(arg: *mut c_void) -> libc::c_int {
     let fd = arg as usize as libc::c_long;
     // SAFETY: system calls on this process alone: drop the copies of mcvmm's descriptors
