@@ -86,9 +86,9 @@ pub fn resilient(command: &str, timeout: Duration) -> Output {
 /// or get stuck page-faulting on one instruction for good.
 /// A script that failed with a guest crash in its output runs again, loudly, in a fresh
 /// folder (nothing of an earlier try's disks can count for the next) on a fresh test
-/// host, twice at most; one
-/// that ran out of time runs once more on a fresh test host. A crash or a hang that the
-/// test's own operation causes happens every time and still fails the test.
+/// host, twice at most; one that ran out of time runs once more on a fresh test host. A
+/// crash or a hang that the test's own operation causes happens every time and still
+/// fails the test.
 pub fn script(body: &str) -> String {
     let run = |prelude: &str| {
         resilient(
