@@ -33,6 +33,6 @@ for mode in $modes; do
   kill -9 \$(cat fo.s.pid) 2>/dev/null; wait 2>/dev/null; ip netns del fo
 done
 SCRIPT
-target/debug/mcvmm-lab run --timeout $((rounds * 600)) --guest --mem-mib 4096 \
+target/debug/mcvmm-lab run --timeout $((rounds * 1200)) --guest --mem-mib 4096 \
     --bin target/debug/mcvmm:mcvmm --bin target/debug/mcvmm-agentctl:agentctl \
     --copy tests/scripts/guest.sh:guest.sh --copy "$work/exp.sh:exp.sh" sh exp.sh
