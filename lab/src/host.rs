@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use crate::assets::{AssetError, HostKernel, ImageBuilder};
 use crate::cleanup::{self, Registered, Resource};
+use crate::diagnose;
 use crate::net::{self, LabNet};
 use crate::wire::{self, Kind, WireError};
 
@@ -47,10 +48,11 @@ pub enum HostError {
         status: String,
         console: String,
     },
-    #[error("test host {host} did not answer for {secs} s and was killed; last console lines:\n{console}")]
+    #[error("test host {host} did not answer for {secs} s and was killed; its CPUs were at:\n{cpus}\nlast console lines:\n{console}")]
     Hung {
         host: String,
         secs: u64,
+        cpus: String,
         console: String,
     },
     #[error("test host {host}: {msg}")]
@@ -199,7 +201,7 @@ impl TestHost {
         // in about half the runs; with them off, in none (see the notes of issue 5). Real
         // hosts keep theirs: this is about the emulated MMU of the lab.
         let mut append = format!(
-            "console=ttyS0 panic=-1 tsc_early_khz=2600000 transparent_hugepage=never lab.name={name}"
+            "console=ttyS0 panic=-1 tsc_early_khz=2600000 transparent_hugepage=never nokaslr lab.name={name}"
         );
         if std::env::var_os("MCVMM_LAB_VERBOSE").is_none() {
             append += " quiet";
@@ -254,7 +256,13 @@ impl TestHost {
             .args([
                 "-device",
                 "virtserialport,bus=vser0.0,chardev=ctl,name=mcvmm.lab",
-            ]);
+            ])
+            // QEMU's human monitor: where each CPU of a hung test host is (`diagnose`).
+            .arg("-monitor")
+            .arg(format!(
+                "unix:{},server=on,wait=off",
+                dir.join("monitor.sock").display()
+            ));
         if net.is_some() {
             cmd.args([
                 "-netdev",
@@ -381,6 +389,8 @@ impl TestHost {
                         return Err(err);
                     }
                     if Instant::now() >= deadline {
+                        let cpus = diagnose::cpu_places(&self.dir.join("monitor.sock"))
+                            .unwrap_or_else(|e| format!("(QEMU's monitor: {e})"));
                         self.kill();
                         let console = tail(&self.dir);
                         return Err(if booting {
@@ -393,6 +403,7 @@ impl TestHost {
                             HostError::Hung {
                                 host: self.name.clone(),
                                 secs: HUNG_GRACE.as_secs(),
+                                cpus,
                                 console,
                             }
                         });
@@ -530,6 +541,16 @@ impl TestHost {
     /// The last lines the host printed on its console.
     pub fn console_tail(&self) -> String {
         tail(&self.dir)
+    }
+
+    /// The first line in which the host's kernel reported a CPU stuck in the kernel (a
+    /// soft lockup, an RCU stall, a task blocked for minutes), if it did. Such a host may
+    /// still run short commands on its other CPU and answer the lab, yet hang whatever
+    /// lands on the stuck one; seen in the lab when nested KVM's emulation stalls a CPU.
+    pub fn kernel_stall(&self) -> Option<String> {
+        diagnose::stall_line(
+            &std::fs::read_to_string(self.dir.join("console.log")).unwrap_or_default(),
+        )
     }
 }
 

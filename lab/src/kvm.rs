@@ -96,6 +96,15 @@ impl KvmHost {
         self.run_streaming(command, timeout, &mut |_, _| {})
     }
 
+    /// Whether the test host's kernel reported a CPU stuck in it (see
+    /// `TestHost::kernel_stall`); local KVM is trusted.
+    pub fn kernel_stall(&self) -> Option<String> {
+        match self {
+            KvmHost::Local { .. } => None,
+            KvmHost::Lab(lab) => lab.host(0).kernel_stall(),
+        }
+    }
+
     fn local_path(work: &Path, dest: &str) -> Result<PathBuf, LabError> {
         if dest.starts_with('/') || dest.split('/').any(|c| c == "..") {
             return Err(LabError::Check(format!(

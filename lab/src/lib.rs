@@ -13,6 +13,7 @@
 pub mod assets;
 pub mod cleanup;
 pub mod cpio;
+pub mod diagnose;
 pub mod exec;
 pub mod host;
 pub mod kvm;

@@ -154,25 +154,36 @@ fn a_guest_that_panics_and_resets_itself_ends_cleanly() {
     assert!(out.contains("mcvmm exit status 0"), "{out}");
 }
 
-fn bad(args: &str) -> String {
+/// Runs `mcvmm run ARGS`, which must fail, and checks that stderr says `expected`.
+fn bad(args: &str, expected: &str) -> String {
     let out = resilient(&format!("./mcvmm run {args}"), Duration::from_secs(60));
     let stderr = out.stderr_text();
     assert_ne!(out.status, 0, "{args}: succeeded");
     assert!(!stderr.contains("panicked"), "{args}: {stderr}");
+    assert!(
+        stderr.contains(expected),
+        "{args}: expected {expected:?} on stderr (status {}, timed out {}):\n{stderr}",
+        out.status,
+        out.timed_out
+    );
     stderr
 }
 
 #[test]
 fn bad_input_gets_one_clear_line() {
     let k = "--kernel guest/vmlinux --initrd guest/initrd.img";
-    assert!(bad("--kernel no/such/kernel").contains("no/such/kernel: No such file"));
-    assert!(bad("--kernel guest/initrd.img").contains("neither an ELF vmlinux nor a bzImage"));
-    assert!(bad(&format!("{k} --disk no/such/disk.img"))
-        .contains("disk no/such/disk.img: No such file"));
-    assert!(bad(&format!("{k} --tap this-name-is-far-too-long")).contains("tap name"));
-    assert!(bad(&format!("{k} --vcpus 0")).contains("--vcpus"));
-    assert!(bad(&format!("{k} --mem-mib 16")).contains("too small"));
-    let first = bad("--kernel no/such/kernel");
+    bad(
+        "--kernel guest/initrd.img",
+        "neither an ELF vmlinux nor a bzImage",
+    );
+    bad(
+        &format!("{k} --disk no/such/disk.img"),
+        "disk no/such/disk.img: No such file",
+    );
+    bad(&format!("{k} --tap this-name-is-far-too-long"), "tap name");
+    bad(&format!("{k} --vcpus 0"), "--vcpus");
+    bad(&format!("{k} --mem-mib 16"), "too small");
+    let first = bad("--kernel no/such/kernel", "no/such/kernel: No such file");
     assert_eq!(first.lines().count(), 1, "{first}");
     let out = host()
         .run(

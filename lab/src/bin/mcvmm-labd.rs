@@ -4,6 +4,7 @@
 //! Relative paths and commands are taken from `/work`.
 
 use std::fs::{File, OpenOptions};
+use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -41,6 +42,12 @@ fn main() {
         std::thread::sleep(Duration::from_millis(20));
     };
     let _ = std::fs::create_dir_all(WORK);
+    match hold_kvm_static_keys() {
+        Ok(()) => {
+            eprintln!("mcvmm-labd: holding a KVM VM with one vCPU open (see hold_kvm_static_keys)")
+        }
+        Err(e) => eprintln!("mcvmm-labd: WARNING: could not hold a KVM VM open: {e}"),
+    }
     loop {
         let file = match OpenOptions::new().read(true).write(true).open(&port) {
             Ok(f) => f,
@@ -58,6 +65,39 @@ fn main() {
             Ok(()) => {}
         }
     }
+}
+
+/// Keeps a VM with an in-kernel irqchip and one vCPU (never run) open for the host's
+/// lifetime. The host kernel switches some static keys on its first VM and vCPU and off
+/// after its last: the preempt notifiers tested in `__schedule`, the local APIC's
+/// "software disabled" key. Each switch patches kernel code while the other CPU may be
+/// running it, and TCG's multi-threaded emulation sometimes loses such a patch: both CPUs
+/// were found spinning for good between `__schedule` and the int3 handler the patch left
+/// there (QEMU's monitor, 2026-12-02), after about a hundred starts of a VM that failed at
+/// once, the lab's "test host froze". With a VM always open, the count never drops to zero
+/// and those keys are never switched again.
+fn hold_kvm_static_keys() -> std::io::Result<()> {
+    const KVM_CREATE_VM: libc::c_ulong = 0xae01;
+    const KVM_CREATE_IRQCHIP: libc::c_ulong = 0xae60;
+    const KVM_CREATE_VCPU: libc::c_ulong = 0xae41;
+    let kvm = OpenOptions::new().read(true).write(true).open("/dev/kvm")?;
+    let ioctl = |fd: i32, request: libc::c_ulong| {
+        // SAFETY: KVM ioctls that take an integer argument (0) and write no memory.
+        let r = unsafe { libc::ioctl(fd, request, 0) };
+        if r < 0 {
+            Err(std::io::Error::last_os_error())
+        } else {
+            Ok(r)
+        }
+    };
+    // SAFETY: KVM_CREATE_VM returned a fresh descriptor owned here alone.
+    let vm = unsafe { OwnedFd::from_raw_fd(ioctl(kvm.as_raw_fd(), KVM_CREATE_VM)?) };
+    ioctl(vm.as_raw_fd(), KVM_CREATE_IRQCHIP)?;
+    // Both stay open until this process ends, with the host (KVM makes them close-on-exec,
+    // so no command gets a copy).
+    ioctl(vm.as_raw_fd(), KVM_CREATE_VCPU)?;
+    let _ = vm.into_raw_fd();
+    Ok(())
 }
 
 /// PID 1 of a test host: runs the server as a child and reaps every process orphaned to
