@@ -546,7 +546,8 @@ impl TestHost {
     /// The first line in which the host's kernel reported a CPU stuck in the kernel (a
     /// soft lockup, an RCU stall, a task blocked for minutes), if it did. Such a host may
     /// still run short commands on its other CPU and answer the lab, yet hang whatever
-    /// lands on the stuck one; seen in the lab when nested KVM's emulation stalls a CPU.
+    /// lands on the stuck one (seen when TCG lost a kernel code patch, which
+    /// `mcvmm-labd` now avoids; see `hold_kvm_static_keys` there).
     pub fn kernel_stall(&self) -> Option<String> {
         diagnose::stall_line(
             &std::fs::read_to_string(self.dir.join("console.log")).unwrap_or_default(),

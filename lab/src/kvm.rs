@@ -96,6 +96,14 @@ impl KvmHost {
         self.run_streaming(command, timeout, &mut |_, _| {})
     }
 
+    /// The end of the test host's console (nothing for local KVM).
+    pub fn console_tail(&self) -> String {
+        match self {
+            KvmHost::Local { .. } => String::new(),
+            KvmHost::Lab(lab) => lab.host(0).console_tail(),
+        }
+    }
+
     /// Whether the test host's kernel reported a CPU stuck in it (see
     /// `TestHost::kernel_stall`); local KVM is trusted.
     pub fn kernel_stall(&self) -> Option<String> {

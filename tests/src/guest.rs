@@ -29,8 +29,8 @@ pub fn host() -> Arc<KvmHost> {
 /// Whether `host` still runs commands (a dead or frozen test host does not).
 /// A host whose kernel reported a stuck CPU is not: it answers and runs short commands
 /// on its other CPU while what lands on the stuck one hangs (in CI on 2026-12-02 an
-/// `mcvmm run` meant to fail at once hung until its time limit; in the lab, one run in
-/// a few hundred of it got a CPU stuck, see the README).
+/// `mcvmm run` meant to fail at once hung until its time limit; see the README's lab
+/// section for the cause, since avoided).
 fn healthy(host: &KvmHost) -> bool {
     host.kernel_stall().is_none()
         && host
@@ -47,22 +47,14 @@ fn replace(dead: &Arc<KvmHost>) -> Arc<KvmHost> {
     slot.get_or_insert_with(new_host).clone()
 }
 
-/// The end of a lab test host's console (nothing for local KVM).
-fn console_tail(h: &KvmHost) -> String {
-    match h {
-        KvmHost::Lab(lab) => lab.host(0).console_tail(),
-        KvmHost::Local { .. } => String::new(),
-    }
-}
-
 /// How often a command whose test host died under it runs again on a fresh host.
 const DEAD_HOST_RETRIES: usize = 2;
 
 /// Runs `command` on the shared host. Lab test hosts (nested KVM under TCG) have been seen
 /// to freeze or panic in their own KVM_RUN path under sustained load (see the notes of
 /// issue 4; twice in a row in one test on 2026-12-01): when a command fails *and* its test
-/// host no longer answers or reported a stuck CPU, it runs again on a fresh host, loudly, twice at most. A failure
-/// on a healthy host stands.
+/// host no longer answers or reported a stuck CPU, it runs again on a fresh host, loudly,
+/// twice at most. A failure on a healthy host stands.
 pub fn resilient(command: &str, timeout: Duration) -> Output {
     let mut h = host();
     let mut result = h.run(command, timeout);
@@ -77,7 +69,7 @@ pub fn resilient(command: &str, timeout: Duration) -> Output {
                 Ok(o) => format!("command status {}", o.status),
                 Err(e) => e.to_string(),
             },
-            console_tail(&h)
+            h.console_tail()
         );
         h = replace(&h);
         result = h.run(command, timeout);
@@ -116,7 +108,7 @@ pub fn script(body: &str) -> String {
             let h = host();
             eprintln!(
                 "WARNING: a guest crashed under this test:\n{crash}\ntest host console:\n{}\nrunning the script again in a fresh folder on a fresh test host ({crashes} of {CRASH_RETRIES})",
-                console_tail(&h)
+                h.console_tail()
             );
             replace(&h);
         } else if (out.timed_out || host_stalled_the_guest(&out)) && stalls < STALL_RETRIES {

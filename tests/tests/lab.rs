@@ -35,6 +35,25 @@ fn test_host_has_kvm_with_nested_paging() {
     assert_eq!(out.stdout_text().trim(), "Y", "nested paging off");
 }
 
+/// Without it, each VM start and end in a test host switches kernel static keys, which
+/// TCG has been seen to livelock on (see `hold_kvm_static_keys` in `mcvmm-labd`).
+#[test]
+fn the_test_host_holds_a_vm_and_a_vcpu_open() {
+    let out = shared()
+        .run(
+            "ls -l /proc/[0-9]*/fd 2>/dev/null | grep -c 'anon_inode:kvm-'",
+            Duration::from_secs(20),
+        )
+        .expect("run");
+    let open: u32 = out.stdout_text().trim().parse().unwrap_or(0);
+    assert!(
+        open >= 2,
+        "KVM descriptors open in the test host: {}{}",
+        out.stdout_text(),
+        out.stderr_text()
+    );
+}
+
 #[test]
 fn exit_status_and_both_streams_come_back() {
     let out = shared()
