@@ -65,7 +65,9 @@ pub struct QemuGuest {
 
 impl QemuGuest {
     /// Shell commands (for a test host) that start the guest in the background and wait
-    /// for its ready line; they print `ready_ms=N`, measured inside the test host.
+    /// for its ready line; they print `ready_ms=N`, measured inside the test host. The
+    /// limit is by the test host's clock, not a count of polls: each poll costs tens of
+    /// milliseconds in a nested test host, and a counted limit outlasted the caller's.
     pub fn start_script(&self, ready_timeout_s: u32) -> String {
         let n = &self.name;
         // reboot=t: QEMU's microvm has no i8042, so with reboot=k the kernel falls through
@@ -96,23 +98,28 @@ impl QemuGuest {
             "set -e; rm -f {n}.log; {setup}\
              t0=$(cut -d' ' -f1 /proc/uptime); \
              qemu-system-x86_64 {args} -append '{append}' >{n}.qemu.log 2>&1 & echo $! > {n}.pid; \
-             i=0; until grep -q 'mcvmm-guest: ready' {n}.log 2>/dev/null; do \
+             end=$(awk -v t=$t0 'BEGIN {{ printf \"%d\", t * 100 + {limit_cs} }}'); \
+             until grep -q 'mcvmm-guest: ready' {n}.log 2>/dev/null; do \
                if ! kill -0 $(cat {n}.pid) 2>/dev/null; then echo 'qemu exited:'; cat {n}.qemu.log; tail -40 {n}.log; exit 1; fi; \
-               i=$((i+1)); if [ $i -gt {polls} ]; then echo 'guest not ready in time:'; tail -20 {n}.log; exit 1; fi; \
+               if [ $(awk '{{ printf \"%d\", $1 * 100 }}' /proc/uptime) -gt $end ]; then \
+                 echo 'guest not ready in time:'; tail -20 {n}.log; kill -9 $(cat {n}.pid); exit 1; fi; \
                sleep 0.02; done; \
              t1=$(cut -d' ' -f1 /proc/uptime); \
              awk -v a=$t0 -v b=$t1 'BEGIN {{ printf \"ready_ms=%d\\n\", (b-a)*1000 }}'",
-            polls = ready_timeout_s * 50
+            limit_cs = ready_timeout_s * 100
         )
     }
 
-    /// Waits (in the host) for the guest's QEMU to exit; fails after `timeout_s`.
+    /// Waits (in the host) for the guest's QEMU to exit; fails after `timeout_s` by the
+    /// test host's clock.
     pub fn wait_exit_script(&self, timeout_s: u32) -> String {
         format!(
-            "pid=$(cat {n}.pid); i=0; while kill -0 $pid 2>/dev/null; do \
-             i=$((i+1)); if [ $i -gt {polls} ]; then echo 'guest still running'; exit 1; fi; sleep 0.05; done",
+            "pid=$(cat {n}.pid); end=$(awk '{{ printf \"%d\", $1 * 100 + {limit_cs} }}' /proc/uptime); \
+             while kill -0 $pid 2>/dev/null; do \
+               if [ $(awk '{{ printf \"%d\", $1 * 100 }}' /proc/uptime) -gt $end ]; then echo 'guest still running'; exit 1; fi; \
+               sleep 0.05; done",
             n = self.name,
-            polls = timeout_s * 20
+            limit_cs = timeout_s * 100
         )
     }
 }
@@ -241,5 +248,75 @@ fn short(command: &str) -> String {
         c + "…"
     } else {
         c
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::process::Command;
+
+    /// Runs `script` with a `qemu-system-x86_64` on PATH that only sleeps: a guest
+    /// that never gets ready and never exits.
+    fn with_silent_qemu(test: &str, script: &str) -> (std::process::Output, Duration) {
+        let dir = std::env::temp_dir().join(format!("mcvmm-{test}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let qemu = dir.join("qemu-system-x86_64");
+        std::fs::write(&qemu, "#!/bin/sh\nexec sleep 30\n").expect("fake qemu");
+        Command::new("chmod")
+            .arg("+x")
+            .arg(&qemu)
+            .status()
+            .expect("chmod");
+        let path = format!(
+            "{}:{}",
+            dir.display(),
+            std::env::var("PATH").unwrap_or_default()
+        );
+        let t0 = Instant::now();
+        let out = Command::new("sh")
+            .arg("-c")
+            .arg(script)
+            .current_dir(&dir)
+            .env("PATH", path)
+            .output()
+            .expect("sh");
+        let took = t0.elapsed();
+        let _ = std::fs::remove_dir_all(&dir);
+        (out, took)
+    }
+
+    fn bare_guest() -> QemuGuest {
+        QemuGuest {
+            name: "t".into(),
+            mem_mib: 64,
+            cpus: 1,
+            disk: None,
+            net: None,
+        }
+    }
+
+    #[test]
+    fn a_guest_that_never_gets_ready_fails_after_the_limit_and_is_killed() {
+        let guest = bare_guest();
+        let (out, took) = with_silent_qemu("ready", &guest.start_script(1));
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(!out.status.success(), "{text}");
+        assert!(text.contains("guest not ready in time"), "{text}");
+        assert!(took < Duration::from_secs(10), "took {took:?}");
+    }
+
+    #[test]
+    fn waiting_for_a_guest_that_does_not_exit_fails_after_the_limit() {
+        let guest = bare_guest();
+        let script = format!(
+            "qemu-system-x86_64 & echo $! > t.pid; ({}); rc=$?; kill -9 $(cat t.pid); exit $rc",
+            guest.wait_exit_script(1)
+        );
+        let (out, took) = with_silent_qemu("exit", &script);
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(!out.status.success(), "{text}");
+        assert!(text.contains("guest still running"), "{text}");
+        assert!(took < Duration::from_secs(10), "took {took:?}");
     }
 }

@@ -179,17 +179,23 @@ start_pair() {
     return 1
 }
 
-# Waits (up to 120 s) until NAME's primary says the guest is protected.
+# Waits (up to 90 s by the clock: each status call itself takes a while on a nested
+# test host, so counting polls could outlast the test's own limit and leave it silent)
+# until NAME's primary says the guest is protected. Otherwise prints both sides' status
+# and logs and fails.
 wait_protected() {
-    i=0
-    while [ $i -lt 1200 ]; do
+    deadline=$(( $(now_ms) + 90000 ))
+    while [ "$(now_ms)" -lt $deadline ]; do
         if ./mcvmm ctl --api-sock "$1.sock" status 2>/dev/null | grep -q '"protected": true'; then
             return 0
         fi
-        sleep 0.1; i=$((i + 1))
+        sleep 0.1
     done
-    echo "$1 never became protected; status:"
-    ./mcvmm ctl --api-sock "$1.sock" status; cat "$1.log"; cat "$1.s.log"
+    echo "$1 never became protected within 90 s; primary status:"
+    ./mcvmm ctl --api-sock "$1.sock" status
+    echo "secondary status:"; ./mcvmm ctl --api-sock "$1.s.sock" status
+    echo "--- primary log"; cat "$1.log"; echo "--- secondary log"; cat "$1.s.log"
+    echo "--- primary console"; tail -20 "$1.console"
     return 1
 }
 
