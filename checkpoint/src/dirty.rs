@@ -69,6 +69,10 @@ const ARM_SPAN: u64 = 32 << 20;
 /// Pages per bitmap word: `KVM_CLEAR_DIRTY_LOG` takes ranges aligned to it.
 const WORD_PAGES: u64 = 64;
 
+/// Every this many epochs the pages kept writable ([`DirtyTracker::keep_hot`]) are armed
+/// again, so that a page the guest stopped writing leaves the set within this many.
+const HOT_REARM_EVERY: u64 = 8;
+
 /// The `KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2` options this KVM has (0: none).
 fn manual_caps(vm: &VmFd) -> u64 {
     let caps = vm.check_extension_raw(libc::c_ulong::from(KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2));
@@ -317,6 +321,52 @@ pub struct DirtyTracker {
     sources: Sources,
     /// Manual protection: `end_epoch` arms the pages it read with `KVM_CLEAR_DIRTY_LOG`.
     manual: bool,
+    hot: HotPages,
+}
+
+/// Pages written in two epochs running are likely written in the next too. Arming one
+/// again costs a write-protect fault (a VM exit, and KVM's fault path) on its next write,
+/// every epoch; left writable, it is simply reported dirty each epoch (KVM keeps its bit
+/// until it is armed) and copied again, written or not. With manual protection only.
+#[derive(Default)]
+struct HotPages {
+    /// At most this many pages are kept writable (0: none).
+    limit: u64,
+    /// KVM's bits of each slot as the previous `end_epoch` read them.
+    prev: Vec<Vec<u64>>,
+    /// `end_epoch` calls so far.
+    ends: u64,
+    /// Pages the last `end_epoch` left writable.
+    kept: u64,
+}
+
+impl HotPages {
+    /// The pages of `bits` (KVM's bits of `slot`, just read) to arm now: all of them but
+    /// those also dirty in the previous epoch, while `budget` lasts (it is spent a whole
+    /// bitmap word at a time). Remembers `bits` for the next epoch.
+    fn arm_set(&mut self, slot: usize, bits: &[u64], budget: &mut u64) -> Vec<u64> {
+        let prev = self.prev.get(slot).map_or(&[][..], Vec::as_slice);
+        let arm = bits
+            .iter()
+            .enumerate()
+            .map(|(i, &w)| {
+                let hot = w & prev.get(i).copied().unwrap_or(0);
+                let n = u64::from(hot.count_ones());
+                if hot == 0 || n > *budget {
+                    return w;
+                }
+                *budget -= n;
+                self.kept += n;
+                w & !hot
+            })
+            .collect();
+        if self.prev.len() <= slot {
+            self.prev.resize(slot + 1, Vec::new());
+        }
+        self.prev[slot].clear();
+        self.prev[slot].extend_from_slice(bits);
+        arm
+    }
 }
 
 impl DirtyTracker {
@@ -369,12 +419,30 @@ impl DirtyTracker {
         for region in mem.iter() {
             vmm_bitmap(region).reset();
         }
-        Ok(DirtyTracker { sources, manual })
+        Ok(DirtyTracker {
+            sources,
+            manual,
+            hot: HotPages::default(),
+        })
     }
 
     /// Whether KVM's log is armed by separate calls (`KVM_CLEAR_DIRTY_LOG`).
     pub fn manual(&self) -> bool {
         self.manual
+    }
+
+    /// From the next epoch on, leaves up to `limit` pages that were dirty in the epoch
+    /// before too writable instead of arming them (see [`HotPages`]); every
+    /// `HOT_REARM_EVERY` epochs all are armed again. Each set stays exact or larger: a
+    /// page kept writable is reported in every set until it is armed. Only with manual
+    /// protection (the legacy log arms everything it reads); 0 turns it off.
+    pub fn keep_hot(&mut self, limit: u64) {
+        self.hot.limit = limit;
+    }
+
+    /// How many pages the last epoch's end left writable.
+    pub fn hot_pages(&self) -> u64 {
+        self.hot.kept
     }
 
     /// Ends the current epoch and starts the next: the pages written since the previous
@@ -385,6 +453,13 @@ impl DirtyTracker {
     /// made after the call (a snapshot's copy-again round) misses nothing.
     pub fn end_epoch(&mut self, vm: &VmFd, mem: &GuestMemory) -> Result<DirtySet, DirtyError> {
         let mut regions = Vec::new();
+        self.hot.ends += 1;
+        self.hot.kept = 0;
+        let mut hot_budget = if self.hot.ends.is_multiple_of(HOT_REARM_EVERY) {
+            0
+        } else {
+            self.hot.limit
+        };
         for (slot, region) in mem.iter().enumerate() {
             let len = region.len();
             let mut bits = vm
@@ -395,10 +470,15 @@ impl DirtyTracker {
                     source,
                 })?;
             // Without manual protection KVM cleared and armed the log in that call; with
-            // it, exactly the pages read are armed now (a page first written since the
-            // read keeps its bit for the next set).
-            if self.manual && bits.iter().any(|&w| w != 0) {
-                clear_log(vm, slot as u32, 0, len.div_ceil(PAGE_SIZE), &bits)?;
+            // it, the pages read are armed now, but for hot ones kept writable (a page
+            // first written since the read keeps its bit for the next set).
+            if self.manual {
+                let hot_armed =
+                    (self.hot.limit != 0).then(|| self.hot.arm_set(slot, &bits, &mut hot_budget));
+                let arm = hot_armed.as_deref().unwrap_or(&bits);
+                if arm.iter().any(|&w| w != 0) {
+                    clear_log(vm, slot as u32, 0, len.div_ceil(PAGE_SIZE), arm)?;
+                }
             }
             let vmm = vmm_bitmap(region).get_and_reset();
             if self.sources == Sources::GuestAndVmm {
@@ -530,6 +610,50 @@ mod tests {
                 Tiny::pages(&d.end_epoch(&t.vm, &t.mem).expect("end")),
                 vec![0x20],
                 "the VMM's own write"
+            );
+            d.stop(&t.vm, &t.mem).expect("stop");
+        }
+    }
+
+    #[test]
+    fn hot_pages_stay_writable_and_reported_until_armed_again() {
+        for (limit, kept) in [(64, 2), (1, 0)] {
+            let mut t = Tiny::new();
+            t.write_pages(&[]);
+            let mut d = DirtyTracker::start(&t.vm, &t.mem, Sources::GuestAndVmm, LogMode::Manual)
+                .expect("start");
+            d.keep_hot(limit);
+            t.load(&[3, 8]);
+            let end = |d: &mut DirtyTracker, t: &Tiny| {
+                Tiny::pages(&d.end_epoch(&t.vm, &t.mem).expect("end"))
+            };
+            assert_eq!(end(&mut d, &t), vec![1], "the code the VMM wrote");
+            let mut ends: u64 = 1;
+            for _ in 0..2 {
+                t.go();
+                assert_eq!(end(&mut d, &t), vec![3, 8]);
+                ends += 1;
+            }
+            assert_eq!(
+                d.hot_pages(),
+                kept,
+                "dirty in two epochs running, limit {limit}"
+            );
+            if kept == 0 {
+                assert_eq!(end(&mut d, &t), Vec::<u64>::new(), "over the limit: armed");
+                continue;
+            }
+            // Not written again, still reported: nothing the guest writes to a page kept
+            // writable can be missed.
+            while !ends.is_multiple_of(HOT_REARM_EVERY) {
+                assert_eq!(end(&mut d, &t), vec![3, 8], "kept at end {}", ends + 1);
+                ends += 1;
+            }
+            assert_eq!(d.hot_pages(), 0, "all armed again at end {ends}");
+            assert_eq!(
+                end(&mut d, &t),
+                Vec::<u64>::new(),
+                "armed, not written: gone"
             );
             d.stop(&t.vm, &t.mem).expect("stop");
         }

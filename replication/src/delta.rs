@@ -54,6 +54,11 @@ impl SentPages {
         (self.tags[s] == gpa).then(|| &self.data[s * PAGE..(s + 1) * PAGE])
     }
 
+    /// Whether `page` at `gpa` is the version last sent: the secondary holds it already.
+    pub fn unchanged(&self, gpa: u64, page: &[u8]) -> bool {
+        self.get(gpa) == Some(page)
+    }
+
     /// Remembers the run of pages at `gpa` as sent.
     pub fn put(&mut self, gpa: u64, pages: &[u8]) {
         for (i, page) in pages.chunks_exact(PAGE).enumerate() {

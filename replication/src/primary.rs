@@ -152,6 +152,9 @@ pub struct LinkStats {
     pub last_epoch_page_bytes: u64,
     pub total_epoch_wire_bytes: u64,
     pub total_epoch_page_bytes: u64,
+    /// Captured pages not sent because the secondary held that version already (see
+    /// [`Coder::unchanged`]).
+    pub unchanged_pages: u64,
     pub last_ack_latency_us: u64,
 }
 
@@ -475,6 +478,14 @@ impl Coder {
         }
     }
 
+    /// Whether a checkpoint's page at `gpa` is the version last sent. The primary copies
+    /// pages it was not told are unchanged (those kept writable by the dirty log, written
+    /// or not), and the secondary's image holds exactly what was sent: such a page needs
+    /// no bytes at all, as a delta would be all zeros.
+    fn unchanged(&self, gpa: u64, page: &[u8]) -> bool {
+        self.sent.as_ref().is_some_and(|s| s.unchanged(gpa, page))
+    }
+
     /// Sizes the delta cache for a guest of `ram` bytes: never more than the guest.
     fn fit(&mut self, ram: u64) {
         let c = self.coding;
@@ -692,16 +703,28 @@ fn epoch(
     }
     wire_bytes += wire::write_frame(w, Kind::Begin, c.epoch, &[])?;
     let page = PAGE_SIZE as usize;
+    let (mut sent_pages, mut unchanged) = (0, 0);
     for run in staging::runs(&c.addrs, MAX_RUN_PAGES as usize) {
-        let (at, bytes) = (
-            c.addrs[run.start].0,
-            &c.data[run.start * page..run.end * page],
-        );
-        wire_bytes += page_run(w, c.epoch, at, bytes, coder)?;
+        // The run is sent as the stretches of it that changed.
+        let mut from = None;
+        for i in run.start..=run.end {
+            let same = i < run.end && coder.unchanged(c.addrs[i].0, &c.data[i * page..][..page]);
+            match from {
+                None if i < run.end && !same => from = Some(i),
+                Some(f) if i == run.end || same => {
+                    let bytes = &c.data[f * page..i * page];
+                    wire_bytes += page_run(w, c.epoch, c.addrs[f].0, bytes, coder)?;
+                    sent_pages += (i - f) as u64;
+                    from = None;
+                }
+                _ => {}
+            }
+            unchanged += u64::from(same);
+        }
     }
     wire_bytes += wire::write_frame(w, Kind::State, c.epoch, &[&messages::encode(&c.state)])?;
     let end = End {
-        pages: c.addrs.len() as u64,
+        pages: sent_pages,
         disk_writes: c.writes.len() as u64,
         memory_digest: c.memory_digest,
         disk_digests: c.disk_digests.clone(),
@@ -715,6 +738,7 @@ fn epoch(
     s.last_epoch_page_bytes = c.data.len() as u64;
     s.total_epoch_wire_bytes += wire_bytes as u64;
     s.total_epoch_page_bytes += c.data.len() as u64;
+    s.unchanged_pages += unchanged;
     Ok(())
 }
 

@@ -131,6 +131,13 @@ struct RunArgs {
     /// costs a few dozen); 0 turns this off.
     #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(0..=65_536))]
     delta_cache_mib: u64,
+    /// At most this many pages written in two epochs running are left writable instead
+    /// of write-protected again (each protection costs the guest a fault on its next
+    /// write, every epoch): they are copied at every pause, written or not, and sent only
+    /// if they changed (with the delta cache); all are protected again every 8 epochs.
+    /// 0 turns this off.
+    #[arg(long, default_value_t = 4096, value_parser = clap::value_parser!(u64).range(0..=1 << 22))]
+    hot_pages: u64,
     /// Receive a primary's checkpoints on --listen and take over when it is lost. Needs
     /// no kernel: memory, vCPUs and the MAC come from the primary; give the disks (same
     /// order and sizes as the primary's), and --tap if the guest has a NIC.
@@ -291,6 +298,7 @@ fn settings(args: &RunArgs) -> protect::Settings {
             lz4: args.compress == "lz4",
             delta_cache_mib: args.delta_cache_mib,
         },
+        hot_pages: args.hot_pages,
         peer_wait: Duration::from_secs(args.peer_wait_s),
     }
 }

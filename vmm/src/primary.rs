@@ -53,6 +53,7 @@ pub struct Primary {
     /// Epochs ended before `epoch_ms` for the guest's output.
     early_epochs: u64,
     tracker: Option<DirtyTracker>,
+    hot_pages: u64,
     /// The epoch now running (its checkpoint is taken at the next pause).
     epoch: u64,
     stretched: u64,
@@ -81,6 +82,7 @@ impl Primary {
             overdue: false,
             early_epochs: 0,
             tracker: None,
+            hot_pages: settings.hot_pages,
             epoch: 1,
             stretched: 0,
             pauses_us: Vec::new(),
@@ -106,7 +108,8 @@ impl Primary {
         // each span just before it reads it, and the guest runs on; the old way
         // write-protects all of RAM with the vCPUs paused, a pause that grows with the
         // guest, worth seeing.
-        let (tracker, arm, pause) = start_for_copy(vm, false)?;
+        let (mut tracker, arm, pause) = start_for_copy(vm, false)?;
+        tracker.keep_hot(self.hot_pages);
         if arm.is_some() {
             eprintln!(
                 "mcvmm: dirty tracking on, every page dirty until the sync reads it (no pause)"
@@ -386,6 +389,11 @@ impl Primary {
                 "total_pages": link.total_epoch_page_bytes,
             },
             "last_ack_latency_us": link.last_ack_latency_us,
+            "hot_pages": {
+                "limit": self.hot_pages,
+                "last": self.tracker.as_ref().map_or(0, DirtyTracker::hot_pages),
+                "unchanged_not_sent": link.unchanged_pages,
+            },
             "output": self.gate.stats(),
             "sync": {
                 "done": link.synced,

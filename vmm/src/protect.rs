@@ -100,6 +100,8 @@ pub struct Settings {
     pub epoch_min_ms: Option<u64>,
     pub timeout: Duration,
     pub coding: replication::PageCoding,
+    /// Pages the dirty log may leave writable (see `DirtyTracker::keep_hot`).
+    pub hot_pages: u64,
     /// How long a connection attempt waits for the secondary to be reachable.
     pub peer_wait: Duration,
 }

@@ -7,7 +7,8 @@
 //! second, as fast as it can), disk writes (in-guest sequential O_DIRECT), and
 //! request/response latency to the agent. For protected runs also the pause-time
 //! distribution and bytes per epoch, with and without page compression and deltas, and
-//! with epochs ended early for output against fixed-length ones (the default). Then failover
+//! with epochs ended early for output against fixed-length ones (the default), and with
+//! hot pages write-protected again every epoch against kept writable. Then failover
 //! rounds (SIGKILL of the primary at random moments). Prints tables, writes JSON.
 //!
 //! Usage: mcvmm-bench-replication [--epochs-ms LIST] [--failovers N] [--out FILE]
@@ -328,10 +329,12 @@ fn run(epochs: &[u64], failovers: usize, out: &std::path::Path) -> Result<(), St
     )
     .ok();
     // Against the default (fixed-length epochs, pages as deltas where they can be):
-    // epochs that may end early for the guest's output, and LZ4 of whole pages.
+    // epochs that may end early for the guest's output, LZ4 of whole pages, and every
+    // dirty page write-protected again at each pause.
     for (name, flags) in [
         ("early for output", "--epoch-min-ms 10"),
         ("no delta", "--delta-cache-mib 0"),
+        ("no hot pages", "--hot-pages 0"),
     ] {
         if let Ok(v) = measure(
             &mut hosts,
