@@ -87,8 +87,11 @@ impl VmExit {
 /// This vCPU's CPUID: what KVM supports, with the hypervisor bit and a topology the guest
 /// can believe: one package of `cpus` cores, one thread each, this vCPU being core `id`
 /// (its APIC id). Leaves copied from the host would describe the host's topology and
-/// disagree with the MP table.
-pub fn cpuid_for(base: &CpuId, id: u8, cpus: u8) -> CpuId {
+/// disagree with the MP table. `tsc_deadline`: KVM emulates the local APIC timer's
+/// TSC-deadline mode (`KVM_CAP_TSC_DEADLINE_TIMER`; it is never in the supported CPUID,
+/// as it depends on the in-kernel irqchip). A guest told so skips calibrating the APIC
+/// timer against its tick, about a tenth of a second of every boot.
+pub fn cpuid_for(base: &CpuId, id: u8, cpus: u8, tsc_deadline: bool) -> CpuId {
     let mut cpuid = base.clone();
     let core_bits = u32::from(cpus).next_power_of_two().trailing_zeros();
     for e in cpuid.as_mut_slice() {
@@ -99,6 +102,9 @@ pub fn cpuid_for(base: &CpuId, id: u8, cpus: u8) -> CpuId {
                     e.edx |= 1 << 28; // HTT: the count in EBX is valid
                 }
                 e.ecx |= 1 << 31; // running under a hypervisor
+                if tsc_deadline {
+                    e.ecx |= 1 << 24;
+                }
             }
             // Deterministic cache parameters: cores per package, no cache shared by threads.
             4 => e.eax = (e.eax & 0x3ff) | (u32::from(cpus - 1) << 26),
@@ -537,7 +543,7 @@ mod tests {
             entry(0x8000_0008, 0),
         ])
         .expect("cpuid");
-        let c = cpuid_for(&base, 2, 3);
+        let c = cpuid_for(&base, 2, 3, true);
         let get = |f: u32, i: u32| {
             *c.as_slice()
                 .iter()
@@ -552,5 +558,16 @@ mod tests {
         assert_eq!((core.eax, core.ebx, core.ecx >> 8 & 0xff), (2, 3, 2));
         assert_eq!((end.ebx, end.ecx >> 8 & 0xff), (0, 0));
         assert_eq!(get(0x8000_0008, 0).ecx & 0xff, 2, "cores - 1");
+    }
+
+    #[test]
+    fn tsc_deadline_is_offered_only_where_kvm_emulates_it() {
+        let mut leaf1 = entry(1, 0);
+        leaf1.ecx = 0;
+        let base = CpuId::from_entries(&[leaf1]).expect("cpuid");
+        for on in [true, false] {
+            let c = cpuid_for(&base, 0, 1, on);
+            assert_eq!(c.as_slice()[0].ecx & (1 << 24) != 0, on);
+        }
     }
 }
