@@ -552,11 +552,17 @@ pub fn finish(p: Prepared, restore: Option<Continue>) -> Result<Vm, VmError> {
         )?);
     }
     step("threads");
+    let parts: Vec<String> = steps.iter().map(|(n, ms)| format!("{n} {ms:.1}")).collect();
     if restore_state.is_some() {
-        let parts: Vec<String> = steps.iter().map(|(n, ms)| format!("{n} {ms:.1}")).collect();
         eprintln!(
             "mcvmm: VM started in {:.1} ms from its state ({:.1} ms since it was prepared: {})",
             finishing.elapsed().as_secs_f64() * 1e3,
+            started.elapsed().as_secs_f64() * 1e3,
+            parts.join(", ")
+        );
+    } else {
+        eprintln!(
+            "mcvmm: VM started in {:.1} ms ({})",
             started.elapsed().as_secs_f64() * 1e3,
             parts.join(", ")
         );
