@@ -338,34 +338,35 @@ struct HotPages {
     ends: u64,
     /// Pages the last `end_epoch` left writable.
     kept: u64,
+    /// The pages `arm_set` gave to arm.
+    arm: Vec<u64>,
 }
 
 impl HotPages {
     /// The pages of `bits` (KVM's bits of `slot`, just read) to arm now: all of them but
     /// those also dirty in the previous epoch, while `budget` lasts (it is spent a whole
-    /// bitmap word at a time). Remembers `bits` for the next epoch.
-    fn arm_set(&mut self, slot: usize, bits: &[u64], budget: &mut u64) -> Vec<u64> {
-        let prev = self.prev.get(slot).map_or(&[][..], Vec::as_slice);
-        let arm = bits
-            .iter()
-            .enumerate()
-            .map(|(i, &w)| {
-                let hot = w & prev.get(i).copied().unwrap_or(0);
-                let n = u64::from(hot.count_ones());
-                if hot == 0 || n > *budget {
-                    return w;
-                }
-                *budget -= n;
-                self.kept += n;
-                w & !hot
-            })
-            .collect();
+    /// bitmap word at a time). Remembers `bits` for the next epoch. Runs in the pause:
+    /// both buffers are reused from epoch to epoch.
+    fn arm_set(&mut self, slot: usize, bits: &[u64], budget: &mut u64) -> &[u64] {
         if self.prev.len() <= slot {
             self.prev.resize(slot + 1, Vec::new());
         }
-        self.prev[slot].clear();
-        self.prev[slot].extend_from_slice(bits);
-        arm
+        let prev = &mut self.prev[slot];
+        prev.resize(bits.len(), 0);
+        self.arm.clear();
+        for (&w, p) in bits.iter().zip(prev.iter_mut()) {
+            let hot = w & *p;
+            let n = u64::from(hot.count_ones());
+            if hot != 0 && n <= *budget {
+                *budget -= n;
+                self.kept += n;
+                self.arm.push(w & !hot);
+            } else {
+                self.arm.push(w);
+            }
+            *p = w;
+        }
+        &self.arm
     }
 }
 
@@ -473,9 +474,11 @@ impl DirtyTracker {
             // it, the pages read are armed now, but for hot ones kept writable (a page
             // first written since the read keeps its bit for the next set).
             if self.manual {
-                let hot_armed =
-                    (self.hot.limit != 0).then(|| self.hot.arm_set(slot, &bits, &mut hot_budget));
-                let arm = hot_armed.as_deref().unwrap_or(&bits);
+                let arm = if self.hot.limit == 0 {
+                    &bits[..]
+                } else {
+                    self.hot.arm_set(slot, &bits, &mut hot_budget)
+                };
                 if arm.iter().any(|&w| w != 0) {
                     clear_log(vm, slot as u32, 0, len.div_ceil(PAGE_SIZE), arm)?;
                 }

@@ -63,6 +63,10 @@ pub struct QemuGuest {
     pub net: Option<(String, Ipv4Addr)>,
 }
 
+/// The test host's clock in hundredths of a second, for a shell command (busybox's date
+/// has no subsecond format).
+const NOW_CS: &str = "$(awk '{ printf \"%d\", $1 * 100 }' /proc/uptime)";
+
 impl QemuGuest {
     /// Shell commands (for a test host) that start the guest in the background and wait
     /// for its ready line; they print `ready_ms=N`, measured inside the test host. The
@@ -98,15 +102,16 @@ impl QemuGuest {
             "set -e; rm -f {n}.log; {setup}\
              t0=$(cut -d' ' -f1 /proc/uptime); \
              qemu-system-x86_64 {args} -append '{append}' >{n}.qemu.log 2>&1 & echo $! > {n}.pid; \
-             end=$(awk -v t=$t0 'BEGIN {{ printf \"%d\", t * 100 + {limit_cs} }}'); \
+             end=$(( {now_cs} + {limit_cs} )); \
              until grep -q 'mcvmm-guest: ready' {n}.log 2>/dev/null; do \
                if ! kill -0 $(cat {n}.pid) 2>/dev/null; then echo 'qemu exited:'; cat {n}.qemu.log; tail -40 {n}.log; exit 1; fi; \
-               if [ $(awk '{{ printf \"%d\", $1 * 100 }}' /proc/uptime) -gt $end ]; then \
+               if [ {now_cs} -gt $end ]; then \
                  echo 'guest not ready in time:'; tail -20 {n}.log; kill -9 $(cat {n}.pid); exit 1; fi; \
                sleep 0.02; done; \
              t1=$(cut -d' ' -f1 /proc/uptime); \
              awk -v a=$t0 -v b=$t1 'BEGIN {{ printf \"ready_ms=%d\\n\", (b-a)*1000 }}'",
-            limit_cs = ready_timeout_s * 100
+            limit_cs = ready_timeout_s * 100,
+            now_cs = NOW_CS,
         )
     }
 
@@ -114,12 +119,13 @@ impl QemuGuest {
     /// test host's clock.
     pub fn wait_exit_script(&self, timeout_s: u32) -> String {
         format!(
-            "pid=$(cat {n}.pid); end=$(awk '{{ printf \"%d\", $1 * 100 + {limit_cs} }}' /proc/uptime); \
+            "pid=$(cat {n}.pid); end=$(( {now_cs} + {limit_cs} )); \
              while kill -0 $pid 2>/dev/null; do \
-               if [ $(awk '{{ printf \"%d\", $1 * 100 }}' /proc/uptime) -gt $end ]; then echo 'guest still running'; exit 1; fi; \
+               if [ {now_cs} -gt $end ]; then echo 'guest still running'; exit 1; fi; \
                sleep 0.05; done",
             n = self.name,
-            limit_cs = timeout_s * 100
+            limit_cs = timeout_s * 100,
+            now_cs = NOW_CS,
         )
     }
 }
