@@ -2,6 +2,7 @@
 
 mod api;
 mod boot;
+mod coalesced;
 mod epochs;
 mod event_loop;
 mod keeper;

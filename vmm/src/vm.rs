@@ -25,6 +25,7 @@ use mcvmm_devices::GuestMemory;
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
 use crate::boot::{self, BootError, BootSpec};
+use crate::coalesced::CoalescedPort;
 use crate::layout::*;
 use crate::vcpu::{self, VcpuControl, Vcpus, VmExit};
 use mcvmm_checkpoint::dirty::{register_slots, DirtyError};
@@ -168,7 +169,7 @@ pub struct Vm {
     pub shape: VmShape,
     pub serial: Arc<Mutex<Serial>>,
     pub i8042: Arc<Mutex<I8042>>,
-    pub vm_fd: VmFd,
+    pub vm_fd: Arc<VmFd>,
     pub mem: GuestMemory,
     pub devices: Vec<Arc<Mutex<MmioTransport>>>,
     pub vcpus: Vcpus,
@@ -184,7 +185,7 @@ pub struct Prepared {
     kvm: Kvm,
     config: VmConfig,
     shape: VmShape,
-    vm_fd: VmFd,
+    vm_fd: Arc<VmFd>,
     mem: GuestMemory,
     exit: Arc<VmExit>,
     serial_irq: Arc<Interrupt>,
@@ -232,7 +233,7 @@ pub fn prepare(config: VmConfig, mem: GuestMemory, mut seams: Seams) -> Result<P
     if kvm.get_api_version() != 12 {
         return Err(VmError::NotKvm);
     }
-    let vm_fd = kvm.create_vm().map_err(kvm_call("KVM_CREATE_VM"))?;
+    let vm_fd = Arc::new(kvm.create_vm().map_err(kvm_call("KVM_CREATE_VM"))?);
     let mem_size = config.mem_mib << 20;
     let len: u64 = mem.iter().map(|r| r.len()).sum();
     if len != mem_size {
@@ -483,6 +484,17 @@ pub fn finish(p: Prepared, restore: Option<Continue>) -> Result<Vm, VmError> {
         };
         vcpu.set_cpuid2(&cpuid)
             .map_err(kvm_call("KVM_SET_CPUID2"))?;
+    }
+    // A guest that boots writes its log to the UART; a restored one has done so.
+    if let (None, Some(vcpu)) = (restore_state, fds.first()) {
+        match CoalescedPort::start(&kvm, &vm_fd, vcpu, serial::PORT) {
+            Ok(Some(port)) => serial_dev
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .hold_writes(Box::new(port)),
+            Ok(None) => {}
+            Err(e) => eprintln!("mcvmm: console writes exit one by one: {e}"),
+        }
     }
     step("vcpus and devices");
     match (restore_state, &config.source) {
