@@ -7,12 +7,40 @@ pub mod tap;
 
 use std::sync::Arc;
 
-use virtio_queue::Queue;
+use virtio_queue::{DescriptorChain, Queue, QueueT};
 
 use crate::interrupt::Interrupt;
 use crate::GuestMemory;
 
 pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
+
+/// Works through every chain the driver has added to `queue`; `handle` does one and
+/// returns the bytes it wrote into it, for the used ring. Returns whether any was used.
+/// The driver need not kick meanwhile (each kick is a VM exit): what it adds is picked up
+/// before kicks are asked for again.
+pub fn drain_queue(
+    queue: &mut Queue,
+    mem: &GuestMemory,
+    mut handle: impl FnMut(DescriptorChain<&GuestMemory>) -> u32,
+) -> Result<bool, DeviceError> {
+    let mut used_any = false;
+    loop {
+        queue.disable_notification(mem)?;
+        let mut took = false;
+        while let Some(chain) = queue.pop_descriptor_chain(mem) {
+            took = true;
+            let head = chain.head_index();
+            let len = handle(chain);
+            queue.add_used(mem, head, len)?;
+            used_any = true;
+        }
+        // A round that took nothing while the avail index says there is more is a ring
+        // the guest broke: going round again would spin the device loop for good.
+        if !(queue.enable_notification(mem)? && took) {
+            return Ok(used_any);
+        }
+    }
+}
 
 pub const TYPE_NET: u32 = 1;
 pub const TYPE_BLOCK: u32 = 2;

@@ -11,7 +11,7 @@ use std::time::Instant;
 
 use mcvmm_checkpoint::seams::OutputGate;
 
-use virtio_queue::{Queue, QueueT};
+use virtio_queue::{DescriptorChain, Queue, QueueT};
 use vm_memory::{Address, Bytes, GuestAddress};
 
 use super::tap::Tap;
@@ -191,55 +191,54 @@ impl Net {
         mem: &GuestMemory,
         interrupt: &Interrupt,
     ) -> Result<(), DeviceError> {
-        let mut used_any = false;
-        while let Some(chain) = queue.pop_descriptor_chain(mem) {
-            let head = chain.head_index();
-            let mut frame = Vec::new();
-            let mut ok = true;
-            for d in chain.take(usize::from(QUEUE_SIZE)) {
-                let len = d.len() as usize;
-                if d.is_write_only() || frame.len() + len > MAX_FRAME + HDR_LEN {
-                    ok = false;
-                    break;
-                }
-                let start = frame.len();
-                frame.resize(start + len, 0);
-                if mem.read_slice(&mut frame[start..], d.addr()).is_err() {
-                    ok = false;
-                    break;
-                }
-            }
-            let held = ok
-                && frame.len() > HDR_LEN
-                && self
-                    .gate
-                    .as_ref()
-                    .is_some_and(|g| g.hold(&frame[HDR_LEN..]));
-            if held {
-                self.stats.tx_frames += 1;
-                self.stats.tx_bytes += (frame.len() - HDR_LEN) as u64;
-            } else if ok && frame.len() > HDR_LEN {
-                match self.tap.write_frame(&frame[HDR_LEN..]) {
-                    Ok(_) => {
-                        self.stats.tx_frames += 1;
-                        self.stats.tx_bytes += (frame.len() - HDR_LEN) as u64;
-                        if !self.tx_logged {
-                            self.tx_logged = self.first_frame("from");
-                        }
-                    }
-                    // A full tap queue drops the frame, as a congested link would.
-                    Err(_) => self.stats.tx_dropped += 1,
-                }
-            } else {
-                self.stats.tx_dropped += 1;
-            }
-            queue.add_used(mem, head, 0)?;
-            used_any = true;
-        }
+        let used_any = super::drain_queue(queue, mem, |chain| {
+            self.send(chain, mem);
+            0
+        })?;
         if used_any && queue.needs_notification(mem)? {
             interrupt.trigger(INT_USED_RING);
         }
         Ok(())
+    }
+
+    /// Sends the frame of one TX chain to the tap, or to the output gate that holds it;
+    /// a malformed chain's frame is dropped.
+    fn send(&mut self, chain: DescriptorChain<&GuestMemory>, mem: &GuestMemory) {
+        let mut frame = Vec::new();
+        let mut ok = true;
+        for d in chain.take(usize::from(QUEUE_SIZE)) {
+            let len = d.len() as usize;
+            if d.is_write_only() || frame.len() + len > MAX_FRAME + HDR_LEN {
+                ok = false;
+                break;
+            }
+            let start = frame.len();
+            frame.resize(start + len, 0);
+            if mem.read_slice(&mut frame[start..], d.addr()).is_err() {
+                ok = false;
+                break;
+            }
+        }
+        if !ok || frame.len() <= HDR_LEN {
+            self.stats.tx_dropped += 1;
+            return;
+        }
+        let held = self
+            .gate
+            .as_ref()
+            .is_some_and(|g| g.hold(&frame[HDR_LEN..]));
+        if !held {
+            if self.tap.write_frame(&frame[HDR_LEN..]).is_err() {
+                // A full tap queue drops the frame, as a congested link would.
+                self.stats.tx_dropped += 1;
+                return;
+            }
+            if !self.tx_logged {
+                self.tx_logged = self.first_frame("from");
+            }
+        }
+        self.stats.tx_frames += 1;
+        self.stats.tx_bytes += (frame.len() - HDR_LEN) as u64;
     }
 }
 
@@ -298,6 +297,8 @@ impl VirtioDevice for Net {
     }
 
     fn features(&self) -> u64 {
+        // Event indices were tried (2026-12-02): request/response in the lab was the same
+        // with and without them (3605 against 3647 µs), so they are not offered.
         F_MAC
     }
 
