@@ -16,15 +16,26 @@ if [ "$status" -ne 0 ]; then
     echo
     echo "=== why the failing tests failed (whole output: $log) ==="
     # Each failure's block runs from its "---- name stdout ----" line to the list of
-    # failures; of it, the warnings and the panic with its message, long lines cut.
+    # failures; of it, the panic with the start of its message first (what a log cut to
+    # its last lines must still show), then the test's warnings; long lines cut.
     awk '
-        /^---- .* stdout ----$/ { name = $0; inblock = 1; shown = 0; panic = 0; print name; next }
-        inblock && /^failures:$/ { inblock = 0; next }
-        !inblock { next }
-        /panicked at/ { panic = 1 }
-        (panic || /WARNING/) && shown < 60 {
-            print (length($0) > 400 ? substr($0, 1, 400) " [...]" : $0); shown++
+        function cut(l) { return length(l) > 300 ? substr(l, 1, 300) " [...]" : l }
+        function flush() {
+            if (name == "") return
+            print name
+            for (i = 0; i < np && i < 25; i++) print panic[i]
+            for (i = 0; i < nw && i < 8; i++) print warn[i]
+            name = ""
         }
+        /^---- .* stdout ----$/ { flush(); name = $0; inblock = 1; np = 0; nw = 0; inpanic = 0; next }
+        inblock && /^failures:$/ { flush(); inblock = 0; next }
+        !inblock { next }
+        /panicked at/ { inpanic = 1 }
+        inpanic && /^stack backtrace:$/ { inpanic = 2 }
+        inpanic == 2 { next }
+        inpanic { panic[np++] = cut($0); next }
+        /WARNING/ { warn[nw++] = cut($0) }
+        END { flush() }
     ' "$log"
     grep -E '^error: [0-9]+ targets? failed|^    `-p ' "$log" || true
 fi
