@@ -137,8 +137,11 @@ impl BusDevice for Serial {
         if let (Some(&b), Ok(off)) = (data.first(), u8::try_from(offset)) {
             // An output error (a closed console) must not stop the guest.
             let _ = self.uart.write(off, b);
-            let thri_on =
-                off == IER && b & IER_THRI != 0 && self.uart.state().line_control & LCR_DLAB == 0;
+            // Looked at only while holding: the state is a copy, FIFO included.
+            let thri_on = self.held.is_some()
+                && off == IER
+                && b & IER_THRI != 0
+                && self.uart.state().line_control & LCR_DLAB == 0;
             if thri_on && self.held.as_mut().is_some_and(|h| h.stop()) {
                 self.replay_held();
                 self.held = None;

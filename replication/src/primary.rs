@@ -705,21 +705,21 @@ fn epoch(
     let page = PAGE_SIZE as usize;
     let (mut sent_pages, mut unchanged) = (0, 0);
     for run in staging::runs(&c.addrs, MAX_RUN_PAGES as usize) {
-        // The run is sent as the stretches of it that changed.
-        let mut from = None;
-        for i in run.start..=run.end {
-            let same = i < run.end && coder.unchanged(c.addrs[i].0, &c.data[i * page..][..page]);
-            match from {
-                None if i < run.end && !same => from = Some(i),
-                Some(f) if i == run.end || same => {
-                    let bytes = &c.data[f * page..i * page];
-                    wire_bytes += page_run(w, c.epoch, c.addrs[f].0, bytes, coder)?;
-                    sent_pages += (i - f) as u64;
-                    from = None;
-                }
-                _ => {}
+        // The run is sent as the stretches of it that changed: [i, j) up to the next page
+        // the secondary holds already (j), which is skipped.
+        let mut i = run.start;
+        while i < run.end {
+            let mut j = i;
+            while j < run.end && !coder.unchanged(c.addrs[j].0, &c.data[j * page..][..page]) {
+                j += 1;
             }
-            unchanged += u64::from(same);
+            if j > i {
+                let bytes = &c.data[i * page..j * page];
+                wire_bytes += page_run(w, c.epoch, c.addrs[i].0, bytes, coder)?;
+                sent_pages += (j - i) as u64;
+            }
+            unchanged += u64::from(j < run.end);
+            i = j + 1;
         }
     }
     wire_bytes += wire::write_frame(w, Kind::State, c.epoch, &[&messages::encode(&c.state)])?;

@@ -487,8 +487,8 @@ pub fn run(opts: &Options, log: &mut dyn FnMut(&str)) -> Result<Vec<Round>, Stri
                     // Its primary's host is powered off: the round needs fresh hosts.
                     drop(lab.take());
                 } else {
+                    // `prepare` took the guest off the chain: the round boots a new one.
                     clean(l);
-                    chain.running_on = None;
                 }
                 plan.push_front(kill);
                 continue;
