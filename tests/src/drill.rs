@@ -78,8 +78,8 @@ const MAX_LAB_RESTARTS: usize = 3;
 /// Rounds a drill may add for primaries whose guest died on its own before the kill
 /// (issue 6's notes: seen about once in ten rounds in the lab, cause not yet known).
 pub const MAX_EXTRA_ROUNDS: usize = 6;
-/// Rounds a drill may run again because the guest crashed by itself after the takeover
-/// (a crash that mcvmm caused would come back round after round and fail the drill).
+/// Rounds a drill may run again because the guest crashed or hung by itself after the
+/// takeover (one that mcvmm caused would come back round after round and fail the drill).
 pub const MAX_GUEST_CRASHES: usize = 2;
 
 /// A small deterministic generator: the seed is printed, so a round can be replayed.
@@ -118,9 +118,11 @@ pub struct KillAt {
 pub enum RoundFailure {
     Start(String),
     Check(String),
-    /// A check failed and the guest that took over had crashed by itself (mcvmm on the
-    /// secondary says so): what the lab's nested guests do now and then, under QEMU too
-    /// (2026-12-02: 4 of 30 QEMU boots in one test host ended in a triple fault).
+    /// A check failed and the guest that took over had crashed, or stopped taking
+    /// interrupts, by itself (mcvmm on the secondary says so): what the lab's nested
+    /// guests do now and then, under QEMU too (2026-12-02: 4 of 30 QEMU boots in one test
+    /// host ended in a triple fault; protected primaries that were never restored have
+    /// left their NIC's interrupt unacknowledged for good).
     GuestCrashed(String),
 }
 
@@ -130,7 +132,7 @@ impl std::fmt::Display for RoundFailure {
             RoundFailure::Start(e) => write!(f, "the protected guest did not get ready: {e}"),
             RoundFailure::Check(e) => f.write_str(e),
             RoundFailure::GuestCrashed(e) => {
-                write!(f, "the guest that took over crashed by itself: {e}")
+                write!(f, "the guest that took over crashed or hung by itself: {e}")
             }
         }
     }
@@ -354,14 +356,23 @@ pub fn round(
     let (failover_ms, kill_issued_ms, acked, stall, status, check) = match checked {
         Ok(c) => c,
         Err(e) => {
+            // mcvmm's words for a guest that crashed, or that left its devices'
+            // interrupts unacknowledged again and again (it takes none any more).
             let crashed = run_ok(
                 lab.host(secondary),
                 "the secondary's log",
-                &format!("grep -h 'the guest crashed' {sn}.log; tail -5 {sn}.console; true"),
+                &format!(
+                    "grep -h 'the guest crashed' {sn}.log
+                     n=$(grep -c 'interrupt unacknowledged for over' {sn}.log)
+                     [ \"$n\" -ge 3 ] && echo \"the guest stopped taking interrupts ($n interrupts raised again)\"
+                     tail -5 {sn}.console; true"
+                ),
                 20,
             )
             .unwrap_or_default();
-            if !crashed.contains("the guest crashed") {
+            if !crashed.contains("the guest crashed")
+                && !crashed.contains("the guest stopped taking interrupts")
+            {
                 return Err(RoundFailure::Check(e));
             }
             // The guest cannot be asked any more, but what the client saw acknowledged
@@ -476,11 +487,11 @@ pub fn run(opts: &Options, log: &mut dyn FnMut(&str)) -> Result<Vec<Round>, Stri
             Err(RoundFailure::GuestCrashed(e)) if guest_crashes < MAX_GUEST_CRASHES => {
                 guest_crashes += 1;
                 eprintln!(
-                    "WARNING: round {}: the guest that took over crashed by itself (every write the client saw acknowledged is on the secondary's disks); the round runs again with a new guest:\n{e}",
+                    "WARNING: round {}: the guest that took over crashed or hung by itself (every write the client saw acknowledged is on the secondary's disks); the round runs again with a new guest:\n{e}",
                     n + 1
                 );
                 log(&format!(
-                    "round {} runs again: the guest crashed by itself after the takeover",
+                    "round {} runs again: the guest crashed or hung by itself after the takeover",
                     n + 1
                 ));
                 if kill == Kill::Host {

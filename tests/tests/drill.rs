@@ -6,9 +6,9 @@
 //! serving at the same address. One guest lives through the rounds, protected again by
 //! `mcvmm ctl protect` after each takeover (it moves between the two hosts); a new one is
 //! booted only where that fails, or after the host kill. A round whose taken-over guest
-//! crashed by itself (the lab's nested guests do, under QEMU too) is run again with a new
-//! guest, loudly and at most twice, once its disks hold every acknowledged write. The
-//! seed is printed; `mcvmm-drill --seed S` replays it.
+//! crashed or stopped taking interrupts by itself (the lab's nested guests do, under QEMU
+//! too) is run again with a new guest, loudly and at most twice, once its disks hold
+//! every acknowledged write. The seed is printed; `mcvmm-drill --seed S` replays it.
 
 use mcvmm_tests::drill::{self, Kill, Options};
 
