@@ -1,5 +1,11 @@
-//! The pages of an epoch, copied at the pause into memory the VMM owns, so that the guest
-//! can run on while they are sent or written. The buffer is reused epoch after epoch.
+//! The pages of an epoch, copied into memory the VMM owns, so that the guest can run on
+//! while they are sent or written. The buffer is reused epoch after epoch.
+//!
+//! Most of an epoch's pages can be copied *ahead*, with the guest still running: the
+//! dirty set read then is copied, and at the pause only the pages written since (the
+//! next dirty set, usually a small part) are copied again or added ([`Staged::restage`]).
+//! What is staged at the end of the pause is then exactly guest memory at the pause for
+//! every page of the union of both sets.
 
 use std::ops::Range;
 
@@ -26,7 +32,8 @@ pub fn runs(addrs: &[GuestAddress], max: usize) -> impl Iterator<Item = Range<us
     })
 }
 
-/// Dirty pages of one epoch: their addresses and contents, in address order.
+/// Dirty pages of one epoch: their addresses and contents, each page once; in address
+/// order after [`Staged::stage`], followed by the pages [`Staged::restage`] added.
 #[derive(Default)]
 pub struct Staged {
     pub addrs: Vec<GuestAddress>,
@@ -49,6 +56,63 @@ impl Staged {
                 .map_err(|source| ShadowError::Read { addr: at.0, source })?;
         }
         Ok(())
+    }
+
+    /// Brings the pages of `set` up to date on top of a `stage` done earlier (nothing
+    /// else in between): a page already staged is copied again in its place, a new one
+    /// is added after the others. Returns how many pages it copied.
+    pub fn restage(&mut self, set: &DirtySet, mem: &GuestMemory) -> Result<u64, ShadowError> {
+        let page = PAGE_SIZE as usize;
+        let ahead = self.addrs.len();
+        // Both lists are in address order: one walk finds each page's place. Neighbouring
+        // pages whose places are neighbours too are copied in one go.
+        let mut next = 0;
+        let mut copied = 0;
+        let mut pending: Option<(GuestAddress, usize, usize)> = None;
+        for at in set.addresses() {
+            while next < ahead && self.addrs[next] < at {
+                next += 1;
+            }
+            let slot = if next < ahead && self.addrs[next] == at {
+                next
+            } else {
+                self.addrs.push(at);
+                self.data.resize(self.addrs.len() * page, 0);
+                self.addrs.len() - 1
+            };
+            copied += 1;
+            pending = match pending {
+                Some((first, from, n))
+                    if first.0 + (n * page) as u64 == at.0 && from + n == slot =>
+                {
+                    Some((first, from, n + 1))
+                }
+                done => {
+                    if let Some(done) = done {
+                        self.copy_in(mem, done)?;
+                    }
+                    Some((at, slot, 1))
+                }
+            };
+        }
+        if let Some(done) = pending {
+            self.copy_in(mem, done)?;
+        }
+        Ok(copied)
+    }
+
+    /// Copies `n` pages from guest address `first` into the places from `slot` on.
+    fn copy_in(
+        &mut self,
+        mem: &GuestMemory,
+        (first, slot, n): (GuestAddress, usize, usize),
+    ) -> Result<(), ShadowError> {
+        let page = PAGE_SIZE as usize;
+        mem.read_slice(&mut self.data[slot * page..(slot + n) * page], first)
+            .map_err(|source| ShadowError::Read {
+                addr: first.0,
+                source,
+            })
     }
 
     pub fn capacity(&self) -> usize {
@@ -94,6 +158,85 @@ mod tests {
         assert_eq!(firsts, vec![1, 3, 6, 7, 8, 0x77]);
         assert_eq!(staged.addrs.len(), 6);
         assert_eq!(staged.addrs[5], second.unchecked_add(PAGE_SIZE));
+    }
+
+    fn set_of(mem_pages: u64, pages: &[u64]) -> DirtySet {
+        let mut bits = vec![0u64; mem_pages.div_ceil(64) as usize];
+        for &p in pages {
+            bits[(p / 64) as usize] |= 1 << (p % 64);
+        }
+        DirtySet {
+            regions: vec![RegionDirty {
+                start: GuestAddress(0),
+                len: mem_pages * PAGE_SIZE,
+                bits,
+            }],
+        }
+    }
+
+    #[test]
+    fn restaging_after_a_copy_ahead_gives_memory_at_the_pause_for_both_sets() {
+        let page = PAGE_SIZE as usize;
+        let mem = GuestMemory::from_ranges(&[(GuestAddress(0), 16 * page)]).expect("memory");
+        let fill = |p: u64, v: u8| {
+            mem.write_slice(&[v; PAGE_SIZE as usize], GuestAddress(p * PAGE_SIZE))
+                .expect("write")
+        };
+        for p in 0..16 {
+            fill(p, p as u8);
+        }
+        let mut staged = Staged::default();
+        staged
+            .stage(&set_of(16, &[2, 3, 4, 8, 12]), &mem)
+            .expect("stage");
+        // The guest runs on: it writes some staged pages again and some new ones.
+        for (p, v) in [
+            (3, 0xa3),
+            (4, 0xa4),
+            (5, 0xa5),
+            (6, 0xa6),
+            (12, 0xac),
+            (15, 0xaf),
+        ] {
+            fill(p, v);
+        }
+        let copied = staged
+            .restage(&set_of(16, &[3, 4, 5, 6, 12, 15]), &mem)
+            .expect("restage");
+        assert_eq!(copied, 6);
+        let mut got: Vec<(u64, u8)> = staged
+            .addrs
+            .iter()
+            .zip(staged.data.chunks(page))
+            .map(|(a, d)| {
+                assert!(d.iter().all(|&b| b == d[0]), "a whole page copied");
+                (a.0 / PAGE_SIZE, d[0])
+            })
+            .collect();
+        // Staged ahead first, in place; then the new pages.
+        assert_eq!(got[..5], [(2, 2), (3, 0xa3), (4, 0xa4), (8, 8), (12, 0xac)]);
+        got.sort_unstable();
+        assert_eq!(
+            got,
+            [
+                (2, 2),
+                (3, 0xa3),
+                (4, 0xa4),
+                (5, 0xa5),
+                (6, 0xa6),
+                (8, 8),
+                (12, 0xac),
+                (15, 0xaf)
+            ]
+        );
+        // Nothing written since the copy ahead: nothing copied, nothing added.
+        staged.stage(&set_of(16, &[1, 9]), &mem).expect("stage");
+        assert_eq!(staged.restage(&set_of(16, &[]), &mem).expect("restage"), 0);
+        assert_eq!(
+            staged.addrs,
+            [GuestAddress(PAGE_SIZE), GuestAddress(9 * PAGE_SIZE)]
+        );
+        assert_eq!(staged.data.len(), 2 * page);
     }
 
     #[test]

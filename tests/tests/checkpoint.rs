@@ -87,6 +87,8 @@ fn every_page_written_shows_in_the_dirty_sets_and_the_check_catches_a_gap() {
         "{complete:#}"
     );
     assert_eq!(complete["mismatching_pages"], 0, "{complete:#}");
+    // Half the epochs copied ahead of their pause, as a replicating primary does.
+    assert_eq!(complete["copy_ahead"]["epochs"], 100, "{complete:#}");
     assert_eq!(guest_only["epochs"], 30, "{guest_only:#}");
     assert!(
         guest_only["mismatching_pages"].as_u64() > Some(0),

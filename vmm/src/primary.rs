@@ -4,14 +4,15 @@
 //! guest has output waiting for the checkpoint (and the epoch ran `--epoch-min-ms`), or
 //! as soon as the link is free again for an epoch that had to run on. Ending an epoch:
 //!
-//! 1. pause the vCPUs (the device loop is this thread, so no device runs either);
-//! 2. end the epoch's dirty set (KVM log ∪ the VMM's own writes) and copy those pages
-//!    into a buffer of our own;
+//! 1. read the dirty set so far (KVM log ∪ the VMM's own writes) and copy those pages
+//!    into a buffer of our own, with the guest still running;
+//! 2. pause the vCPUs (the device loop is this thread, so no device runs either), end
+//!    the epoch's dirty set and copy the pages written since step 1;
 //! 3. capture the machine state, take the disk writes forwarded during the epoch, and
 //!    make the gate hold frames from now on for the next epoch;
 //! 4. resume, and hand the checkpoint to the sender thread.
 //!
-//! Anything failing in 2–3 makes the dirty set unreliable: the link is dropped (the guest
+//! Anything failing in 1–3 makes the dirty set unreliable: the link is dropped (the guest
 //! goes on unprotected, loudly) rather than letting a checkpoint miss a page.
 
 use std::fs::File;
@@ -225,6 +226,14 @@ impl Primary {
             return Err("dirty tracking is off".into());
         };
         let epoch = self.epoch;
+        // Most of the epoch's pages are copied ahead, with the guest running; the pause
+        // copies those written since.
+        let (addrs, data) = self.link.spare_buffers();
+        let mut staged = Staged { addrs, data };
+        let ahead = tracker
+            .end_epoch(&vm.vm_fd, &vm.mem)
+            .map_err(|e| e.to_string())?;
+        staged.stage(&ahead, &vm.mem).map_err(|e| e.to_string())?;
         let t0 = Instant::now();
         vm.vcpus
             .pause_capturing(PAUSE_LIMIT)
@@ -233,9 +242,7 @@ impl Primary {
             let dirty = tracker
                 .end_epoch(&vm.vm_fd, &vm.mem)
                 .map_err(|e| e.to_string())?;
-            let (addrs, data) = self.link.spare_buffers();
-            let mut staged = Staged { addrs, data };
-            staged.stage(&dirty, &vm.mem).map_err(|e| e.to_string())?;
+            staged.restage(&dirty, &vm.mem).map_err(|e| e.to_string())?;
             let state = machine_state(vm)?;
             let writes = self.writes.take();
             let (memory_digest, disk_digests) = if self.verify_next.swap(false, Ordering::SeqCst) {
