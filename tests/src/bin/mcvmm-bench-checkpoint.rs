@@ -9,8 +9,8 @@
 //!   manual dirty-log protection (the default) and with the legacy log
 //!   (`MCVMM_DIRTY_LOG=legacy`);
 //! * snapshot and restore of 256 MiB and 2 GiB guests: mcvmm (`ctl snapshot`, `run
-//!   --restore`) and QEMU (`migrate` to a file, `-incoming` from it), each until the agent
-//!   answers again; mcvmm's snapshot with both dirty logs (the legacy one pauses the
+//!   --restore`) and QEMU (`migrate` to a file, live and with the guest stopped first,
+//!   `-incoming` from it), each until the agent answers again; mcvmm's snapshot with both dirty logs (the legacy one pauses the
 //!   guest to turn the log on).
 //!
 //! Prints a table and writes JSON (default `bench-results/checkpoint.json`).
@@ -131,17 +131,19 @@ fn mcvmm_snapshot(host: &KvmHost, mib: u64, legacy: bool) -> Result<[f64; 4], St
     ])
 }
 
-/// The outcome of QEMU's part: (migrate ms, downtime ms as QEMU reports it) once the
+/// The outcome of one QEMU run: (migrate ms, downtime ms as QEMU reports it) once the
 /// migration completed, and the restore's ms or why it failed.
 type QemuRun = ((f64, f64), Result<f64, String>);
 
 /// QEMU microvm: `migrate` to a file (HMP on a fifo), then `-incoming` from it until the
-/// agent answers.
-fn qemu_snapshot(host: &KvmHost, mib: u64) -> Result<QemuRun, String> {
-    let qemu = |extra: &str| {
+/// agent answers. `stopped`: the guest is stopped first (`stop`), so the file holds one
+/// pass over memory and the restored guest is started with `cont` once loaded; else the
+/// migration is live (QEMU's pre-copy rounds; its downtime is the last round).
+fn qemu_snapshot(host: &KvmHost, mib: u64, stopped: bool) -> Result<QemuRun, String> {
+    let qemu = |console: &str, extra: &str| {
         format!(
             "qemu-system-x86_64 -M microvm,acpi=off -accel kvm -cpu host -m {mib} -smp 1 \
-             -nodefaults -no-user-config -display none -serial file:q.console \
+             -nodefaults -no-user-config -display none -serial file:{console} \
              -kernel guest/vmlinux -initrd guest/initrd.img \
              -append 'console=ttyS0 reboot=t acpi=off panic=-1 mcvmm.ip=10.99.0.2/24' \
              -netdev tap,id=n0,ifname=gtap,script=no,downscript=no \
@@ -155,7 +157,7 @@ fn qemu_snapshot(host: &KvmHost, mib: u64) -> Result<QemuRun, String> {
              ip netns add q; ip netns exec q ip link set lo up
              ip netns exec q ip tuntap add dev gtap mode tap
              ip netns exec q ip addr add 10.99.0.1/24 dev gtap; ip netns exec q ip link set gtap up
-             rm -f mon.in mon.out; mkfifo mon.in
+             rm -f mon.in mon.out mon2.in; mkfifo mon.in mon2.in
              ip netns exec q {first} -monitor stdio <mon.in >mon.out 2>&1 &
              qpid=$!
              exec 3>mon.in
@@ -165,17 +167,35 @@ fn qemu_snapshot(host: &KvmHost, mib: u64) -> Result<QemuRun, String> {
              $a status | grep boot_id
              sleep 2
              t0=$(cut -d' ' -f1 /proc/uptime)
+             {stop}
              echo 'migrate \"exec:cat > q.mig\"' >&3
+             # A live migration of a guest that keeps writing may not converge before
+             # the file fills the test host's memory (seen at 2 GiB): it fails.
              i=0; until grep -q 'Migration status: completed' mon.out; do
-               i=$((i + 1)); [ $i -gt 6000 ] && {{ cat mon.out; exit 1; }}
+               i=$((i + 1))
+               if [ $i -gt 6000 ] || grep -q 'Migration status: failed' mon.out; then
+                 grep -a -m3 -e error -e failed mon.out
+                 kill -9 $qpid; wait $qpid 2>/dev/null || true; ip netns del q; rm -f q.mig; exit 1
+               fi
                echo 'info migrate' >&3; sleep 0.1; done
              t1=$(cut -d' ' -f1 /proc/uptime)
              awk -v a=$t0 -v b=$t1 'BEGIN {{ printf \"migrate_ms=%d\\n\", (b - a) * 1000 }}'
              grep -m1 '^downtime' mon.out || true
+             echo \"file_bytes=$(stat -c %s q.mig)\"
              echo quit >&3; exec 3>&-; wait $qpid 2>/dev/null || true
              t2=$(cut -d' ' -f1 /proc/uptime)
-             ip netns exec q {second} -incoming 'exec:cat q.mig' >q2.out 2>&1 &
+             ip netns exec q {second} -incoming 'exec:cat q.mig' <mon2.in >q2.out 2>&1 &
              qpid=$!
+             exec 4>mon2.in
+             # Loaded once its status is no longer 'inmigrate'; a guest stopped at the
+             # migration stays paused until told to go on.
+             i=0; while :; do
+               echo 'info status' >&4; sleep 0.05
+               last=$(tr -d '\\033' <q2.out | grep -a 'VM status' | tail -1)
+               case \"$last\" in *inmigrate*) ;; *'VM status'*) break ;; esac
+               i=$((i + 1)); [ $i -gt 2400 ] && break
+             done
+             case \"$last\" in *paused*) echo cont >&4 ;; esac
              # The migration's figures stand even if the restore fails (seen in the lab).
              if $a --wait 120 ping >/dev/null; then
                t3=$(cut -d' ' -f1 /proc/uptime)
@@ -183,18 +203,24 @@ fn qemu_snapshot(host: &KvmHost, mib: u64) -> Result<QemuRun, String> {
                $a mem-verify || true
                awk -v c=$t2 -v d=$t3 'BEGIN {{ printf \"restore_ms=%d\\n\", (d - c) * 1000 }}'
              else
-               echo 'restore failed: the agent did not answer'; tail -5 q.console
+               echo \"restore failed: the agent did not answer ($last)\"; tail -5 q.console
              fi
-             kill -9 $qpid; wait $qpid 2>/dev/null || true
-             ip netns del q; rm -f q.mig mon.in mon.out",
-            first = qemu(""),
-            second = qemu("-monitor none"),
+             exec 4>&-; kill -9 $qpid; wait $qpid 2>/dev/null || true
+             ip netns del q; rm -f q.mig mon.in mon.out mon2.in",
+            first = qemu("q.console", ""),
+            second = qemu("q2.console", "-monitor stdio"),
             load = (mib / 4).min(256),
+            stop = if stopped { "echo stop >&3" } else { "" },
         ),
         900,
     )?;
     let migrate = number(&out, "migrate_ms=").ok_or(format!("no migrate time: {out}"))?;
     let downtime = number(&out, "downtime:").unwrap_or(f64::NAN);
+    eprintln!(
+        "  QEMU {mib} MiB ({}): file of {} MB",
+        if stopped { "stopped" } else { "live" },
+        number(&out, "file_bytes=").unwrap_or(f64::NAN) / 1e6
+    );
     let boots: Vec<&str> = out.lines().filter(|l| l.starts_with("boot_id=")).collect();
     let restored = if out.contains("restore failed") {
         Err(format!(
@@ -278,6 +304,7 @@ fn bench() -> Result<(), String> {
         ("1k", Some(1_000 * per_sec), true),
         ("1k (sleeps)", Some(1_000 * per_sec), false),
         ("10k", Some(10_000 * per_sec), true),
+        ("10k (sleeps)", Some(10_000 * per_sec), false),
         ("50k", Some(50_000 * per_sec), true),
     ];
     let modes: &[bool] = if legacy_too { &[false, true] } else { &[false] };
@@ -338,28 +365,37 @@ fn bench() -> Result<(), String> {
         };
         let m = mcvmm(false);
         let legacy = legacy_too.then(|| mcvmm(true));
-        let q = match qemu_snapshot(&host, mib) {
-            Ok(((migrate, downtime), restored)) => {
-                let restore = restored.unwrap_or_else(|e| {
-                    errors.push(format!("QEMU {mib} MiB restore: {e}"));
-                    f64::NAN
-                });
-                (migrate, downtime, restore)
-            }
-            Err(e) => {
-                errors.push(format!("QEMU {mib} MiB: {e}"));
-                nan
-            }
+        let mut qemu = |stopped: bool| {
+            let how = if stopped { "stopped" } else { "live" };
+            let q = match qemu_snapshot(&host, mib, stopped) {
+                Ok(((migrate, downtime), restored)) => {
+                    let restore = restored.unwrap_or_else(|e| {
+                        errors.push(format!("QEMU {mib} MiB restore ({how}): {e}"));
+                        f64::NAN
+                    });
+                    (migrate, downtime, restore)
+                }
+                Err(e) => {
+                    errors.push(format!("QEMU {mib} MiB ({how}): {e}"));
+                    nan
+                }
+            };
+            eprintln!("  snapshot {mib} MiB QEMU ({how}): {q:?}");
+            json!({"migrate_ms": q.0, "downtime_ms": q.1, "restore_ms": q.2})
         };
-        eprintln!("  snapshot {mib} MiB QEMU:  {q:?}");
-        let f = |k: &str| m[k].as_f64().unwrap_or(f64::NAN);
+        let live = qemu(false);
+        let stopped = qemu(true);
+        let f = |v: &Value, k: &str| v[k].as_f64().unwrap_or(f64::NAN);
         snaps.push(json!({
             "mem_mib": mib,
-            "snapshot_ratio": f("snapshot_ms") / q.0,
-            "restore_ratio": f("restore_ms") / q.2,
+            "snapshot_ratio_live": f(&m, "snapshot_ms") / f(&live, "migrate_ms"),
+            "snapshot_ratio_stopped": f(&m, "snapshot_ms") / f(&stopped, "migrate_ms"),
+            "restore_ratio_live": f(&m, "restore_ms") / f(&live, "restore_ms"),
+            "restore_ratio_stopped": f(&m, "restore_ms") / f(&stopped, "restore_ms"),
             "mcvmm": m,
             "mcvmm_legacy_log": legacy,
-            "qemu": {"migrate_ms": q.0, "downtime_ms": q.1, "restore_ms": q.2},
+            "qemu_live": live,
+            "qemu_stopped": stopped,
         }));
     }
 
@@ -391,23 +427,28 @@ fn bench() -> Result<(), String> {
             );
         }
     }
-    println!("\nSnapshot and restore (ms; until the agent answers again)\n");
-    println!("| guest | mcvmm snapshot | mcvmm pause | mcvmm pause turning the log on | QEMU migrate | QEMU downtime | ratio | mcvmm restore | QEMU restore | ratio |");
-    println!("|---|---|---|---|---|---|---|---|---|---|");
+    println!("\nSnapshot and restore (ms; restore until the agent answers with its memory verified). QEMU live: `migrate` with the guest running (its downtime is the last round); QEMU stopped: `stop` first, the whole migration is downtime; ratios are mcvmm / QEMU\n");
+    println!("| guest | mcvmm snapshot | mcvmm pause | mcvmm pause turning the log on | QEMU live migrate | its downtime | QEMU stopped migrate | ratio to live | ratio to stopped | mcvmm restore | QEMU restore, live file | QEMU restore, stopped file | ratio to live | ratio to stopped |");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     for s in &snaps {
         let f = |a: &str, b: &str| s[a][b].as_f64().unwrap_or(f64::NAN);
+        let r = |k: &str| s[k].as_f64().unwrap_or(f64::NAN);
         println!(
-            "| {} MiB | {:.0} | {:.1} | {:.1} | {:.0} | {:.0} | {:.2} | {:.0} | {:.0} | {:.2} |",
+            "| {} MiB | {:.0} | {:.1} | {:.1} | {:.0} | {:.0} | {:.0} | {:.2} | {:.2} | {:.0} | {:.0} | {:.0} | {:.2} | {:.2} |",
             s["mem_mib"],
             f("mcvmm", "snapshot_ms"),
             f("mcvmm", "pause_ms"),
             f("mcvmm", "tracking_on_pause_ms"),
-            f("qemu", "migrate_ms"),
-            f("qemu", "downtime_ms"),
-            s["snapshot_ratio"].as_f64().unwrap_or(f64::NAN),
+            f("qemu_live", "migrate_ms"),
+            f("qemu_live", "downtime_ms"),
+            f("qemu_stopped", "migrate_ms"),
+            r("snapshot_ratio_live"),
+            r("snapshot_ratio_stopped"),
             f("mcvmm", "restore_ms"),
-            f("qemu", "restore_ms"),
-            s["restore_ratio"].as_f64().unwrap_or(f64::NAN),
+            f("qemu_live", "restore_ms"),
+            f("qemu_stopped", "restore_ms"),
+            r("restore_ratio_live"),
+            r("restore_ratio_stopped"),
         );
     }
     if legacy_too {
