@@ -168,7 +168,6 @@ pub fn install_kick_handler() -> std::io::Result<()> {
 #[derive(Default)]
 struct ControlState {
     pause: bool,
-    parked: usize,
     /// Parked vCPUs are to capture their state into `saved`.
     save: bool,
     saved: Vec<(u8, Result<VcpuState, String>)>,
@@ -188,8 +187,9 @@ pub struct VcpuControl {
     state: Mutex<ControlState>,
     changed: Condvar,
     pause_requested: AtomicBool,
-    /// `ControlState::parked`, readable without the lock: a pause spins on it.
-    parked_now: AtomicUsize,
+    /// vCPU threads parked. Changed only under `state`'s lock (so a waiter on `changed`
+    /// misses no change), read without it by a pause that spins.
+    parked: AtomicUsize,
     /// The MSRs a saved vCPU state carries (KVM's list for this host).
     msr_indices: Vec<u32>,
 }
@@ -225,8 +225,7 @@ impl VcpuControl {
     /// owns the fd, and it is known to be out of KVM_RUN.
     fn park(&self, id: u8, vcpu: &VcpuFd, learned: &mut vcpu_state::Learned) {
         let mut st = self.lock();
-        st.parked += 1;
-        self.parked_now.fetch_add(1, Ordering::SeqCst);
+        self.parked.fetch_add(1, Ordering::SeqCst);
         self.changed.notify_all();
         while st.pause {
             if st.save && !st.saved.iter().any(|(i, _)| *i == id) {
@@ -242,8 +241,7 @@ impl VcpuControl {
                 .wait(st)
                 .unwrap_or_else(PoisonError::into_inner);
         }
-        st.parked -= 1;
-        self.parked_now.fetch_sub(1, Ordering::SeqCst);
+        self.parked.fetch_sub(1, Ordering::SeqCst);
         self.changed.notify_all();
     }
 }
@@ -317,9 +315,7 @@ impl Vcpus {
         // this thread's own wake-up to every pause (an IPI, in a nested guest hundreds of
         // microseconds). Yielding now and then lets a vCPU thread on this core park.
         let all = self.threads.len();
-        while self.control.parked_now.load(Ordering::SeqCst) < all
-            && started.elapsed() < pause_spin()
-        {
+        while self.control.parked.load(Ordering::SeqCst) < all && started.elapsed() < pause_spin() {
             for _ in 0..64 {
                 std::hint::spin_loop();
             }
@@ -332,12 +328,12 @@ impl Vcpus {
                 .iter()
                 .filter(|t| !t.handle.is_finished())
                 .count();
-            if st.parked >= live {
+            let parked = self.control.parked.load(Ordering::SeqCst);
+            if parked >= live {
                 return Ok(());
             }
             let waited = started.elapsed();
             if waited >= limit {
-                let parked = st.parked;
                 drop(st);
                 self.resume();
                 return Err(PauseError::Timeout {
