@@ -104,7 +104,7 @@ agent() {
             # (Diagnostics only: a VMM already gone must not end the script before its rc.)
             if [ -S "$name.sock" ]; then
                 ./mcvmm ctl --api-sock "$name.sock" status || true
-                for i in 1 2 3; do ./mcvmm ctl --api-sock "$name.sock" vcpus || true; done
+                for look in 1 2 3; do ./mcvmm ctl --api-sock "$name.sock" vcpus || true; done
             fi
             ip netns exec "$name" ip -s link show gtap || true
         } >&2

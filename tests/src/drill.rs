@@ -365,6 +365,9 @@ pub fn round(
                     "grep -h 'the guest crashed' {sn}.log
                      n=$(grep -c 'interrupt unacknowledged for over' {sn}.log)
                      [ \"$n\" -ge 3 ] && echo \"the guest stopped taking interrupts ($n interrupts raised again)\"
+                     # Where its vCPUs stand: a cr3 beyond guest memory and rip at the test
+                     # host's VMRUN are the lab's (see the README).
+                     [ \"$n\" -ge 3 ] && ./mcvmm ctl --api-sock {sn}.sock vcpus | tr -d ' \\n' && echo
                      tail -5 {sn}.console; true"
                 ),
                 20,

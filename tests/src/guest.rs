@@ -184,27 +184,38 @@ const FRESH_FOLDER: &str = "rm -rf again && mkdir again && cd again || exit 1
 for f in mcvmm agentctl guest guest.sh; do ln -s \"../$f\" . || exit 1; done
 ";
 
-/// The lines that report a guest crash in both streams of `out`: mcvmm's for a triple
-/// fault, and a guest kernel's panic in a console the script printed (with `panic=-1`
-/// such a guest resets itself, which mcvmm sees as a clean reboot).
+/// The lines that report a guest crash in both streams of `out` (see `guest_lost`).
 fn crash_lines(out: &Output) -> String {
-    let (stdout, stderr) = (out.stdout_text(), out.stderr_text());
-    let mut lines: Vec<String> = stdout
+    [
+        guest_lost(&out.stdout_text()),
+        guest_lost(&out.stderr_text()),
+    ]
+    .into_iter()
+    .flatten()
+    .collect::<Vec<_>>()
+    .join("\n")
+}
+
+/// The lines of a script's output that say its guest was lost to the lab: mcvmm's for a
+/// triple fault, a guest kernel's panic in a console the script printed (with `panic=-1`
+/// such a guest resets itself, which mcvmm sees as a clean reboot), or the `vcpus` looks
+/// that `agent` prints on failure finding a vCPU stuck (see `stuck_vcpu`).
+pub fn guest_lost(text: &str) -> Option<String> {
+    let mut lines: Vec<String> = text
         .lines()
-        .chain(stderr.lines())
         .filter(|l| l.contains("triple fault") || l.contains("Kernel panic"))
         .map(str::to_string)
         .collect();
-    // `agent` prints its diagnostics, the `vcpus` looks among them, on stderr.
-    lines.extend(stuck_vcpu(&stderr));
-    lines.join("\n")
+    lines.extend(stuck_vcpu(text));
+    (!lines.is_empty()).then(|| lines.join("\n"))
 }
 
 /// A vCPU caught at the same instruction with the same exception pending in each of the
-/// last three `vcpus` looks that `agent` prints when the guest stops answering: a guest
-/// page-faulting for good, as the lab's nested paging leaves one now and then (with a
-/// present page, seen after restores and dirty-logging changes; see the README). The
-/// guest is as dead as after a triple fault.
+/// last three `vcpus` looks that `agent` prints when the guest stops answering. The lab
+/// leaves one so now and then: its `rip` and `cr3` are then not the guest's but the test
+/// host's own, `rip` inside the host's kvm_amd at its VMRUN (`__svm_vcpu_run+0x9c`),
+/// written into the guest by the emulated SVM (see the README). The guest is as dead as
+/// after a triple fault.
 fn stuck_vcpu(stdout: &str) -> Option<String> {
     let looks: Vec<serde_json::Value> = stdout
         .match_indices("{\n  \"vcpus\": [")
