@@ -17,7 +17,7 @@ use mcvmm_devices::i8042::{self, I8042};
 use mcvmm_devices::interrupt::Interrupt;
 use mcvmm_devices::serial::{self, Serial};
 use mcvmm_devices::virtio::block::Block;
-use mcvmm_devices::virtio::mmio::{MmioTransport, NOTIFY_OFFSET, WINDOW};
+use mcvmm_devices::virtio::mmio::{MmioBusFront, MmioTransport, NOTIFY_OFFSET, WINDOW};
 use mcvmm_devices::virtio::net::{announce_moved, mac_text, Net, ANNOUNCE_AT_MS};
 use mcvmm_devices::virtio::tap::{Tap, TapError};
 use mcvmm_devices::virtio::{DeviceError, VirtioDevice};
@@ -351,7 +351,11 @@ pub fn prepare(config: VmConfig, mem: GuestMemory, mut seams: Seams) -> Result<P
                 .map_err(kvm_call("KVM_IOEVENTFD"))?;
         }
         let transport = Arc::new(Mutex::new(transport));
-        mmio.insert(base, WINDOW, transport.clone())?;
+        mmio.insert(
+            base,
+            WINDOW,
+            Arc::new(Mutex::new(MmioBusFront::new(transport.clone()))),
+        )?;
         devices.push(transport);
         cmdline += &format!(" virtio_mmio.device=4K@{base:#x}:{gsi}");
     }

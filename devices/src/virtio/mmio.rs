@@ -2,7 +2,7 @@
 //! window per device. Register accesses arrive on vCPU threads; queue notifications arrive
 //! as ioeventfds on the device loop, which calls [`MmioTransport::notify`].
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 
 use virtio_queue::{Queue, QueueT};
 use vmm_sys_util::eventfd::EventFd;
@@ -17,6 +17,9 @@ use crate::GuestMemory;
 pub const WINDOW: u64 = 0x1000;
 /// Offset of QueueNotify, where ioeventfds are registered (datamatch = queue index).
 pub const NOTIFY_OFFSET: u64 = 0x50;
+
+const INTERRUPT_STATUS: u64 = 0x60;
+const INTERRUPT_ACK: u64 = 0x64;
 
 const MAGIC: u32 = 0x7472_6976; // "virt"
 const VENDOR: u32 = 0x4d43_564d; // "MCVM"
@@ -324,7 +327,7 @@ impl MmioTransport {
                 .map(|q| u32::from(q.max_size()))
                 .unwrap_or(0),
             0x44 => self.selected_queue().map(|q| q.ready() as u32).unwrap_or(0),
-            0x60 => self.interrupt.status(),
+            INTERRUPT_STATUS => self.interrupt.status(),
             0x70 => self.status,
             0xfc => self.config_generation,
             _ => 0,
@@ -366,7 +369,7 @@ impl MmioTransport {
                 // A notify that did not go through the ioeventfd (e.g. a 16-bit write).
                 self.notify(v as usize);
             }
-            0x64 => self.interrupt.ack(v),
+            INTERRUPT_ACK => self.interrupt.ack(v),
             0x70 => self.set_status(v),
             0x80 | 0x84 | 0x90 | 0x94 | 0xa0 | 0xa4 if setting_up => {
                 let (low, high) = if offset.is_multiple_of(8) {
@@ -412,5 +415,53 @@ impl BusDevice for MmioTransport {
             return;
         };
         self.write_reg(offset, u32::from_le_bytes(bytes));
+    }
+}
+
+/// A transport as the vCPUs reach it. The driver reads InterruptStatus and writes
+/// InterruptACK on every interrupt; both are atomics, answered here without the
+/// transport's lock. The device loop holds that lock while it works a queue, and it
+/// raises the interrupt in the middle of that work: a vCPU taking it at once found the
+/// lock held and slept until the loop was done. Every other register takes the lock.
+pub struct MmioBusFront {
+    interrupt: Arc<Interrupt>,
+    transport: Arc<Mutex<MmioTransport>>,
+}
+
+impl MmioBusFront {
+    pub fn new(transport: Arc<Mutex<MmioTransport>>) -> MmioBusFront {
+        let interrupt = transport
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .interrupt
+            .clone();
+        MmioBusFront {
+            interrupt,
+            transport,
+        }
+    }
+
+    fn transport(&self) -> std::sync::MutexGuard<'_, MmioTransport> {
+        self.transport
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+impl BusDevice for MmioBusFront {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        match data.len() {
+            4 if offset == INTERRUPT_STATUS => {
+                data.copy_from_slice(&self.interrupt.status().to_le_bytes())
+            }
+            _ => self.transport().read(offset, data),
+        }
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        match <[u8; 4]>::try_from(data) {
+            Ok(v) if offset == INTERRUPT_ACK => self.interrupt.ack(u32::from_le_bytes(v)),
+            _ => self.transport().write(offset, data),
+        }
     }
 }
