@@ -1,5 +1,12 @@
 //! A device's interrupt line: an eventfd KVM injects as an edge on the device's GSI
 //! (irqfd), plus the virtio-mmio InterruptStatus bits the driver reads and acknowledges.
+//!
+//! The line behaves as a level one would (as QEMU's does): it is up while any status bit
+//! is set. So an edge goes to the guest when the status goes from clear to set, or when an
+//! acknowledgement leaves a bit set, and not for an event that finds the status still set:
+//! the guest's handler, yet to acknowledge, takes that one with the rest. An edge for each
+//! event made the guest run its handler again for nothing (two exits to the VMM, reading
+//! a status already acknowledged).
 
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
@@ -35,9 +42,14 @@ impl Interrupt {
         })
     }
 
-    /// Raises the line with `bits` set in the status register.
+    /// Sets `bits` in the status register; raises the line if it was down.
     pub fn trigger(&self, bits: u32) {
-        self.status.fetch_or(bits, Ordering::SeqCst);
+        if self.status.fetch_or(bits, Ordering::SeqCst) == 0 {
+            self.edge();
+        }
+    }
+
+    fn edge(&self) {
         // A full eventfd counter (never in practice) still has the line raised.
         let _ = self.irqfd.write(1);
     }
@@ -46,10 +58,15 @@ impl Interrupt {
         self.status.load(Ordering::SeqCst)
     }
 
+    /// The driver acknowledged `bits`. Bits it did not (set after it read the status)
+    /// keep the line up: the guest is told again.
     pub fn ack(&self, bits: u32) {
         let before = self.status.fetch_and(!bits, Ordering::SeqCst);
         if before & bits != 0 {
             self.acks.fetch_add(1, Ordering::SeqCst);
+            if before & !bits != 0 {
+                self.edge();
+            }
         }
     }
 
@@ -72,7 +89,7 @@ impl Interrupt {
         if !pending || seen != acks {
             return false;
         }
-        let _ = self.irqfd.write(1);
+        self.edge();
         self.raised_again.fetch_add(1, Ordering::SeqCst);
         true
     }
@@ -110,6 +127,23 @@ mod tests {
         assert!(!i.raise_if_ignored());
         assert!(!i.raise_if_ignored());
         assert_eq!(i.raised_again(), 2);
+    }
+
+    #[test]
+    fn the_line_is_raised_when_it_goes_up_not_for_each_event() {
+        let i = Interrupt::new(5).expect("eventfd");
+        i.trigger(INT_USED_RING);
+        i.trigger(INT_USED_RING);
+        assert_eq!(edges(&i), 1, "a second event before the ack");
+        i.trigger(INT_CONFIG);
+        assert_eq!(edges(&i), 0, "still up");
+        // The driver read only the used-ring bit before the config change came.
+        i.ack(INT_USED_RING);
+        assert_eq!(edges(&i), 1, "the config bit keeps the line up");
+        i.ack(INT_CONFIG);
+        assert_eq!(edges(&i), 0);
+        i.trigger(INT_USED_RING);
+        assert_eq!(edges(&i), 1, "up again");
     }
 
     #[test]
