@@ -24,6 +24,13 @@ const INTERRUPT_ACK: u64 = 0x64;
 const MAGIC: u32 = 0x7472_6976; // "virt"
 const VENDOR: u32 = 0x4d43_564d; // "MCVM"
 
+/// Offered for every device: the guest says after which used entry it wants the next
+/// interrupt, and the device after which available one it wants the next notification.
+/// Without it, a guest whose transmit path asks for completions got an interrupt for
+/// each frame sent; with it, Linux asks for one once most of the sent frames are done
+/// (`virtqueue_enable_cb_delayed`), as under QEMU, which offers it too.
+const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << 29;
+
 const STATUS_DRIVER: u32 = 2;
 const STATUS_DRIVER_OK: u32 = 4;
 const STATUS_FEATURES_OK: u32 = 8;
@@ -293,6 +300,10 @@ impl MmioTransport {
                 .queues
                 .iter()
                 .all(|q| !q.ready() || q.is_valid(&self.mem));
+            let event_idx = self.acked_features & VIRTIO_RING_F_EVENT_IDX != 0;
+            for q in &mut self.queues {
+                q.set_event_idx(event_idx);
+            }
             let r = if ready_ok {
                 self.device.activate(self.acked_features)
             } else {
@@ -308,6 +319,10 @@ impl MmioTransport {
         }
     }
 
+    fn offered(&self) -> u64 {
+        self.device.features() | VIRTIO_F_VERSION_1 | VIRTIO_RING_F_EVENT_IDX
+    }
+
     fn read_reg(&mut self, offset: u64) -> u32 {
         match offset {
             0x00 => MAGIC,
@@ -315,7 +330,7 @@ impl MmioTransport {
             0x08 => self.device.device_type(),
             0x0c => VENDOR,
             0x10 => {
-                let f = self.device.features() | VIRTIO_F_VERSION_1;
+                let f = self.offered();
                 match self.device_features_sel {
                     0 => f as u32,
                     1 => (f >> 32) as u32,
@@ -340,7 +355,7 @@ impl MmioTransport {
         match offset {
             0x14 => self.device_features_sel = v,
             0x20 => {
-                let offered = self.device.features() | VIRTIO_F_VERSION_1;
+                let offered = self.offered();
                 let shift = match self.driver_features_sel {
                     0 => 0,
                     1 => 32,

@@ -3,7 +3,10 @@
 //!
 //! Receive path: a frame read from the tap that finds no guest buffer waits in `pending`,
 //! and the tap is not watched until the guest posts RX buffers (its notify), so a guest
-//! that stops receiving stops the VMM reading, not the VMM spinning.
+//! that stops receiving stops the VMM reading, not the VMM spinning. Only then does the
+//! device ask for that notify (with event indices, the only way the guest sends one):
+//! while frames find buffers, the guest is asked not to notify the RX queue, or each
+//! refill after each frame received would wake the device loop for nothing.
 
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::{Arc, OnceLock};
@@ -163,6 +166,7 @@ impl Net {
         interrupt: &Interrupt,
     ) -> Result<(), DeviceError> {
         let mut delivered = false;
+        let mut looked_again = false;
         loop {
             let frame = match self.pending.take() {
                 Some(f) => f,
@@ -174,10 +178,20 @@ impl Net {
             };
             if self.deliver(&frame, &mut queues[RX], mem)? {
                 delivered = true;
-            } else {
-                self.pending = Some(frame);
-                break;
+                continue;
             }
+            self.pending = Some(frame);
+            // Out of buffers: the guest's next refill is to notify. Buffers it posted
+            // before it could see that are looked for once more (only once: a ring whose
+            // index promises buffers it does not hold must not spin the loop).
+            if queues[RX].enable_notification(mem)? && !looked_again {
+                looked_again = true;
+                continue;
+            }
+            break;
+        }
+        if self.pending.is_none() {
+            queues[RX].disable_notification(mem)?;
         }
         if delivered && queues[RX].needs_notification(mem)? {
             interrupt.trigger(INT_USED_RING);
