@@ -13,7 +13,7 @@
 //! in the same host, alternating with the other two, and the table gains its column and
 //! the ratio to it: a change measured side by side, not against another day's lab.
 //!
-//! Usage: mcvmm-bench [--runs N] [--baseline PATH] [--out FILE]
+//! Usage: mcvmm-bench [--runs N] [--io-runs N] [--baseline PATH] [--out FILE]
 
 use mcvmm_lab::{HostOptions, KvmHost};
 use serde_json::json;
@@ -172,6 +172,7 @@ fn main() {
 
 fn bench() -> Result<(), String> {
     let mut runs = 10usize;
+    let mut io_runs = 3usize;
     let mut baseline: Option<std::path::PathBuf> = None;
     let mut out_path = mcvmm_tests::repo_root().join("bench-results/vmm.json");
     let mut args = std::env::args().skip(1);
@@ -180,9 +181,19 @@ fn bench() -> Result<(), String> {
             ("--runs", Some(v)) => {
                 runs = v.parse().map_err(|_| format!("--runs {v}: not a number"))?
             }
+            ("--io-runs", Some(v)) => {
+                io_runs = v
+                    .parse()
+                    .map_err(|_| format!("--io-runs {v}: not a number"))?
+            }
             ("--baseline", Some(v)) => baseline = Some(v.into()),
             ("--out", Some(v)) => out_path = v.into(),
-            _ => return Err("usage: mcvmm-bench [--runs N] [--baseline PATH] [--out FILE]".into()),
+            _ => {
+                return Err(
+                    "usage: mcvmm-bench [--runs N] [--io-runs N] [--baseline PATH] [--out FILE]"
+                        .into(),
+                )
+            }
         }
     }
     let mut vmms = vec![Vmm::Mcvmm, Vmm::Qemu];
@@ -270,7 +281,7 @@ fn bench() -> Result<(), String> {
         }
     }
     let mut io = vec![Vec::new(); vmms.len()];
-    for r in 0..3 {
+    for r in 0..io_runs {
         for i in rotation(r) {
             let vmm = vmms[i];
             match io_once(&host, vmm) {
