@@ -216,11 +216,11 @@ pub fn guest_lost(text: &str) -> Option<String> {
 /// host's own, `rip` inside the host's kvm_amd at its VMRUN (`__svm_vcpu_run+0x9c`),
 /// written into the guest by the emulated SVM (see the README). The guest is as dead as
 /// after a triple fault.
-fn stuck_vcpu(stdout: &str) -> Option<String> {
-    let looks: Vec<serde_json::Value> = stdout
+fn stuck_vcpu(text: &str) -> Option<String> {
+    let looks: Vec<serde_json::Value> = text
         .match_indices("{\n  \"vcpus\": [")
         .filter_map(|(at, _)| {
-            serde_json::Deserializer::from_str(&stdout[at..])
+            serde_json::Deserializer::from_str(&text[at..])
                 .into_iter()
                 .next()
                 .and_then(Result::ok)
