@@ -110,8 +110,12 @@ impl AgentClient {
 
     /// Sends a raw line and returns the raw reply line (for tests of malformed input).
     pub fn raw(&mut self, line: &str) -> Result<String, ClientError> {
-        self.writer.write_all(line.as_bytes())?;
-        self.writer.write_all(b"\n")?;
+        // One write, so one TCP segment (no delay is set), not the line and its newline
+        // apart.
+        let mut message = Vec::with_capacity(line.len() + 1);
+        message.extend_from_slice(line.as_bytes());
+        message.push(b'\n');
+        self.writer.write_all(&message)?;
         let mut reply = String::new();
         let n = (&mut self.reader)
             .take(MAX_LINE as u64 + 16)
