@@ -20,7 +20,7 @@ pub struct IrqTrigger(pub Arc<Interrupt>);
 impl Trigger for IrqTrigger {
     type E = std::io::Error;
     fn trigger(&self) -> std::io::Result<()> {
-        self.0.irqfd.write(1)
+        self.0.raise()
     }
 }
 
@@ -160,6 +160,7 @@ impl Drop for Serial {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::interrupt::CountingLine;
     use std::sync::Mutex;
 
     /// The console, as bytes.
@@ -211,7 +212,7 @@ mod tests {
 
     fn serial(ring: &Ring) -> (Serial, Console) {
         let console = Console::default();
-        let interrupt = Arc::new(Interrupt::new(IRQ).expect("eventfd"));
+        let interrupt = Arc::new(Interrupt::new(IRQ, Arc::new(CountingLine::default())));
         let mut s = Serial::new(interrupt, Box::new(console.clone()));
         s.hold_writes(Box::new(ring.clone()));
         (s, console)

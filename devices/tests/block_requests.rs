@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use mcvmm_devices::interrupt::Interrupt;
+use mcvmm_devices::interrupt::{CountingLine, Interrupt};
 use mcvmm_devices::virtio::block::Block;
 use mcvmm_devices::virtio::VirtioDevice;
 use mcvmm_devices::GuestMemory;
@@ -53,7 +53,7 @@ impl Rig {
             mem,
             queues: vec![q],
             dev,
-            irq: Arc::new(Interrupt::new(5).expect("irq")),
+            irq: Arc::new(Interrupt::new(5, Arc::new(CountingLine::default()))),
             disk,
             posted: 0,
         }

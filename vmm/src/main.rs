@@ -5,6 +5,7 @@ mod boot;
 mod coalesced;
 mod epochs;
 mod event_loop;
+mod irq_line;
 mod keeper;
 mod layout;
 mod primary;

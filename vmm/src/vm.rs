@@ -26,6 +26,7 @@ use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
 use crate::boot::{self, BootError, BootSpec};
 use crate::coalesced::CoalescedPort;
+use crate::irq_line::KvmLine;
 use crate::layout::*;
 use crate::vcpu::{self, VcpuControl, Vcpus, VmExit};
 use mcvmm_checkpoint::dirty::{register_slots, DirtyError};
@@ -179,7 +180,7 @@ pub struct Vm {
 }
 
 /// What a VM is before its guest is loaded or restored: KVM, memory slots, in-kernel
-/// irqchip and PIT, devices on their buses with their irqfds and ioeventfds. None of it depends on where the guest comes from, so a secondary builds it
+/// irqchip and PIT, devices on their buses with their interrupt lines and ioeventfds. None of it depends on where the guest comes from, so a secondary builds it
 /// as soon as it knows the primary's VM and a takeover only has to restore the state.
 pub struct Prepared {
     kvm: Kvm,
@@ -262,10 +263,10 @@ pub fn prepare(config: VmConfig, mem: GuestMemory, mut seams: Seams) -> Result<P
     step("vm and memory");
     let exit = Arc::new(VmExit::new()?);
     let mut pio = Bus::default();
-    let serial_irq = Arc::new(Interrupt::new(serial::IRQ)?);
-    vm_fd
-        .register_irqfd(&serial_irq.irqfd, serial::IRQ)
-        .map_err(kvm_call("KVM_IRQFD"))?;
+    let serial_irq = Arc::new(Interrupt::new(
+        serial::IRQ,
+        KvmLine::new(vm_fd.clone(), serial::IRQ),
+    ));
     let i8042_dev = Arc::new(Mutex::new(I8042::new(exit.reset_line()?)));
     pio.insert(i8042::PORT, i8042::PORT_LEN, i8042_dev.clone())?;
 
@@ -340,10 +341,7 @@ pub fn prepare(config: VmConfig, mem: GuestMemory, mut seams: Seams) -> Result<P
     for (i, dev) in virtio.into_iter().enumerate() {
         let base = VIRTIO_MMIO_BASE + i as u64 * WINDOW;
         let gsi = VIRTIO_IRQ_BASE + i as u32;
-        let interrupt = Arc::new(Interrupt::new(gsi)?);
-        vm_fd
-            .register_irqfd(&interrupt.irqfd, gsi)
-            .map_err(kvm_call("KVM_IRQFD"))?;
+        let interrupt = Arc::new(Interrupt::new(gsi, KvmLine::new(vm_fd.clone(), gsi)));
         let transport = MmioTransport::new(dev, mem.clone(), interrupt)?;
         for (q, evt) in transport.queue_events.iter().enumerate() {
             vm_fd

@@ -415,6 +415,7 @@ impl VirtioDevice for Block {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::interrupt::CountingLine;
     use std::sync::mpsc;
     use std::time::Duration;
 
@@ -447,7 +448,7 @@ mod tests {
         file.set_len(1 << 20).expect("disk size");
         file.write_all_at(&[0xab; 512], 0).expect("sector 0");
         let mut block = Block::new(file, "disk".into(), false, "d").expect("block");
-        let interrupt = Interrupt::new(5).expect("eventfd");
+        let interrupt = Interrupt::new(5, Arc::new(CountingLine::default()));
         // Request 1 (head 0): header, data, status, then back to the data descriptor.
         mem.write_obj(0u32, GuestAddress(0x4000)).expect("type in");
         desc(&mem, 0, 0x4000, 16, NEXT, 1);
@@ -482,7 +483,7 @@ mod tests {
         let file = tempfile::tempfile().expect("disk");
         file.set_len(1 << 20).expect("disk size");
         let mut block = Block::new(file, "disk".into(), false, "d").expect("block");
-        let interrupt = Interrupt::new(5).expect("eventfd");
+        let interrupt = Interrupt::new(5, Arc::new(CountingLine::default()));
         // More buffers than the ring holds: the queue refuses to walk it, and "more has
         // been added" stays true however often it is asked.
         mem.write_obj(100u16, GuestAddress(0x1002))

@@ -219,7 +219,7 @@ impl MmioTransport {
     /// would overwrite an edge delivered before.
     pub fn raise_unacknowledged(&self) {
         if self.interrupt.status() != 0 {
-            let _ = self.interrupt.irqfd.write(1);
+            let _ = self.interrupt.raise();
         }
     }
 
