@@ -20,7 +20,8 @@ const NOT_PENDING: u64 = u64::MAX;
 
 /// How an edge reaches the guest's interrupt controller.
 pub trait Line: Send + Sync {
-    /// One edge on the line; called from the device loop and from vCPU threads.
+    /// One edge on the line; called from the device loop and from vCPU threads, so an
+    /// implementation must not let two pulses overlap (they would make one edge).
     fn pulse(&self) -> std::io::Result<()>;
 }
 

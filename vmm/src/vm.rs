@@ -180,8 +180,9 @@ pub struct Vm {
 }
 
 /// What a VM is before its guest is loaded or restored: KVM, memory slots, in-kernel
-/// irqchip and PIT, devices on their buses with their interrupt lines and ioeventfds. None of it depends on where the guest comes from, so a secondary builds it
-/// as soon as it knows the primary's VM and a takeover only has to restore the state.
+/// irqchip and PIT, devices on their buses with their interrupt lines and ioeventfds.
+/// None of it depends on where the guest comes from, so a secondary builds it as soon as
+/// it knows the primary's VM and a takeover only has to restore the state.
 pub struct Prepared {
     kvm: Kvm,
     config: VmConfig,

@@ -38,6 +38,10 @@ const S_UNSUPP: u8 = 2;
 
 const ID_LEN: usize = 20;
 const SEG_MAX: u32 = 128;
+/// The most data one request may move. Linux sends at most its `max_sectors_kb` (1280 KiB
+/// by default); the bound is what a replicated write may make the device loop allocate
+/// (its data is copied out of guest memory once), and keeps the used length in a u32.
+const MAX_REQUEST_BYTES: u64 = 128 << 20;
 
 #[derive(Debug, Default, Clone, serde::Serialize)]
 pub struct BlockStats {
@@ -253,7 +257,7 @@ impl Block {
                 let in_range = start
                     .and_then(|s| s.checked_add(total))
                     .is_some_and(|end| end <= self.size_bytes());
-                if !in_range || !total.is_multiple_of(SECTOR_SIZE) {
+                if !in_range || !total.is_multiple_of(SECTOR_SIZE) || total > MAX_REQUEST_BYTES {
                     return (0, status_at, S_IOERR);
                 }
                 let start = start.unwrap_or(0);
@@ -320,7 +324,7 @@ const DESC_F_INDIRECT: u16 = 4;
 /// is what is used.
 fn chain_from_table(table: &[u8], head: u16) -> (Vec<(GuestAddress, u32, bool)>, bool) {
     let mut descs = Vec::with_capacity(SEG_MAX as usize + 3);
-    let mut seen = [0u64; QUEUE_SIZE as usize / 64];
+    let mut seen = [0u64; (QUEUE_SIZE as usize).div_ceil(64)];
     let mut index = usize::from(head);
     while descs.len() < SEG_MAX as usize + 3 {
         let (Some(d), Some(word)) = (
@@ -397,8 +401,10 @@ impl VirtioDevice for Block {
                 Err(_) => (Vec::new(), true),
             };
             let (len, status_at, status) = if broken || descs.len() > SEG_MAX as usize + 2 {
-                // A broken or over-long chain is refused whole; its tail (the last
-                // descriptor before the loop closes) is where a driver put its status.
+                // A broken or over-long chain is refused whole. The status goes to the
+                // last byte of the last descriptor kept, if the device may write it: for
+                // a loop, the descriptor before the loop closes, where a driver put its
+                // status; for other breaks, a buffer of the guest's own.
                 let last = descs.last().copied();
                 let at = last
                     .filter(|d| d.2 && d.1 > 0)
@@ -503,6 +509,36 @@ mod tests {
     }
 
     #[test]
+    fn a_request_over_the_size_limit_fails_before_anything_moves() {
+        const NEXT: u16 = 1;
+        const WRITE: u16 = 2;
+        // Buffers that are all valid guest memory, so only the limit can refuse them.
+        let mem =
+            GuestMemory::from_ranges(&[(GuestAddress(0), 0x10000 + (64 << 20))]).expect("memory");
+        let file = tempfile::tempfile().expect("disk");
+        file.set_len(1 << 30).expect("disk size");
+        let mut block = Block::new(file, "disk".into(), false, "d").expect("block");
+        let interrupt = Interrupt::new(5, Arc::new(CountingLine::default()));
+        // A read of 128 MiB and one sector, into buffers that overlap (as a hostile
+        // driver may make them): inside the disk, over the limit.
+        mem.write_obj(0u32, GuestAddress(0x4000)).expect("type in");
+        desc(&mem, 0, 0x4000, 16, NEXT, 1);
+        desc(&mem, 1, 0x10000, 64 << 20, NEXT | WRITE, 2);
+        desc(&mem, 2, 0x10000, 64 << 20, NEXT | WRITE, 3);
+        desc(&mem, 3, 0x10000, 512, NEXT | WRITE, 4);
+        desc(&mem, 4, 0x6000, 1, WRITE, 0);
+        mem.write_obj(0u16, GuestAddress(0x1004)).expect("avail 0");
+        mem.write_obj(1u16, GuestAddress(0x1002))
+            .expect("avail idx");
+        let mut queues = [queue(&mem)];
+        block
+            .process_queue(0, &mut queues, &mem, &interrupt)
+            .expect("the queue goes on");
+        assert_eq!(mem.read_obj::<u8>(GuestAddress(0x6000)).ok(), Some(S_IOERR));
+        assert_eq!(block.stats.read_bytes, 0);
+    }
+
+    #[test]
     fn indirect_tables_and_indices_past_the_table_are_refused() {
         let table = |descs: &[(u64, u32, u16, u16)]| {
             let mut t = vec![0u8; 16 * DESC_SIZE];
@@ -526,6 +562,17 @@ mod tests {
                 (GuestAddress(0x6000), 1, true)
             ]
         );
+        // A loop among indices above 64, which live in other words of the set.
+        let mut high = vec![0u8; 256 * DESC_SIZE];
+        for (i, next) in [(70usize, 200u16), (200, 130), (130, 200)] {
+            let d = &mut high[i * DESC_SIZE..(i + 1) * DESC_SIZE];
+            d[8..12].copy_from_slice(&512u32.to_le_bytes());
+            d[12..14].copy_from_slice(&3u16.to_le_bytes());
+            d[14..].copy_from_slice(&next.to_le_bytes());
+        }
+        let (descs, broken) = chain_from_table(&high, 70);
+        assert!(broken, "a loop between 200 and 130");
+        assert_eq!(descs.len(), 3, "seen where it closes");
         let indirect = table(&[(0x4000, 16, 1, 1), (0x5000, 64, 4, 0)]);
         assert!(chain_from_table(&indirect, 0).1, "an indirect table");
         let past = table(&[(0x4000, 16, 1, 16)]);
