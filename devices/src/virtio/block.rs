@@ -467,16 +467,36 @@ mod tests {
         mem.write_obj(next, at.unchecked_add(14)).expect("next");
     }
 
+    const NEXT: u16 = 1;
+    const WRITE: u16 = 2;
+
+    /// A disk of `len` bytes, sector 0 filled with 0xab.
+    fn disk(len: u64) -> Block {
+        let file = tempfile::tempfile().expect("disk");
+        file.set_len(len).expect("disk size");
+        file.write_all_at(&[0xab; 512], 0).expect("sector 0");
+        Block::new(file, "disk".into(), false, "d").expect("block")
+    }
+
+    /// Makes the chains at `heads` available and lets the device take them.
+    fn serve(mem: &GuestMemory, block: &mut Block, heads: &[u16]) {
+        for (slot, head) in heads.iter().enumerate() {
+            mem.write_obj(*head, GuestAddress(0x1004 + 2 * slot as u64))
+                .expect("avail ring");
+        }
+        mem.write_obj(heads.len() as u16, GuestAddress(0x1002))
+            .expect("avail idx");
+        let interrupt = Interrupt::new(5, Arc::new(CountingLine::default()));
+        let mut queues = [queue(mem)];
+        block
+            .process_queue(0, &mut queues, mem, &interrupt)
+            .expect("the queue goes on");
+    }
+
     #[test]
     fn a_chain_that_comes_back_to_itself_fails_alone() {
-        const NEXT: u16 = 1;
-        const WRITE: u16 = 2;
         let mem = GuestMemory::from_ranges(&[(GuestAddress(0), 0x10000)]).expect("memory");
-        let file = tempfile::tempfile().expect("disk");
-        file.set_len(1 << 20).expect("disk size");
-        file.write_all_at(&[0xab; 512], 0).expect("sector 0");
-        let mut block = Block::new(file, "disk".into(), false, "d").expect("block");
-        let interrupt = Interrupt::new(5, Arc::new(CountingLine::default()));
+        let mut block = disk(1 << 20);
         // Request 1 (head 0): header, two data buffers, status, then back to the first
         // data buffer. A loop of three: a chain cut by a length limit rather than seen
         // to close would end on another descriptor than the status one.
@@ -489,18 +509,11 @@ mod tests {
         desc(&mem, 4, 0x4000, 16, NEXT, 5);
         desc(&mem, 5, 0x7000, 512, NEXT | WRITE, 6);
         desc(&mem, 6, 0x6010, 1, WRITE, 0);
-        mem.write_obj(0u16, GuestAddress(0x1004)).expect("avail 0");
-        mem.write_obj(4u16, GuestAddress(0x1006)).expect("avail 1");
-        mem.write_obj(2u16, GuestAddress(0x1002))
-            .expect("avail idx");
         mem.write_obj(0xffu8, GuestAddress(0x6000))
             .expect("status 1");
         mem.write_obj(0xffu8, GuestAddress(0x6010))
             .expect("status 2");
-        let mut queues = [queue(&mem)];
-        block
-            .process_queue(0, &mut queues, &mem, &interrupt)
-            .expect("the queue goes on");
+        serve(&mem, &mut block, &[0, 4]);
         assert_eq!(mem.read_obj::<u8>(GuestAddress(0x6000)).ok(), Some(S_IOERR));
         assert_eq!(mem.read_obj::<u8>(GuestAddress(0x6010)).ok(), Some(S_OK));
         assert_eq!(mem.read_obj::<u8>(GuestAddress(0x7000)).ok(), Some(0xab));
@@ -510,15 +523,10 @@ mod tests {
 
     #[test]
     fn a_request_over_the_size_limit_fails_before_anything_moves() {
-        const NEXT: u16 = 1;
-        const WRITE: u16 = 2;
         // Buffers that are all valid guest memory, so only the limit can refuse them.
         let mem =
             GuestMemory::from_ranges(&[(GuestAddress(0), 0x10000 + (64 << 20))]).expect("memory");
-        let file = tempfile::tempfile().expect("disk");
-        file.set_len(1 << 30).expect("disk size");
-        let mut block = Block::new(file, "disk".into(), false, "d").expect("block");
-        let interrupt = Interrupt::new(5, Arc::new(CountingLine::default()));
+        let mut block = disk(1 << 30);
         // A read of 128 MiB and one sector, into buffers that overlap (as a hostile
         // driver may make them): inside the disk, over the limit.
         mem.write_obj(0u32, GuestAddress(0x4000)).expect("type in");
@@ -527,13 +535,7 @@ mod tests {
         desc(&mem, 2, 0x10000, 64 << 20, NEXT | WRITE, 3);
         desc(&mem, 3, 0x10000, 512, NEXT | WRITE, 4);
         desc(&mem, 4, 0x6000, 1, WRITE, 0);
-        mem.write_obj(0u16, GuestAddress(0x1004)).expect("avail 0");
-        mem.write_obj(1u16, GuestAddress(0x1002))
-            .expect("avail idx");
-        let mut queues = [queue(&mem)];
-        block
-            .process_queue(0, &mut queues, &mem, &interrupt)
-            .expect("the queue goes on");
+        serve(&mem, &mut block, &[0]);
         assert_eq!(mem.read_obj::<u8>(GuestAddress(0x6000)).ok(), Some(S_IOERR));
         assert_eq!(block.stats.read_bytes, 0);
     }
