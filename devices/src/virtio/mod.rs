@@ -1,6 +1,7 @@
 //! virtio devices over the virtio-mmio transport (version 2, "modern" only).
 
 pub mod block;
+pub mod chain;
 pub mod mmio;
 pub mod net;
 pub mod tap;
