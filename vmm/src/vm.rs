@@ -26,7 +26,7 @@ use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
 use crate::boot::{self, BootError, BootSpec};
 use crate::coalesced::CoalescedPort;
-use crate::irq_line::KvmLine;
+use crate::irq_line::{IrqfdError, IrqfdLine};
 use crate::layout::*;
 use crate::vcpu::{self, VcpuControl, Vcpus, VmExit};
 use mcvmm_checkpoint::dirty::{register_slots, DirtyError};
@@ -141,6 +141,8 @@ pub enum VmError {
     },
     #[error(transparent)]
     Tap(#[from] TapError),
+    #[error(transparent)]
+    Irqfd(#[from] IrqfdError),
     #[error(transparent)]
     Boot(#[from] BootError),
     #[error(transparent)]
@@ -266,7 +268,7 @@ pub fn prepare(config: VmConfig, mem: GuestMemory, mut seams: Seams) -> Result<P
     let mut pio = Bus::default();
     let serial_irq = Arc::new(Interrupt::new(
         serial::IRQ,
-        KvmLine::new(vm_fd.clone(), serial::IRQ),
+        IrqfdLine::register(&vm_fd, serial::IRQ)?,
     ));
     let i8042_dev = Arc::new(Mutex::new(I8042::new(exit.reset_line()?)));
     pio.insert(i8042::PORT, i8042::PORT_LEN, i8042_dev.clone())?;
@@ -342,7 +344,7 @@ pub fn prepare(config: VmConfig, mem: GuestMemory, mut seams: Seams) -> Result<P
     for (i, dev) in virtio.into_iter().enumerate() {
         let base = VIRTIO_MMIO_BASE + i as u64 * WINDOW;
         let gsi = VIRTIO_IRQ_BASE + i as u32;
-        let interrupt = Arc::new(Interrupt::new(gsi, KvmLine::new(vm_fd.clone(), gsi)));
+        let interrupt = Arc::new(Interrupt::new(gsi, IrqfdLine::register(&vm_fd, gsi)?));
         let transport = MmioTransport::new(dev, mem.clone(), interrupt)?;
         for (q, evt) in transport.queue_events.iter().enumerate() {
             vm_fd
