@@ -26,7 +26,7 @@ use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
 use crate::boot::{self, BootError, BootSpec};
 use crate::coalesced::CoalescedPort;
-use crate::irq_line::{IrqfdError, IrqfdLine};
+use crate::irq_line::IrqfdLine;
 use crate::layout::*;
 use crate::vcpu::{self, VcpuControl, Vcpus, VmExit};
 use mcvmm_checkpoint::dirty::{register_slots, DirtyError};
@@ -141,8 +141,6 @@ pub enum VmError {
     },
     #[error(transparent)]
     Tap(#[from] TapError),
-    #[error(transparent)]
-    Irqfd(#[from] IrqfdError),
     #[error(transparent)]
     Boot(#[from] BootError),
     #[error(transparent)]

@@ -213,8 +213,9 @@ impl MmioTransport {
 
     /// Raises again an interrupt the driver had not acknowledged when the state was
     /// captured: an edge raised around the capture may be missing from the interrupt
-    /// controllers' saved state, and a lost one can stall a queue for good (a NIC whose RX ring is full
-    /// waits for the guest, which waits for the interrupt). A spurious one is harmless.
+    /// controllers' saved state, and a lost one can stall a queue for good (a NIC whose
+    /// RX ring is full waits for the guest, which waits for the interrupt). A spurious
+    /// one is harmless.
     /// Call it after the interrupt controllers' and vCPUs' state is restored, which
     /// would overwrite an edge delivered before.
     pub fn raise_unacknowledged(&self) {
