@@ -13,7 +13,7 @@ use linux_loader::loader::bootparam::boot_params;
 use linux_loader::loader::elf::start_info::{
     hvm_memmap_table_entry, hvm_modlist_entry, hvm_start_info,
 };
-use linux_loader::loader::{BzImage, Elf, KernelLoader, PvhBootCapability};
+use linux_loader::loader::{BzImage, Elf, KernelLoader, KernelLoaderResult, PvhBootCapability};
 use mcvmm_devices::GuestMemory;
 use vm_memory::{Bytes, GuestAddress};
 
@@ -96,17 +96,26 @@ fn kind(file: &mut File) -> std::io::Result<Option<bool>> {
     Ok(None)
 }
 
-pub struct BootSpec<'a> {
-    pub kernel: &'a Path,
-    pub initrd: Option<&'a Path>,
-    pub cmdline: &'a str,
-    pub cpus: u8,
-    pub mem_size: u64,
+/// What the kernel and initrd files put into guest memory; `write_boot_data` completes the
+/// boot from it once the command line is known.
+pub struct Images {
+    is_elf: bool,
+    loaded: KernelLoaderResult,
+    /// Guest address and size of the initrd.
+    initrd: Option<(u64, u64)>,
 }
 
-pub fn load(mem: &GuestMemory, spec: &BootSpec) -> Result<Entry, BootError> {
-    let kpath = spec.kernel.display().to_string();
-    let mut kfile = File::open(spec.kernel).map_err(|source| BootError::Open {
+/// Loads the kernel and the initrd into guest memory. This is most of the time a VM takes
+/// to build (the first touch of each page it fills), and needs nothing of the VM but its
+/// memory, so it can run while KVM and the devices are set up.
+pub fn load_images(
+    mem: &GuestMemory,
+    kernel: &Path,
+    initrd: Option<&Path>,
+    mem_size: u64,
+) -> Result<Images, BootError> {
+    let kpath = kernel.display().to_string();
+    let mut kfile = File::open(kernel).map_err(|source| BootError::Open {
         path: kpath.clone(),
         source,
     })?;
@@ -116,15 +125,9 @@ pub fn load(mem: &GuestMemory, spec: &BootSpec) -> Result<Entry, BootError> {
             source,
         })?
         .ok_or_else(|| BootError::NotAKernel(kpath.clone()))?;
-    if spec.cmdline.len() + 1 > CMDLINE_MAX {
-        return Err(BootError::CmdlineTooLong(spec.cmdline.len()));
-    }
-    if spec.cpus > mptable::MAX_CPUS {
-        return Err(BootError::TooManyCpus(spec.cpus));
-    }
-    let low_end = ram_ranges(spec.mem_size)[0].1;
+    let low_end = ram_ranges(mem_size)[0].1;
     let too_small = |need: u64| BootError::TooSmall {
-        mib: spec.mem_size >> 20,
+        mib: mem_size >> 20,
         need_mib: need.div_ceil(1 << 20),
     };
     let loaded = if is_elf {
@@ -142,15 +145,17 @@ pub fn load(mem: &GuestMemory, spec: &BootSpec) -> Result<Entry, BootError> {
     })?;
     let kernel_end = loaded.kernel_end;
 
-    // The initrd goes at the top of low RAM, page aligned, above the kernel.
-    let mut initrd = None;
-    if let Some(path) = spec.initrd {
+    // The initrd goes at the top of low RAM, page aligned, above the kernel. It is read
+    // straight into guest memory: a copy through the heap first touched as many pages
+    // again, and a page's first touch is what loading costs.
+    let mut placed = None;
+    if let Some(path) = initrd {
         let err = |source| BootError::Initrd {
             path: path.display().to_string(),
             source,
         };
-        let data = std::fs::read(path).map_err(err)?;
-        let size = data.len() as u64;
+        let mut file = File::open(path).map_err(err)?;
+        let size = file.metadata().map_err(err)?.len();
         let mut top = low_end;
         if let Some(hdr) = &loaded.setup_header {
             let max = u64::from(hdr.initrd_addr_max) + 1;
@@ -165,15 +170,39 @@ pub fn load(mem: &GuestMemory, spec: &BootSpec) -> Result<Entry, BootError> {
         let Some(addr) = addr else {
             return Err(too_small(kernel_end + size + (1 << 20)));
         };
-        mem.write_slice(&data, GuestAddress(addr))?;
-        initrd = Some((addr, size));
+        let len = usize::try_from(size).map_err(|_| err(std::io::Error::other("too large")))?;
+        mem.read_exact_volatile_from(GuestAddress(addr), &mut file, len)
+            .map_err(|e| err(std::io::Error::other(e)))?;
+        placed = Some((addr, size));
     }
+    Ok(Images {
+        is_elf,
+        loaded,
+        initrd: placed,
+    })
+}
 
-    let mut cmdline = spec.cmdline.as_bytes().to_vec();
+/// Writes the command line, the MP table and the boot information (PVH start info or
+/// boot_params with the e820 map) for loaded images; returns how vCPU 0 enters.
+pub fn write_boot_data(
+    mem: &GuestMemory,
+    images: &Images,
+    cmdline: &str,
+    cpus: u8,
+    mem_size: u64,
+) -> Result<Entry, BootError> {
+    if cmdline.len() + 1 > CMDLINE_MAX {
+        return Err(BootError::CmdlineTooLong(cmdline.len()));
+    }
+    if cpus > mptable::MAX_CPUS {
+        return Err(BootError::TooManyCpus(cpus));
+    }
+    let (is_elf, loaded, initrd) = (images.is_elf, &images.loaded, images.initrd);
+    let mut cmdline = cmdline.as_bytes().to_vec();
     cmdline.push(0);
     mem.write_slice(&cmdline, GuestAddress(CMDLINE_ADDR))?;
-    mem.write_slice(&mptable::build(spec.cpus), GuestAddress(MPTABLE_ADDR))?;
-    let map = e820(spec.mem_size);
+    mem.write_slice(&mptable::build(cpus), GuestAddress(MPTABLE_ADDR))?;
+    let map = e820(mem_size);
 
     if let (true, PvhBootCapability::PvhEntryPresent(entry)) = (is_elf, loaded.pvh_boot_cap) {
         write_pvh(mem, &map, initrd)?;
