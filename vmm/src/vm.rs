@@ -157,8 +157,6 @@ pub enum VmError {
     Restore(String),
     #[error("restore: the snapshot does not fit this VM: {0}")]
     Shape(String),
-    #[error("loading the kernel: {0}")]
-    Loader(&'static str),
     #[error("{0}")]
     Io(#[from] std::io::Error),
 }
@@ -204,8 +202,8 @@ pub struct Prepared {
     announce_on: Option<Tap>,
     /// Set when the guest starts, for the NIC's log of its first frames.
     net_started: Arc<OnceLock<Instant>>,
-    /// The kernel and initrd being loaded (a VM that boots), with how long that took.
-    images: Option<std::thread::JoinHandle<Result<(boot::Images, f64), BootError>>>,
+    /// The kernel and initrd being loaded (a VM that boots).
+    images: Option<boot::Loading>,
     /// How long each part took, for the build log.
     steps: Vec<(&'static str, f64)>,
     started: Instant,
@@ -229,22 +227,15 @@ pub enum Continue<'a> {
 
 pub fn prepare(config: VmConfig, mem: GuestMemory, mut seams: Seams) -> Result<Prepared, VmError> {
     let started = Instant::now();
-    // Loading the kernel needs only the memory: it runs while KVM and the devices are set
-    // up (a thread, so a second CPU shortens the boot by the shorter of the two).
+    // Loading the kernel needs only the memory: it goes on while KVM and the devices are
+    // set up.
     let images = match &config.source {
-        Source::Boot { kernel, initrd, .. } => {
-            let (mem, kernel, initrd) = (mem.clone(), kernel.clone(), initrd.clone());
-            let size = config.mem_mib << 20;
-            Some(
-                std::thread::Builder::new()
-                    .name("kernel-load".into())
-                    .spawn(move || {
-                        let t = Instant::now();
-                        boot::load_images(&mem, &kernel, initrd.as_deref(), size)
-                            .map(|images| (images, t.elapsed().as_secs_f64() * 1e3))
-                    })?,
-            )
-        }
+        Source::Boot { kernel, initrd, .. } => Some(boot::Loading::start(
+            mem.clone(),
+            kernel.clone(),
+            initrd.clone(),
+            config.mem_mib << 20,
+        )?),
         Source::Restore(_) | Source::Replica { .. } => None,
     };
     let mut steps: Vec<(&'static str, f64)> = Vec::new();
@@ -544,9 +535,8 @@ pub fn finish(p: Prepared, restore: Option<Continue>) -> Result<Vm, VmError> {
         }
         (None, Source::Boot { .. }) => {
             let (images, load_ms) = images
-                .ok_or(VmError::Loader("it was never started"))?
-                .join()
-                .map_err(|_| VmError::Loader("its thread panicked"))??;
+                .ok_or(BootError::Loader("it was never started"))?
+                .wait()?;
             load_alongside = Some(load_ms);
             let entry =
                 boot::write_boot_data(&mem, &images, &cmdline, config.vcpus, config.mem_mib << 20)?;

@@ -7,7 +7,9 @@ pub mod regs;
 
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::thread::JoinHandle;
+use std::time::Instant;
 
 use linux_loader::loader::bootparam::boot_params;
 use linux_loader::loader::elf::start_info::{
@@ -45,6 +47,8 @@ pub enum BootError {
     Memory(#[from] vm_memory::GuestMemoryError),
     #[error("{0} CPUs: the MP table holds at most {max}", max = mptable::MAX_CPUS)]
     TooManyCpus(u8),
+    #[error("loading the kernel: {0}")]
+    Loader(&'static str),
 }
 
 /// How vCPU 0 enters the kernel.
@@ -182,6 +186,37 @@ pub fn load_images(
     })
 }
 
+/// [`load_images`] on a thread of its own, so that the rest of a VM is built meanwhile:
+/// with a second CPU, a boot saves the shorter of the two.
+pub struct Loading {
+    thread: JoinHandle<Result<(Images, f64), BootError>>,
+}
+
+impl Loading {
+    pub fn start(
+        mem: GuestMemory,
+        kernel: PathBuf,
+        initrd: Option<PathBuf>,
+        mem_size: u64,
+    ) -> std::io::Result<Loading> {
+        let thread = std::thread::Builder::new()
+            .name("kernel-load".into())
+            .spawn(move || {
+                let started = Instant::now();
+                load_images(&mem, &kernel, initrd.as_deref(), mem_size)
+                    .map(|images| (images, started.elapsed().as_secs_f64() * 1e3))
+            })?;
+        Ok(Loading { thread })
+    }
+
+    /// The loaded images, and how long loading took (ms).
+    pub fn wait(self) -> Result<(Images, f64), BootError> {
+        self.thread
+            .join()
+            .map_err(|_| BootError::Loader("its thread panicked"))?
+    }
+}
+
 /// Writes the command line, the MP table and the boot information (PVH start info or
 /// boot_params with the e820 map) for loaded images; returns how vCPU 0 enters.
 pub fn write_boot_data(
@@ -307,6 +342,20 @@ mod tests {
         assert!(m.contains(&(MPTABLE_ADDR, EBDA_END - MPTABLE_ADDR, E820_RESERVED)));
         assert!(m.contains(&(HIMEM_START, (3 << 30) - HIMEM_START, E820_RAM)));
         assert!(m.contains(&(4 << 30, 1 << 30, E820_RAM)));
+    }
+
+    #[test]
+    fn a_load_that_fails_on_its_thread_reports_the_file() {
+        let mem = GuestMemory::from_ranges(&[(GuestAddress(0), 64 << 20)]).expect("memory");
+        let missing = std::env::temp_dir().join(format!("mcvmm-nokernel-{}", std::process::id()));
+        let loading = Loading::start(mem, missing.clone(), None, 64 << 20).expect("thread");
+        match loading.wait() {
+            Err(BootError::Open { path, .. }) => assert_eq!(path, missing.display().to_string()),
+            other => panic!(
+                "expected the missing kernel, got {:?}",
+                other.map(|(_, ms)| ms)
+            ),
+        }
     }
 
     #[test]
