@@ -8,8 +8,8 @@
 //! withdrawn when the checkpoint self-check lost guests with it (3 in a row in a CI run;
 //! 1 in each of 2 runs against 0 in 2 with the irqfd, alternating), but the same test
 //! then lost guests with the irqfd too (3 in a row, the same hour): the lab's losses
-//! that day do not say the ioctl causes them. The irqfd stays, as DESIGN.md has it, until
-//! a longer alternating run tells.
+//! that day do not say the ioctl causes them. The irqfd stays in any case: issue 4 and
+//! DESIGN.md ask for the transport's interrupts through irqfds.
 
 use std::sync::Arc;
 
