@@ -516,7 +516,7 @@ pub fn finish(p: Prepared, restore: Option<Continue>) -> Result<Vm, VmError> {
         }
     }
     step("vcpus and devices");
-    match (restore_state, &config.source) {
+    match (restore_state, images) {
         (Some(st), _) => {
             if let Some(l) = snapshot_files {
                 snapshot::apply(l, &mem).map_err(|e| VmError::Restore(e.to_string()))?;
@@ -533,10 +533,8 @@ pub fn finish(p: Prepared, restore: Option<Continue>) -> Result<Vm, VmError> {
             }
             cmdline = st.cmdline.clone();
         }
-        (None, Source::Boot { .. }) => {
-            let (images, load_ms) = images
-                .ok_or(BootError::Loader("it was never started"))?
-                .wait()?;
+        (None, Some(loading)) => {
+            let (images, load_ms) = loading.wait()?;
             load_alongside = Some(load_ms);
             let entry =
                 boot::write_boot_data(&mem, &images, &cmdline, config.vcpus, config.mem_mib << 20)?;
@@ -547,7 +545,7 @@ pub fn finish(p: Prepared, restore: Option<Continue>) -> Result<Vm, VmError> {
                 }
             }
         }
-        (None, Source::Restore(_) | Source::Replica { .. }) => {
+        (None, None) => {
             return Err(VmError::Restore(
                 "nothing to restore from was loaded".into(),
             ))

@@ -112,7 +112,7 @@ pub struct Images {
 /// Loads the kernel and the initrd into guest memory. This is most of the time a VM takes
 /// to build (the first touch of each page it fills), and needs nothing of the VM but its
 /// memory, so it can run while KVM and the devices are set up.
-pub fn load_images(
+fn load_images(
     mem: &GuestMemory,
     kernel: &Path,
     initrd: Option<&Path>,
