@@ -25,6 +25,31 @@ if [ ${#missing[@]} -gt 0 ]; then
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
+# The test hosts' other emulator: QEMU 10.0 from bookworm-backports, unpacked into the
+# cache rather than installed over Debian 12's 7.2 (the reference VMM inside test hosts
+# stays 7.2; which one emulates the hosts is lab/src/emulator.rs's choice, see
+# docs/lab-notes.md). Both are set up so that `mcvmm-soak` can compare them.
+cache=${MCVMM_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/mcvmm}
+qemu10=$cache/qemu-10.0
+if ! "$qemu10/usr/bin/qemu-system-x86_64" -L "$qemu10/usr/share/qemu" --version 2>/dev/null | grep -q 'version 10\.'; then
+    echo "setup: unpacking QEMU 10.0 (bookworm-backports) into $qemu10" >&2
+    sources=/etc/apt/sources.list.d/mcvmm-backports.sources
+    if ! apt-cache policy qemu-system-x86 2>/dev/null | grep -q bookworm-backports; then
+        [ "$(id -u)" = 0 ] || { echo "setup: adding bookworm-backports needs root" >&2; exit 1; }
+        printf '%s\n' 'Types: deb' 'URIs: http://deb.debian.org/debian' 'Suites: bookworm-backports' \
+            'Components: main' 'Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg' >"$sources"
+        apt-get update -qq
+    fi
+    debs=$(mktemp -d)
+    # (As root into a root-only folder: apt's own download user could not write there.)
+    (cd "$debs" && apt-get download -qq -o APT::Sandbox::User=root -t bookworm-backports \
+        qemu-system-x86 qemu-system-common qemu-system-data >/dev/null)
+    rm -rf "$qemu10.new" && mkdir -p "$qemu10.new"
+    for f in "$debs"/*.deb; do dpkg -x "$f" "$qemu10.new"; done
+    rm -rf "$debs" "$qemu10" && mv "$qemu10.new" "$qemu10"
+    "$qemu10/usr/bin/qemu-system-x86_64" -L "$qemu10/usr/share/qemu" --version | head -1 >&2
+fi
+
 echo "setup: building the workspace" >&2
 cargo build --workspace --locked --quiet
 

@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 use crate::assets::{AssetError, HostKernel, ImageBuilder};
 use crate::cleanup::{self, Registered, Resource};
 use crate::diagnose;
+use crate::emulator::{Emulator, EmulatorError};
 use crate::net::{self, LabNet};
 use crate::wire::{self, Kind, WireError};
 
@@ -59,6 +60,8 @@ pub enum HostError {
     Refused { host: String, msg: String },
     #[error("test host {host}: {source}")]
     Wire { host: String, source: WireError },
+    #[error(transparent)]
+    Emulator(#[from] EmulatorError),
 }
 
 /// What a test host is given.
@@ -76,6 +79,15 @@ pub struct HostOptions {
     /// One TCG thread for all the host's vCPUs instead of one each. Slower, but guests with
     /// several vCPUs were seen to freeze multi-threaded TCG test hosts now and then.
     pub single_thread_tcg: bool,
+    /// The QEMU that emulates the host; `None`: [`Emulator::configured`].
+    pub emulator: Option<Emulator>,
+}
+
+impl HostOptions {
+    /// The emulator these options ask for, or the configured one.
+    pub fn emulator(&self) -> Result<Emulator, EmulatorError> {
+        self.emulator.map_or_else(Emulator::configured, Ok)
+    }
 }
 
 impl Default for HostOptions {
@@ -88,6 +100,7 @@ impl Default for HostOptions {
             binaries: Vec::new(),
             boot_timeout: DEFAULT_BOOT_TIMEOUT,
             single_thread_tcg: false,
+            emulator: None,
         }
     }
 }
@@ -129,6 +142,7 @@ pub struct TestHost {
     pub index: usize,
     /// Address on the lab network, if the host is on one.
     pub addr: Option<Ipv4Addr>,
+    pub emulator: Emulator,
     pub boot_time: Duration,
     dir: PathBuf,
     child: Mutex<Child>,
@@ -210,14 +224,17 @@ impl TestHost {
             append += &format!(" lab.ip={a}/{}", net::SUBNET_PREFIX);
         }
         let sock = dir.join("ctl.sock");
+        let emulator = opts.emulator()?;
+        let (qemu, qemu_args) = emulator.command()?;
         let mut cmd = match net {
             Some(n) => {
                 let mut c = Command::new("ip");
-                c.args(["netns", "exec", &n.ns, "qemu-system-x86_64"]);
+                c.args(["netns", "exec", &n.ns]).arg(&qemu);
                 c
             }
-            None => Command::new("qemu-system-x86_64"),
+            None => Command::new(&qemu),
         };
+        cmd.args(&qemu_args);
         let tcg = if opts.single_thread_tcg {
             "tcg,thread=single"
         } else {
@@ -286,7 +303,7 @@ impl TestHost {
         let started = Instant::now();
         let child = cleanup::spawn_tied(cmd).map_err(|e| HostError::Io {
             host: name.clone(),
-            what: "starting qemu-system-x86_64 (install Debian package qemu-system-x86)",
+            what: "starting the test host's QEMU (scripts/setup.sh installs it)",
             source: e,
         })?;
         let process = cleanup::register(Resource::Process(child.id()));
@@ -321,6 +338,7 @@ impl TestHost {
             name,
             index,
             addr,
+            emulator,
             boot_time: Duration::ZERO,
             dir,
             child,
@@ -541,6 +559,11 @@ impl TestHost {
     /// The last lines the host printed on its console.
     pub fn console_tail(&self) -> String {
         tail(&self.dir)
+    }
+
+    /// Everything the host printed on its console.
+    pub fn console(&self) -> String {
+        std::fs::read_to_string(self.dir.join("console.log")).unwrap_or_default()
     }
 
     /// The first line in which the host's kernel reported a CPU stuck in the kernel (a

@@ -14,6 +14,7 @@ pub mod assets;
 pub mod cleanup;
 pub mod cpio;
 pub mod diagnose;
+pub mod emulator;
 pub mod exec;
 pub mod host;
 pub mod kvm;
@@ -23,6 +24,7 @@ pub mod wire;
 
 use std::time::{Duration, Instant};
 
+pub use emulator::Emulator;
 pub use host::{HostOptions, Output, Stream, TestHost};
 pub use kvm::KvmHost;
 pub use net::LabNet;
@@ -37,6 +39,8 @@ pub enum LabError {
     Net(#[from] net::NetError),
     #[error(transparent)]
     Host(#[from] host::HostError),
+    #[error(transparent)]
+    Emulator(#[from] emulator::EmulatorError),
     #[error("{0}")]
     Check(String),
 }
@@ -105,11 +109,8 @@ impl Lab {
                 opts.hosts
             )));
         }
-        if !assets::in_path("qemu-system-x86_64") {
-            return Err(LabError::Check(
-                "qemu-system-x86_64 not found in PATH: install Debian package qemu-system-x86 (scripts/setup.sh does)".into(),
-            ));
-        }
+        // The emulator is there, or the error says how to get it, before anything starts.
+        opts.host.emulator()?.command()?;
         cleanup::remove_stale();
         let kernel = host_kernel()?;
         let labd = assets::workspace_binary("mcvmm-labd")?;

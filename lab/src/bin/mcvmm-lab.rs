@@ -63,6 +63,10 @@ enum Cmd {
         /// Run each test host's vCPUs on one TCG thread (slower, steadier with SMP guests).
         #[arg(long)]
         single_thread_tcg: bool,
+        /// The test hosts' emulator: 7.2 (Debian 12's QEMU) or 10.0 (bookworm-backports);
+        /// default MCVMM_LAB_EMULATOR, else the lab's choice.
+        #[arg(long)]
+        emulator: Option<mcvmm_lab::Emulator>,
         /// Run on this machine instead when its /dev/kvm is hardware KVM (files go to a
         /// work folder; only host 0).
         #[arg(long)]
@@ -164,11 +168,13 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             command,
             kvm_host,
             single_thread_tcg,
+            emulator,
         } => {
             let mut opts = HostOptions {
                 mem_mib,
                 cpus,
                 single_thread_tcg,
+                emulator,
                 with_qemu: qemu,
                 ..HostOptions::default()
             };
@@ -204,8 +210,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     host: opts,
                 })?;
                 eprintln!(
-                    "mcvmm-lab: {hosts} test host(s) up in {:.1} s",
-                    lab.boot_time.as_secs_f64()
+                    "mcvmm-lab: {hosts} test host(s) up in {:.1} s ({})",
+                    lab.boot_time.as_secs_f64(),
+                    lab.host(0).emulator
                 );
                 lab.host(0)
                     .run_streaming(&command, Duration::from_secs(timeout), &mut print)?
