@@ -2,12 +2,18 @@
 # Runs every test: unit tests, and integration tests that boot real guests under real
 # KVM (on this machine when it has hardware KVM, in lab test hosts otherwise).
 # The whole output is kept in target/test-output.log; when a test fails, why it failed
-# is printed again at the very end, where a log cut short still shows it.
+# is printed again at the very end, where a log cut short still shows it, with the
+# folders under target/lab-failures/ that keep the failed lab tests' consoles and logs.
+# Last come the run's retries (tests/src/retry.rs): a table, then the line
+# `retries: N of 3 allowed`; a run that took more than 3 fails, whatever passed.
 set -Eeuo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 scripts/setup.sh
 log=target/test-output.log
 mkdir -p target
+rm -rf target/lab-failures
+export MCVMM_RETRY_LEDGER=$PWD/target/retries.jsonl
+rm -f "$MCVMM_RETRY_LEDGER"
 set +e
 cargo test --workspace --locked --no-fail-fast "$@" 2>&1 | tee "$log"
 status=${PIPESTATUS[0]}
@@ -39,4 +45,10 @@ if [ "$status" -ne 0 ]; then
     ' "$log"
     grep -E '^error: [0-9]+ targets? failed|^    `-p ' "$log" || true
 fi
+if [ -d target/lab-failures ]; then
+    echo
+    echo "=== evidence of lab failures (consoles of test hosts and guests, VMM logs) ==="
+    find target/lab-failures -mindepth 2 -maxdepth 2 -type d | sort
+fi
+target/debug/mcvmm-retries "$MCVMM_RETRY_LEDGER" || status=1
 exit "$status"

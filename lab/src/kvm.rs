@@ -104,6 +104,14 @@ impl KvmHost {
         }
     }
 
+    /// The test hosts behind this (none for local KVM).
+    pub fn test_hosts(&self) -> &[crate::TestHost] {
+        match self {
+            KvmHost::Local { .. } => &[],
+            KvmHost::Lab(lab) => lab.hosts(),
+        }
+    }
+
     /// Whether the test host's kernel reported a CPU stuck in it (see
     /// `TestHost::kernel_stall`); local KVM is trusted.
     pub fn kernel_stall(&self) -> Option<String> {

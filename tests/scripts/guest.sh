@@ -11,9 +11,15 @@
 #   start_pair NAME MEM_MIB PRIMARY_DISKS SECONDARY_DISKS [mcvmm args...]
 #                          a replicating primary and its secondary (see below)
 #   wait_protected NAME    until the primary reports the guest protected
+#   phase NAME             says what the guests do now (see below)
 set -u
 
 guest_ip() { echo "10.99.0.2"; }
+
+# Says what the guests are doing now (boot, running, epochs, protected, after-restore,
+# after-takeover), on stderr: a failed test is judged by the last phase said (see
+# tests/src/retry.rs: a guest lost after a restore or a takeover is never the lab's).
+phase() { echo "MCVMM-PHASE $1" >&2; }
 
 # Guests this shell started; `cleanup_guests` (run on exit by the tests) kills what is
 # left of them, so that a failed script does not leave a guest spinning on the host.
@@ -48,29 +54,22 @@ start_guest() {
     ip netns exec "$name" ip tuntap add dev gtap mode tap
     ip netns exec "$name" ip addr add 10.99.0.1/24 dev gtap
     ip netns exec "$name" ip link set gtap up
-    for try in 1 2; do
-        ip netns exec "$name" ./mcvmm run --kernel "guest/$kernel" --initrd guest/initrd.img \
-            --vcpus "$cpus" --mem-mib "$mem" --cmdline "${CMDLINE:-panic=-1 mcvmm.ip=10.99.0.2/24}" \
-            --tap gtap --serial "$name.console" --api-sock "$name.sock" "$@" >"$name.log" 2>&1 &
-        echo $! >"$name.pid"
-        if ip netns exec "$name" ./agentctl --addr 10.99.0.2:7000 --wait 60 ping; then
-            return 0
-        fi
-        if [ $try = 1 ]; then
-            # Nested-TCG test hosts stall a booting guest now and then, under QEMU as well
-            # as mcvmm (issue 4's notes): once, loudly, the boot is tried again.
-            echo "WARNING: guest $name did not answer within 60 s; its console ends:"
-            tail -3 "$name.console"; echo; echo "WARNING: booting guest $name once more"
-            kill -9 "$(cat "$name.pid")" 2>/dev/null || true
-            wait "$(cat "$name.pid")" 2>/dev/null || true
-        fi
-    done
+    phase boot
+    ip netns exec "$name" ./mcvmm run --kernel "guest/$kernel" --initrd guest/initrd.img \
+        --vcpus "$cpus" --mem-mib "$mem" --cmdline "${CMDLINE:-panic=-1 mcvmm.ip=10.99.0.2/24}" \
+        --tap gtap --serial "$name.console" --api-sock "$name.sock" "$@" >"$name.log" 2>&1 &
+    echo $! >"$name.pid"
+    if ip netns exec "$name" ./agentctl --addr 10.99.0.2:7000 --wait 60 ping; then
+        phase running
+        return 0
+    fi
     echo "guest $name did not answer; mcvmm log:"; cat "$name.log"; tail -20 "$name.console"
     return 1
 }
 
-# Kills NAME's mcvmm hard: the guest is not told.
+# Kills NAME's mcvmm hard: the guest is not told. (The secondary of a pair takes over.)
 kill_guest() {
+    [ -f "$1.s.pid" ] && phase after-takeover
     kill -9 "$(cat "$1.pid")" 2>/dev/null || true
     wait "$(cat "$1.pid")" 2>/dev/null || true
 }
@@ -79,6 +78,7 @@ kill_guest() {
 # disks are given again as arguments); waits for the agent.
 restore_guest() {
     name=$1 dir=$2; shift 2
+    phase after-restore
     ip netns exec "$name" ./mcvmm run --restore "$dir" --tap gtap --serial "$name.console" \
         --api-sock "$name.sock" "$@" >>"$name.log" 2>&1 &
     echo $! >"$name.pid"
@@ -150,30 +150,21 @@ start_pair() {
     sargs="" pargs=""
     for d in $(echo "$sdisks" | tr , ' '); do sargs="$sargs --disk $d"; done
     for d in $(echo "$pdisks" | tr , ' '); do pargs="$pargs --disk $d"; done
-    for try in 1 2; do
-        # shellcheck disable=SC2086
-        $ns ./mcvmm run --secondary --listen 127.0.0.1:7777 $sargs --tap stap \
-            --serial "$name.s.console" --api-sock "$name.s.sock" >"$name.s.log" 2>&1 &
-        echo $! >"$name.s.pid"
-        # shellcheck disable=SC2086
-        $ns ./mcvmm run --kernel guest/vmlinux --initrd guest/initrd.img --mem-mib "$mem" \
-            --cmdline "${CMDLINE:-panic=-1 mcvmm.ip=10.99.0.2/24}" $pargs --tap ptap \
-            --serial "$name.console" --api-sock "$name.sock" --primary --peer 127.0.0.1:7777 "$@" \
-            >"$name.log" 2>&1 &
-        echo $! >"$name.pid"
-        if $ns ./agentctl --addr 10.99.0.2:7000 --wait 60 ping; then
-            return 0
-        fi
-        if [ $try = 1 ]; then
-            # As in start_guest: a boot stalled by the nested lab is tried once more.
-            echo "WARNING: protected guest $name did not answer within 60 s; its console ends:"
-            tail -3 "$name.console"; echo; echo "WARNING: starting pair $name once more"
-            for p in "$name.pid" "$name.s.pid"; do
-                kill -9 "$(cat "$p")" 2>/dev/null || true
-                wait "$(cat "$p")" 2>/dev/null || true
-            done
-        fi
-    done
+    phase boot
+    # shellcheck disable=SC2086
+    $ns ./mcvmm run --secondary --listen 127.0.0.1:7777 $sargs --tap stap \
+        --serial "$name.s.console" --api-sock "$name.s.sock" >"$name.s.log" 2>&1 &
+    echo $! >"$name.s.pid"
+    # shellcheck disable=SC2086
+    $ns ./mcvmm run --kernel guest/vmlinux --initrd guest/initrd.img --mem-mib "$mem" \
+        --cmdline "${CMDLINE:-panic=-1 mcvmm.ip=10.99.0.2/24}" $pargs --tap ptap \
+        --serial "$name.console" --api-sock "$name.sock" --primary --peer 127.0.0.1:7777 "$@" \
+        >"$name.log" 2>&1 &
+    echo $! >"$name.pid"
+    if $ns ./agentctl --addr 10.99.0.2:7000 --wait 60 ping; then
+        phase protected
+        return 0
+    fi
     echo "guest $name did not answer; primary log:"; cat "$name.log"
     echo "secondary log:"; cat "$name.s.log"; tail -20 "$name.console"
     return 1

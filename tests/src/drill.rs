@@ -23,6 +23,7 @@ pub use crate::pair::{
     agent, clean, run_ok, start_lab, start_pair, start_standalone, value, PRIMARY, SECONDARY,
 };
 use crate::pair::{agentctl, other, protect_again, NODE};
+use crate::retry::{self, Cause, Phase};
 
 /// How a round kills the primary.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -53,8 +54,9 @@ pub struct Round {
     pub primary_host: usize,
     /// The guest was protected again after an earlier round's takeover (not booted).
     pub protected_again: bool,
-    /// Why protecting the running guest again failed (a new guest was booted instead).
-    pub protect_again_failed: Option<String>,
+    /// The round ran on test hosts booted for it (the drill's first, after a host kill,
+    /// or after a retry): the only rounds that boot a guest.
+    pub first_on_lab: bool,
     /// Starting both sides (or protecting again) to the guest protected, ms.
     pub protected_ms: u64,
     /// The same to the guest's workload running and the writes before the kill done, ms.
@@ -62,8 +64,8 @@ pub struct Round {
     /// The checks after the kill (verify, new writes, shutdown, the disks), ms.
     pub checks_ms: u64,
     /// The primary's guest died on its own before the kill (the secondary took over by
-    /// itself; every check still ran).
-    pub primary_died_first: bool,
+    /// itself; every check still ran): what the primary's log and console said.
+    pub primary_died_first: Option<String>,
 }
 
 pub struct Options {
@@ -72,15 +74,6 @@ pub struct Options {
     pub guest_mem_mib: u32,
     pub seed: u64,
 }
-
-/// Fresh labs a drill may start after test hosts died under it.
-const MAX_LAB_RESTARTS: usize = 3;
-/// Rounds a drill may add for primaries whose guest died on its own before the kill
-/// (issue 6's notes: seen about once in ten rounds in the lab, cause not yet known).
-pub const MAX_EXTRA_ROUNDS: usize = 6;
-/// Rounds a drill may run again because the guest crashed or hung by itself after the
-/// takeover (one that mcvmm caused would come back round after round and fail the drill).
-pub const MAX_GUEST_CRASHES: usize = 2;
 
 /// A small deterministic generator: the seed is printed, so a round can be replayed.
 struct Rng(u64);
@@ -94,15 +87,9 @@ impl Rng {
     }
 }
 
-/// How many rounds protected the running guest again, and why the attempts that failed
-/// did.
-pub fn protected_again(rounds: &[Round]) -> (usize, Vec<&String>) {
-    let again = rounds.iter().filter(|r| r.protected_again).count();
-    let failed = rounds
-        .iter()
-        .filter_map(|r| r.protect_again_failed.as_ref())
-        .collect();
-    (again, failed)
+/// How many rounds protected the running guest again.
+pub fn protected_again(rounds: &[Round]) -> usize {
+    rounds.iter().filter(|r| r.protected_again).count()
 }
 
 /// How and when a round kills the primary: `after_ms` after the guest is protected.
@@ -159,18 +146,13 @@ struct Prepared {
     protected_ms: u64,
     /// The running guest was protected again (not booted).
     again: bool,
-    /// Why protecting the running guest again failed, if it did (a new one was booted).
-    again_failed: Option<String>,
     /// What happened, for the log.
     how: String,
 }
 
 /// Brings a protected guest up with its workload and the writes before the kill: the
-/// running guest protected again, or a new one booted. The lab's nested guests have been
-/// seen to die on their own, during boot (under QEMU as well as mcvmm, see issue 4's
-/// notes) and now and then while protected: a guest that cannot be protected again is
-/// replaced by a new one, and a boot that fails is tried once more, loudly either way; a
-/// kill is never. A second boot failure is the caller's to take to fresh test hosts.
+/// running guest protected again, or (first round on these hosts) a new one booted.
+/// Either failing fails the round; whether it runs again is the retry policy's.
 fn prepare(
     lab: &Lab,
     ns: &str,
@@ -185,59 +167,31 @@ fn prepare(
             &["records", "vda", &run.to_string(), &before.to_string()],
         )
     };
-    let mut again_failed = None;
+    let t = Instant::now();
     if let Some(host) = chain.running_on.take() {
-        let t = Instant::now();
-        match protect_again(lab, host).and_then(|sync| {
-            let ms = t.elapsed().as_millis() as u64;
-            records()?;
-            Ok((ms, sync))
-        }) {
-            Ok((protected_ms, sync)) => {
-                return Ok(Prepared {
-                    primary: host,
-                    protected_ms,
-                    again: true,
-                    again_failed: None,
-                    how: format!(
-                        "protected again in {:.1} s ({sync})",
-                        protected_ms as f64 / 1e3
-                    ),
-                })
-            }
-            Err(e) => {
-                eprintln!(
-                    "WARNING: round {}: protecting the running guest again failed ({e}\n{}); booting a new one",
-                    run - 1,
-                    console_tails(lab)
-                );
-                again_failed = Some(e.lines().next().unwrap_or_default().to_string());
-                clean(lab);
-            }
-        }
-    }
-    let once = || -> Result<u64, String> {
-        let t = Instant::now();
-        start_pair(lab, opts.guest_mem_mib, "")?;
+        let sync = protect_again(lab, host)
+            .map_err(|e| format!("protecting the running guest again: {e}"))?;
         let protected_ms = t.elapsed().as_millis() as u64;
-        agent(ns, &["--wait", "60", "ping"])?;
-        agent(ns, &["mem-start", "16", "2000"])?;
         records()?;
-        Ok(protected_ms)
-    };
-    let protected_ms = once().or_else(|e| {
-        eprintln!(
-            "WARNING: starting the protected guest failed ({e}\n{}); trying once more",
-            console_tails(lab)
-        );
-        clean(lab);
-        once().map_err(|e| format!("{e}\n{}", console_tails(lab)))
-    })?;
+        return Ok(Prepared {
+            primary: host,
+            protected_ms,
+            again: true,
+            how: format!(
+                "protected again in {:.1} s ({sync})",
+                protected_ms as f64 / 1e3
+            ),
+        });
+    }
+    start_pair(lab, opts.guest_mem_mib, "").map_err(|e| format!("{e}\n{}", console_tails(lab)))?;
+    let protected_ms = t.elapsed().as_millis() as u64;
+    agent(ns, &["--wait", "60", "ping"])?;
+    agent(ns, &["mem-start", "16", "2000"])?;
+    records()?;
     Ok(Prepared {
         primary: PRIMARY,
         protected_ms,
         again: false,
-        again_failed,
         how: format!("booted and protected in {:.1} s", protected_ms as f64 / 1e3),
     })
 }
@@ -284,7 +238,6 @@ pub fn round(
         primary,
         protected_ms,
         again: protected_again,
-        again_failed,
         how,
     } = prepare(lab, ns, chain, run, before, opts).map_err(RoundFailure::Start)?;
     let ready_ms = started.elapsed().as_millis() as u64;
@@ -299,7 +252,7 @@ pub fn round(
         .map_err(|e| format!("client: {e}"))?;
     std::thread::sleep(Duration::from_millis(kill_after_ms));
     let t0 = Instant::now();
-    let mut primary_died_first = false;
+    let mut primary_died_first = None;
     match kill {
         Kill::Process => {
             let out = run_ok(
@@ -311,10 +264,11 @@ pub fn round(
                 20,
             )?;
             if out.contains("GONE") {
-                // Seen in the lab: the primary's guest crashed by itself (issue 6 notes)
-                // and the secondary took over on its own. The round's checks still hold.
-                primary_died_first = true;
+                // The primary ended before its kill and the secondary took over on its
+                // own: the round's checks still hold; whether the round counts is the
+                // retry policy's (see `run`).
                 eprintln!("WARNING: round {n}: the primary had ended before the kill:\n{out}");
+                primary_died_first = Some(out);
             }
         }
         Kill::Host => {
@@ -418,7 +372,7 @@ pub fn round(
         primary_died_first,
         primary_host: primary,
         protected_again,
-        protect_again_failed: again_failed,
+        first_on_lab: false,
         protected_ms,
         ready_ms,
         checks_ms,
@@ -456,6 +410,64 @@ fn check_disks(lab: &Lab, host: usize, run: u64, counts: &[u64]) -> Result<Strin
     )
 }
 
+/// What a failed round leaves to read: the failure, both sides' logs, guest consoles and
+/// status, where the lab's switch sends guest MACs, and the test hosts' consoles.
+fn failure_report(l: &Lab, ns: &str, n: usize, e: &RoundFailure) -> String {
+    let consoles: String = l
+        .hosts()
+        .iter()
+        .map(|h| h.console_tail())
+        .collect::<Vec<_>>()
+        .join("\n---\n");
+    let logs = on_both_hosts(l, 15, |p| {
+        format!(
+            "echo '{p}.log:'; tail -15 {p}.log; echo '-- guest console:'; tail -15 {p}.console
+             echo '-- status:'; timeout 10 ./mcvmm ctl --api-sock {p}.sock status 2>&1 | head -c 4000"
+        )
+    });
+    // A stale entry pointing at the old primary's port keeps the guest unreachable.
+    let fdb = Command::new("ip")
+        .args(["netns", "exec", ns, "bridge", "fdb", "show"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default();
+    let fdb: Vec<&str> = fdb.lines().filter(|l| l.contains("52:54:00")).collect();
+    format!(
+        "round {n}: {e}\n{logs}\nlab switch entries for guest MACs:\n{}\ntest host consoles:\n{consoles}",
+        fdb.join("\n")
+    )
+}
+
+/// Keeps the evidence of a failure on `lab` and asks the retry policy whether what
+/// failed may run again: a test host that died (not the one a round powered off) is the
+/// lab's; a guest lost with a signature in `why` is judged in `phase`; anything else is
+/// not retried.
+fn lab_retry(lab: &Lab, chain: &Chain, label: &str, phase: Phase, why: &str) -> bool {
+    let all: Vec<&mcvmm_lab::TestHost> = lab.hosts().iter().collect();
+    let kept = crate::evidence::keep(label, &all, None, why);
+    let dead = all.iter().enumerate().any(|(i, h)| {
+        chain.powered_off != Some(i)
+            && (h.kernel_stall().is_some()
+                || !h
+                    .run("true", Duration::from_secs(20))
+                    .is_ok_and(|o| o.success()))
+    });
+    let lost = crate::guest::lost_signature(why);
+    let cause = if dead {
+        Cause::HostDied
+    } else if let Some((signature, _)) = &lost {
+        Cause::GuestLost {
+            signature: signature.clone(),
+            phase,
+        }
+    } else {
+        eprintln!("drill: {label} failed; evidence in {}", kept.display());
+        return false;
+    };
+    let line = lost.map(|(_, l)| l).unwrap_or_default();
+    retry::allow(cause, &format!("{line}; evidence in {}", kept.display()))
+}
+
 /// Runs the rounds: process kills on one lab, then each host kill on a lab of its own
 /// (the killed host is gone for good).
 pub fn run(opts: &Options, log: &mut dyn FnMut(&str)) -> Result<Vec<Round>, String> {
@@ -466,9 +478,7 @@ pub fn run(opts: &Options, log: &mut dyn FnMut(&str)) -> Result<Vec<Round>, Stri
     plan.extend(vec![Kill::Host; opts.host_rounds]);
     let mut lab: Option<Lab> = None;
     let mut chain = Chain::default();
-    let mut lab_restarts = 0;
-    let mut extra_rounds = 0;
-    let mut guest_crashes = 0;
+    let mut lab_rounds = 0;
     while let Some(kill) = plan.pop_front() {
         let n = rounds.len();
         if lab.is_none() {
@@ -485,102 +495,52 @@ pub fn run(opts: &Options, log: &mut dyn FnMut(&str)) -> Result<Vec<Round>, Stri
             kill,
             after_ms: rng.below(3000),
         };
-        let r = match round(l, &ns, &mut chain, n + 1, at, opts, log) {
+        // A round that starts from a guest that took over earlier: anything lost in it
+        // is lost after a takeover.
+        let after_takeover = chain.running_on.is_some();
+        let first_on_lab = lab_rounds == 0;
+        let mut r = match round(l, &ns, &mut chain, n + 1, at, opts, log) {
             Ok(r) => r,
-            Err(RoundFailure::GuestCrashed(e)) if guest_crashes < MAX_GUEST_CRASHES => {
-                guest_crashes += 1;
-                eprintln!(
-                    "WARNING: round {}: the guest that took over crashed or hung by itself (every write the client saw acknowledged is on the secondary's disks); the round runs again with a new guest:\n{e}",
-                    n + 1
-                );
-                log(&format!(
-                    "round {} runs again: the guest crashed or hung by itself after the takeover",
-                    n + 1
-                ));
-                if kill == Kill::Host {
-                    // Its primary's host is powered off: the round needs fresh hosts.
-                    drop(lab.take());
-                } else {
-                    // `prepare` took the guest off the chain: the round boots a new one.
-                    clean(l);
-                }
-                plan.push_front(kill);
-                continue;
-            }
             Err(e) => {
-                let consoles: String = l
-                    .hosts()
-                    .iter()
-                    .map(|h| h.console_tail())
-                    .collect::<Vec<_>>()
-                    .join("\n---\n");
-                let logs = on_both_hosts(l, 15, |p| {
-                    format!(
-                        "echo '{p}.log:'; tail -15 {p}.log; echo '-- guest console:'; tail -15 {p}.console
-                         echo '-- status:'; timeout 10 ./mcvmm ctl --api-sock {p}.sock status 2>&1 | head -c 4000"
-                    )
-                });
-                // Where the lab's switch sends the guest's MAC (a stale entry pointing
-                // at the old primary's port keeps the guest unreachable).
-                let fdb = Command::new("ip")
-                    .args(["netns", "exec", &ns, "bridge", "fdb", "show"])
-                    .output()
-                    .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
-                    .unwrap_or_default();
-                let fdb: Vec<&str> = fdb.lines().filter(|l| l.contains("52:54:00")).collect();
-                let why = format!(
-                    "round {}: {e}\n{logs}\nlab switch entries for guest MACs:\n{}\ntest host consoles:\n{consoles}",
-                    n + 1,
-                    fdb.join("\n")
-                );
-                // A nested-TCG test host sometimes freezes or dies on its own (soft
-                // lockups in its KVM, see issue 4's notes), and its guests have failed to
-                // boot twice in a row on hosts that had run many rounds. Such a round could
-                // not be checked either way: it runs again on fresh hosts, loudly, a few
-                // times at most. A failed check on healthy hosts fails the drill.
-                // A host-kill round's primary counts only if it died before its kill (the
-                // lab also powers off a host it found hung: that one is dead).
-                let dead = l.hosts().iter().enumerate().any(|(i, h)| {
-                    chain.powered_off != Some(i)
-                        && !h
-                            .run("true", Duration::from_secs(20))
-                            .is_ok_and(|o| o.success())
-                });
-                let never_started = matches!(e, RoundFailure::Start(_));
-                if !(dead || never_started) || lab_restarts >= MAX_LAB_RESTARTS {
+                let phase = match e {
+                    RoundFailure::Start(_) if !after_takeover => Phase::Boot,
+                    _ => Phase::AfterTakeover,
+                };
+                let why = failure_report(l, &ns, n + 1, &e);
+                if !lab_retry(l, &chain, &format!("round{}", n + 1), phase, &why) {
                     return Err(why);
                 }
-                lab_restarts += 1;
-                eprintln!(
-                    "WARNING: {}; round {} runs again on fresh hosts:\n{why}",
-                    if dead {
-                        "a test host died under the drill"
-                    } else {
-                        "the protected guest did not get ready twice on these hosts"
-                    },
-                    n + 1
-                );
-                // The loop boots fresh hosts (and a new guest) for the same round.
+                log(&format!("round {} runs again on fresh hosts", n + 1));
                 drop(lab.take());
+                lab_rounds = 0;
                 plan.push_front(kill);
                 continue;
             }
         };
-        if r.primary_died_first && kill == Kill::Process {
-            // Still a checked failover, but not a kill at a random moment: one more
-            // round, so that the drill has as many of those as it was asked for.
-            if extra_rounds >= MAX_EXTRA_ROUNDS {
+        if let (Some(out), Kill::Process) = (&r.primary_died_first, kill) {
+            // Still a checked failover, but not a kill at a random moment. The primary
+            // ran under epochs: its guest lost there is the lab's only if the soak shows
+            // QEMU losing guests that way; then one more round replaces it.
+            if !lab_retry(
+                l,
+                &chain,
+                &format!("round{}-primary", n + 1),
+                Phase::Epochs,
+                out,
+            ) {
                 return Err(format!(
-                    "{} primaries died on their own before their kill (rounds so far: {rounds:#?})",
-                    extra_rounds + 1
+                    "round {}: the primary ended on its own before its kill:\n{out}",
+                    n + 1
                 ));
             }
-            extra_rounds += 1;
             plan.push_front(Kill::Process);
         }
+        r.first_on_lab = first_on_lab;
         rounds.push(r);
+        lab_rounds += 1;
         if kill == Kill::Host {
             lab = None;
+            lab_rounds = 0;
         }
     }
     Ok(rounds)

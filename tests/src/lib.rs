@@ -1,8 +1,11 @@
 //! Helpers shared by the integration tests.
 
 pub mod drill;
+pub mod evidence;
 pub mod guest;
 pub mod pair;
+pub mod retry;
+pub mod soak;
 
 use std::path::PathBuf;
 use std::process::{Command, Output};

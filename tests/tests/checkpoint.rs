@@ -54,6 +54,7 @@ fn every_page_written_shows_in_the_dirty_sets_and_the_check_catches_a_gap() {
          ( while :; do ip netns exec sc ./agentctl --addr 10.99.0.2:7000 diskbench vda 2 \
              >>bg.log 2>&1 || echo diskbench failed at $(now_ms) ms >>bg.log; done ) &
          bg=$!
+         phase epochs
          echo '== complete'; ./mcvmm ctl --api-sock sc.sock selfcheck 200 40
          # Each pause compares all of memory (about 0.1 s in the lab), so longer epochs
          # let the guest get its disk reads done. The reads land in an epoch of their own

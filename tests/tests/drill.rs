@@ -5,10 +5,10 @@
 //! secondary's disk, that the guest's memory patterns verify, and that the guest keeps
 //! serving at the same address. One guest lives through the rounds, protected again by
 //! `mcvmm ctl protect` after each takeover (it moves between the two hosts); a new one is
-//! booted only where that fails, or after the host kill. A round whose taken-over guest
-//! crashed or stopped taking interrupts by itself (the lab's nested guests do, under QEMU
-//! too) is run again with a new guest, loudly and at most twice, once its disks hold
-//! every acknowledged write. The seed is printed; `mcvmm-drill --seed S` replays it.
+//! booted only on fresh test hosts (the first round, after the host kill). A round runs
+//! again only where the retry policy (`mcvmm_tests::retry`) grants it: a test host died,
+//! or a guest was lost in a way the soak shows to be the lab's; every such retry is
+//! counted in the run's ledger. The seed is printed; `mcvmm-drill --seed S` replays it.
 
 use mcvmm_tests::drill::{self, Kill, Options};
 
@@ -36,29 +36,28 @@ fn twenty_process_kills_and_a_host_kill_lose_no_acknowledged_write() {
             kept.display()
         ),
     }
-    // Rounds whose primary died on its own before the kill are checked like the rest
-    // and do not count: the drill adds one (a few at most) for each.
+    // Rounds whose primary died on its own before the kill (only where the retry policy
+    // granted it) are checked like the rest and do not count: the drill adds one.
     let killed = |kind| {
         rounds
             .iter()
-            .filter(|r| r.kill == kind && !r.primary_died_first)
+            .filter(|r| r.kill == kind && r.primary_died_first.is_none())
             .count()
     };
     assert_eq!(killed(Kill::Process), 20, "{rounds:#?}");
     assert_eq!(rounds.iter().filter(|r| r.kill == Kill::Host).count(), 1);
-    // Protecting the guest again is the way every round but the first begins; the lab's
-    // guests die on their own now and then (then a new one is booted, loudly), but at
-    // least half the rounds must have gone that way.
-    let (again, failed) = drill::protected_again(&rounds);
+    // Every round that did not start on fresh test hosts protected the running guest
+    // again (a failure to do so fails the round).
     eprintln!(
-        "drill: {again} rounds protected the running guest again; {} attempts failed: {failed:?}",
-        failed.len()
-    );
-    assert!(
-        again >= 10,
-        "too few rounds protected the running guest again ({again}; failed: {failed:#?})"
+        "drill: {} rounds protected the running guest again",
+        drill::protected_again(&rounds)
     );
     for r in &rounds {
+        assert!(
+            r.protected_again || r.first_on_lab,
+            "round {} booted a guest: {r:?}",
+            r.round
+        );
         assert!(
             r.acked_during > 0,
             "the client got writes through round {}: {r:?}",

@@ -95,11 +95,9 @@ fn main() {
             println!("{line}");
         }
     }
-    let (again, failed) = drill::protected_again(&rounds);
     println!(
-        "\nThe running guest was protected again (`mcvmm ctl protect`) for {again} round(s); {} attempt(s) failed{}",
-        failed.len(),
-        if failed.is_empty() { String::new() } else { format!(": {failed:?}") }
+        "\nThe running guest was protected again (`mcvmm ctl protect`) for {} round(s)",
+        drill::protected_again(&rounds)
     );
     if let Some(dir) = out.parent() {
         let _ = std::fs::create_dir_all(dir);

@@ -1,0 +1,304 @@
+//! The soak: how often a guest is lost under epochs, under mcvmm and under QEMU at the
+//! same rhythm, and with no pauses at all, in test hosts on each emulator. It settles
+//! whether a lost guest is mcvmm's fault or the lab's (issue 20): if mcvmm under epochs
+//! loses guests clearly more often than QEMU under the same pauses, the cause is ours.
+//!
+//! One run: a 2-vCPU guest boots (no second try), starts its memory workload, then is
+//! paused `EPOCHS` times with `EPOCH_MS` of running between pauses (mcvmm: `ctl epochs`;
+//! QEMU: `mcvmm-qmp-pacer`), or runs as long untouched (the idle cases); then its memory
+//! patterns must verify. Anything else is a loss, with a [`Signature`].
+
+use serde::{Deserialize, Serialize};
+
+/// What a run does to its guest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Case {
+    /// mcvmm, `ctl epochs EPOCHS EPOCH_MS`: the pause, dirty log, copy and capture a
+    /// replicating primary runs.
+    McvmmEpochs,
+    /// QEMU microvm, paused and resumed at the same rhythm (see `mcvmm-qmp-pacer`).
+    QemuPauses,
+    McvmmIdle,
+    QemuIdle,
+}
+
+impl Case {
+    pub const ALL: [Case; 4] = [
+        Case::McvmmEpochs,
+        Case::QemuPauses,
+        Case::McvmmIdle,
+        Case::QemuIdle,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Case::McvmmEpochs => "mcvmm epochs",
+            Case::QemuPauses => "QEMU pauses",
+            Case::McvmmIdle => "mcvmm idle",
+            Case::QemuIdle => "QEMU idle",
+        }
+    }
+
+    /// The name `mcvmm-soak --cases` takes.
+    pub fn short(self) -> &'static str {
+        match self {
+            Case::McvmmEpochs => "mcvmm-epochs",
+            Case::QemuPauses => "qemu-pauses",
+            Case::McvmmIdle => "mcvmm-idle",
+            Case::QemuIdle => "qemu-idle",
+        }
+    }
+
+    pub fn is_qemu(self) -> bool {
+        matches!(self, Case::QemuPauses | Case::QemuIdle)
+    }
+
+    pub fn pauses(self) -> bool {
+        matches!(self, Case::McvmmEpochs | Case::QemuPauses)
+    }
+}
+
+/// How a guest was lost, as far as the run's output tells.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Signature {
+    /// The test host died, hung, or its kernel reported a stuck CPU.
+    HostDied,
+    /// The guest did not boot to its agent within the limit.
+    NoBoot,
+    /// A triple fault (mcvmm names the vCPU and where; QEMU reports a guest reset).
+    TripleFault,
+    /// The guest kernel panicked.
+    GuestPanic,
+    /// A vCPU found at the same instruction with an exception pending in three looks:
+    /// the lab's SVM left the test host's own registers in it (its `rip` after VMRUN).
+    StuckAfterVmrun,
+    /// The VMM raised a device interrupt again and again and the guest never took it.
+    InterruptsUnacknowledged,
+    /// The pauses themselves failed (`ctl epochs` or the pacer reported an error).
+    PausesFailed,
+    /// The guest answered, but its memory patterns did not verify.
+    MemoryCorrupt,
+    /// The guest stopped answering, with none of the signs above.
+    StoppedAnswering,
+}
+
+impl Signature {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Signature::HostDied => "test host died",
+            Signature::NoBoot => "no boot",
+            Signature::TripleFault => "triple fault",
+            Signature::GuestPanic => "guest panic",
+            Signature::StuckAfterVmrun => "stuck after vmrun",
+            Signature::InterruptsUnacknowledged => "interrupts unacknowledged",
+            Signature::PausesFailed => "pauses failed",
+            Signature::MemoryCorrupt => "memory corrupt",
+            Signature::StoppedAnswering => "stopped answering",
+        }
+    }
+}
+
+/// Guest memory and workload of every run.
+pub const GUEST_MIB: u32 = 512;
+pub const WORKLOAD_MIB: u32 = 256;
+pub const WORKLOAD_PAGES_PER_SEC: u32 = 2000;
+
+/// The test host script of one run. It prints `== ` sections that [`classify`] reads,
+/// and exits 0 only when the guest came through.
+pub fn script(case: Case, epochs: u32, epoch_ms: u32, idle_secs: u32) -> String {
+    let ns = "ip netns exec sk";
+    let cmdline = "panic=-1 mcvmm.ip=10.99.0.2/24";
+    let start = if case.is_qemu() {
+        format!(
+            "{ns} qemu-system-x86_64 -M microvm,acpi=off -accel kvm -cpu host -m {GUEST_MIB} -smp 2 \
+             -nodefaults -no-user-config -display none -no-reboot -serial file:sk.console \
+             -kernel guest/vmlinux -initrd guest/initrd.img -qmp unix:sk.qmp,server=on,wait=off \
+             -netdev tap,id=n0,ifname=gtap,script=no,downscript=no -device virtio-net-device,netdev=n0 \
+             -append 'console=ttyS0 reboot=t acpi=off {cmdline}' >sk.log 2>&1 &"
+        )
+    } else {
+        format!(
+            "{ns} ./mcvmm run --kernel guest/vmlinux --initrd guest/initrd.img --vcpus 2 \
+             --mem-mib {GUEST_MIB} --cmdline '{cmdline}' --tap gtap --serial sk.console \
+             --api-sock sk.sock >sk.log 2>&1 &"
+        )
+    };
+    let pauses = match case {
+        Case::McvmmEpochs => format!("./mcvmm ctl --api-sock sk.sock epochs {epochs} {epoch_ms}"),
+        Case::QemuPauses => {
+            format!("./mcvmm-qmp-pacer --qmp sk.qmp --pauses {epochs} --run-ms {epoch_ms}")
+        }
+        Case::McvmmIdle => format!("sleep {idle_secs}"),
+        Case::QemuIdle => format!("./mcvmm-qmp-pacer --qmp sk.qmp --idle-secs {idle_secs}"),
+    };
+    let look = if case.is_qemu() {
+        "timeout 20 ./mcvmm-qmp-pacer --qmp sk.qmp --look"
+    } else {
+        "for i in 1 2 3; do timeout 10 ./mcvmm ctl --api-sock sk.sock vcpus; done"
+    };
+    format!(
+        "# (ip by its path: busybox's timeout would run its own ip applet, which has no netns.)
+a=\"$(command -v ip) netns exec sk ./agentctl --addr 10.99.0.2:7000\"
+ip netns del sk 2>/dev/null; rm -f sk.*
+ip netns add sk && {ns} ip link set lo up && {ns} ip tuntap add dev gtap mode tap &&
+  {ns} ip addr add 10.99.0.1/24 dev gtap && {ns} ip link set gtap up || exit 9
+{start}
+pid=$!
+end() {{ kill -9 $pid 2>/dev/null; wait $pid 2>/dev/null; ip netns del sk; }}
+dump() {{
+  echo '== look'; {look} 2>&1
+  echo '== log'; tail -60 sk.log; echo '== console'; tail -60 sk.console; }}
+if ! $a --wait 60 ping >/dev/null; then echo '== no boot'; dump; end; exit 3; fi
+$a mem-start {WORKLOAD_MIB} {WORKLOAD_PAGES_PER_SEC} >/dev/null || {{ echo '== no workload'; dump; end; exit 4; }}
+echo '== pauses'
+timeout {limit} {pauses} 2>&1; echo \"pauses_rc=$?\"
+echo '== verify'
+if ! timeout 60 $a mem-verify 2>&1; then echo 'verify_rc=1'; dump; end; exit 5; fi
+if ! kill -0 $pid 2>/dev/null; then echo '== vmm exited'; dump; end; exit 6; fi
+echo '== log'; tail -60 sk.log
+end",
+        limit = epochs as u64 * (epoch_ms as u64 + 200) / 1000 + 60,
+    )
+}
+
+/// What a finished run says about its guest: `None` when it came through.
+pub fn classify(case: Case, status: i32, stdout: &str) -> Option<(Signature, String)> {
+    let section = |name: &str| -> &str {
+        let marker = format!("== {name}\n");
+        stdout
+            .find(&marker)
+            .map(|at| {
+                let rest = &stdout[at + marker.len()..];
+                &rest[..rest.find("\n== ").map_or(rest.len(), |e| e + 1)]
+            })
+            .unwrap_or("")
+    };
+    let pauses = section("pauses");
+    // (mcvmm's report has `"error": null` when all went well.)
+    let pauses_failed = pauses.contains("\"error\": \"")
+        || pauses.contains("\"error\":\"")
+        || pauses
+            .lines()
+            .any(|l| l.starts_with("pauses_rc=") && l != "pauses_rc=0");
+    let verify = section("verify");
+    let corrupt = verify
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("errors="))
+        .is_some_and(|n| n != "0");
+    if status == 0 && !pauses_failed && !corrupt {
+        return None;
+    }
+    if corrupt {
+        return Some((Signature::MemoryCorrupt, verify.trim().to_string()));
+    }
+    if let Some(lost) = crate::guest::lost_signature(stdout) {
+        return Some(lost);
+    }
+    if case.is_qemu() && stdout.contains("guest-reset") {
+        return Some((
+            Signature::TripleFault,
+            "QEMU reported a guest reset (triple fault; no panic on the console)".into(),
+        ));
+    }
+    if status == 3 {
+        return Some((Signature::NoBoot, tail(section("console"), 3)));
+    }
+    if let Some(stuck) = qemu_stuck(section("look")) {
+        return Some((Signature::StuckAfterVmrun, stuck));
+    }
+    if pauses_failed {
+        return Some((Signature::PausesFailed, tail(pauses, 3)));
+    }
+    Some((
+        Signature::StoppedAnswering,
+        format!(
+            "status {status}; console ends: {}",
+            tail(section("console"), 2)
+        ),
+    ))
+}
+
+/// The median pause of a run, µs, from `ctl epochs`'s report or the pacer's.
+pub fn pause_median_us(stdout: &str) -> Option<u64> {
+    let at = stdout.find("== pauses\n")? + "== pauses\n".len();
+    let v: serde_json::Value = serde_json::Deserializer::from_str(&stdout[at..])
+        .into_iter()
+        .next()?
+        .ok()?;
+    v["pause_us"]["median"]
+        .as_u64()
+        .or_else(|| v["pause_us_median"].as_u64())
+}
+
+/// A QEMU guest's vCPU at the same `RIP` in all three looks of `mcvmm-qmp-pacer --look`,
+/// outside the guest kernel's text (a tiny kernel without modules: an address in the
+/// module area is the test host's own, written into the guest by the emulated SVM).
+fn qemu_stuck(look: &str) -> Option<String> {
+    let v: serde_json::Value = serde_json::from_str(look.lines().next()?).ok()?;
+    let looks = v["looks"].as_array()?;
+    let first = looks.first()?.as_array()?;
+    first.iter().enumerate().find_map(|(cpu, rip)| {
+        let rip = rip.as_str()?;
+        let same = looks
+            .iter()
+            .all(|l| l.get(cpu).and_then(|r| r.as_str()) == Some(rip));
+        (same && rip.to_ascii_lowercase().starts_with("ffffffffc"))
+            .then(|| format!("vCPU {cpu} at RIP={rip} (test host module area) in 3 looks"))
+    })
+}
+
+fn tail(text: &str, n: usize) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join(" | ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const OK_RUN: &str =
+        "== pauses\n{\"epochs\": 1000}\npauses_rc=0\n== verify\npages=65536 errors=0\n== log\n";
+
+    #[test]
+    fn a_run_that_paused_and_verified_is_no_loss() {
+        assert_eq!(classify(Case::McvmmEpochs, 0, OK_RUN), None);
+    }
+
+    #[test]
+    fn each_loss_gets_its_signature() {
+        let bad_pages = OK_RUN.replace("errors=0", "errors=3");
+        assert_eq!(
+            classify(Case::McvmmEpochs, 0, &bad_pages).map(|s| s.0),
+            Some(Signature::MemoryCorrupt)
+        );
+        let tf = "== pauses\npauses_rc=0\n== verify\nverify_rc=1\n== log\nmcvmm: vCPU 1 triple fault at rip 0x1\n";
+        assert_eq!(
+            classify(Case::McvmmEpochs, 5, tf).map(|s| s.0),
+            Some(Signature::TripleFault)
+        );
+        let reset = "== pauses\n{\"error\":\"guest shut down: {\\\"reason\\\":\\\"guest-reset\\\"}\"}\npauses_rc=1\n";
+        assert_eq!(
+            classify(Case::QemuPauses, 5, reset).map(|s| s.0),
+            Some(Signature::TripleFault)
+        );
+        let epochs_err = "== pauses\n{\"error\": \"pausing the vCPUs: timed out\"}\npauses_rc=0\n== verify\npages=1 errors=0\n";
+        let fine = "== pauses\n{\"error\": null, \"pause_us\": {\"median\": 7}}\npauses_rc=0\n== verify\npages=1 errors=0\n";
+        assert_eq!(classify(Case::McvmmEpochs, 0, fine), None);
+        assert_eq!(pause_median_us(fine), Some(7));
+        assert_eq!(
+            classify(Case::McvmmEpochs, 0, epochs_err).map(|s| s.0),
+            Some(Signature::PausesFailed)
+        );
+        let silent =
+            "== pauses\npauses_rc=0\n== verify\nverify_rc=1\n== look\n== log\n== console\nx\n";
+        assert_eq!(
+            classify(Case::McvmmIdle, 5, silent).map(|s| s.0),
+            Some(Signature::StoppedAnswering)
+        );
+        let stuck = "== look\n{\"looks\":[[\"ffffffffc04f1b7c\",\"ffffffff81000000\"],[\"ffffffffc04f1b7c\",\"ffffffff81000010\"],[\"ffffffffc04f1b7c\",\"ffffffff81000020\"]]}\n== log\n";
+        assert_eq!(
+            classify(Case::QemuIdle, 5, stuck).map(|s| s.0),
+            Some(Signature::StuckAfterVmrun)
+        );
+    }
+}
