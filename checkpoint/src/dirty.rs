@@ -322,6 +322,10 @@ pub struct DirtyTracker {
     /// Manual protection: `end_epoch` arms the pages it read with `KVM_CLEAR_DIRTY_LOG`.
     manual: bool,
     hot: HotPages,
+    /// Bits per slot that were taken from KVM or the VMM's bitmap but never reached a
+    /// caller (an `end_epoch` that failed half-way, a set given back): the next set
+    /// reports them. Dropping one would lose a page (invariant 1).
+    carried: Vec<Vec<u64>>,
 }
 
 /// Pages written in two epochs running are likely written in the next too. Arming one
@@ -424,6 +428,7 @@ impl DirtyTracker {
             sources,
             manual,
             hot: HotPages::default(),
+            carried: Vec::new(),
         })
     }
 
@@ -452,8 +457,32 @@ impl DirtyTracker {
     /// exact; while they run, a page written during the call may be reported now or in
     /// the next set, and is writable without logging until the call returns, so a copy
     /// made after the call (a snapshot's copy-again round) misses nothing.
+    ///
+    /// If it fails, nothing taken is lost: the slots already read, and the one that
+    /// failed as a whole, are reported by the next call.
     pub fn end_epoch(&mut self, vm: &VmFd, mem: &GuestMemory) -> Result<DirtySet, DirtyError> {
-        let mut regions = Vec::new();
+        self.end_epoch_with(
+            mem,
+            |slot, len| {
+                vm.get_dirty_log(slot, len)
+                    .map_err(|source| DirtyError::Kvm {
+                        what: "KVM_GET_DIRTY_LOG",
+                        slot,
+                        source,
+                    })
+            },
+            |slot, pages, bits| clear_log(vm, slot, 0, pages, bits),
+        )
+    }
+
+    /// `end_epoch` with KVM's two calls passed in (so that a test can make one fail).
+    fn end_epoch_with(
+        &mut self,
+        mem: &GuestMemory,
+        mut read: impl FnMut(u32, usize) -> Result<Vec<u64>, DirtyError>,
+        mut clear: impl FnMut(u32, u64, &[u64]) -> Result<(), DirtyError>,
+    ) -> Result<DirtySet, DirtyError> {
+        let mut regions: Vec<RegionDirty> = Vec::new();
         self.hot.ends += 1;
         self.hot.kept = 0;
         let mut hot_budget = if self.hot.ends.is_multiple_of(HOT_REARM_EVERY) {
@@ -463,30 +492,52 @@ impl DirtyTracker {
         };
         for (slot, region) in mem.iter().enumerate() {
             let len = region.len();
-            let mut bits = vm
-                .get_dirty_log(slot as u32, len as usize)
-                .map_err(|source| DirtyError::Kvm {
-                    what: "KVM_GET_DIRTY_LOG",
-                    slot: slot as u32,
-                    source,
-                })?;
-            // Without manual protection KVM cleared and armed the log in that call; with
-            // it, the pages read are armed now, but for hot ones kept writable (a page
-            // first written since the read keeps its bit for the next set).
-            if self.manual {
-                let arm = if self.hot.limit == 0 {
-                    &bits[..]
-                } else {
-                    self.hot.arm_set(slot, &bits, &mut hot_budget)
-                };
-                if arm.iter().any(|&w| w != 0) {
-                    clear_log(vm, slot as u32, 0, len.div_ceil(PAGE_SIZE), arm)?;
+            let words = len.div_ceil(PAGE_SIZE).div_ceil(WORD_PAGES) as usize;
+            let taken = read(slot as u32, len as usize).and_then(|mut bits| {
+                // Without manual protection KVM cleared and armed the log in that call;
+                // with it, the pages read are armed now, but for hot ones kept writable
+                // (a page first written since the read keeps its bit for the next set).
+                if self.manual {
+                    let arm = if self.hot.limit == 0 {
+                        &bits[..]
+                    } else {
+                        self.hot.arm_set(slot, &bits, &mut hot_budget)
+                    };
+                    if arm.iter().any(|&w| w != 0) {
+                        clear(slot as u32, len.div_ceil(PAGE_SIZE), arm)?;
+                    }
                 }
-            }
+                bits.resize(words, 0);
+                Ok(bits)
+            });
+            let mut bits = match taken {
+                Ok(bits) => bits,
+                Err(e) => {
+                    // What KVM still holds of this slot is unknown: all of it is dirty.
+                    // The slots read before give their bits to the next set.
+                    let mut all = vec![u64::MAX; words];
+                    if let Some(last) = all.last_mut() {
+                        let tail = len.div_ceil(PAGE_SIZE) % WORD_PAGES;
+                        if tail != 0 {
+                            *last = (1 << tail) - 1;
+                        }
+                    }
+                    self.carry(slot, &all);
+                    for (i, r) in regions.iter().enumerate() {
+                        self.carry(i, &r.bits);
+                    }
+                    return Err(e);
+                }
+            };
             let vmm = vmm_bitmap(region).get_and_reset();
             if self.sources == Sources::GuestAndVmm {
                 for (k, v) in bits.iter_mut().zip(vmm) {
                     *k |= v;
+                }
+            }
+            if let Some(carried) = self.carried.get_mut(slot) {
+                for (k, c) in bits.iter_mut().zip(carried.drain(..)) {
+                    *k |= c;
                 }
             }
             regions.push(RegionDirty {
@@ -496,6 +547,27 @@ impl DirtyTracker {
             });
         }
         Ok(DirtySet { regions })
+    }
+
+    /// Gives back a set that `end_epoch` returned but that could not be used (its copy
+    /// or its checkpoint failed): the next set reports its pages too.
+    pub fn give_back(&mut self, set: DirtySet) {
+        for (slot, r) in set.regions.iter().enumerate() {
+            self.carry(slot, &r.bits);
+        }
+    }
+
+    fn carry(&mut self, slot: usize, bits: &[u64]) {
+        if self.carried.len() <= slot {
+            self.carried.resize(slot + 1, Vec::new());
+        }
+        let c = &mut self.carried[slot];
+        if c.len() < bits.len() {
+            c.resize(bits.len(), 0);
+        }
+        for (k, b) in c.iter_mut().zip(bits) {
+            *k |= b;
+        }
     }
 
     /// Turns KVM's dirty log off again.
@@ -522,9 +594,16 @@ mod tests {
 
     impl Tiny {
         fn new() -> Tiny {
+            Tiny::with_regions(&[(0, 1 << 20)])
+        }
+
+        /// A VM whose RAM is these (start, length) regions, slot 0, 1, ... in order.
+        fn with_regions(regions: &[(u64, usize)]) -> Tiny {
             let kvm = Kvm::new().expect("these tests need /dev/kvm");
             let vm = kvm.create_vm().expect("KVM_CREATE_VM");
-            let mem = GuestMemory::from_ranges(&[(GuestAddress(0), 1 << 20)]).expect("memory");
+            let ranges: Vec<(GuestAddress, usize)> =
+                regions.iter().map(|&(a, l)| (GuestAddress(a), l)).collect();
+            let mem = GuestMemory::from_ranges(&ranges).expect("memory");
             register_slots(&vm, &mem, 0).expect("slots");
             let vcpu = vm.create_vcpu(0).expect("vcpu");
             let mut sregs = vcpu.get_sregs().expect("sregs");
@@ -613,6 +692,62 @@ mod tests {
                 Tiny::pages(&d.end_epoch(&t.vm, &t.mem).expect("end")),
                 vec![0x20],
                 "the VMM's own write"
+            );
+            d.stop(&t.vm, &t.mem).expect("stop");
+        }
+    }
+
+    #[test]
+    fn a_failed_epoch_end_loses_no_page_and_a_set_given_back_comes_again() {
+        for mode in [LogMode::Manual, LogMode::Legacy] {
+            // Three slots: pages 0-3, 4-7 and 8-255.
+            let mut t = Tiny::with_regions(&[(0, 0x4000), (0x4000, 0x4000), (0x8000, 0xf8000)]);
+            t.write_pages(&[]);
+            let mut d =
+                DirtyTracker::start(&t.vm, &t.mem, Sources::GuestAndVmm, mode).expect("start");
+            t.load(&[2, 5, 9]);
+            let _ = d.end_epoch(&t.vm, &t.mem).expect("end"); // the code the VMM wrote
+            t.go();
+            t.mem
+                .write_obj(7u8, GuestAddress(0x3_0000))
+                .expect("vmm write");
+            // The second slot's read fails after the first slot was read and armed.
+            let vm = &t.vm;
+            let failed = d.end_epoch_with(
+                &t.mem,
+                |slot, len| {
+                    if slot == 1 {
+                        return Err(DirtyError::Kvm {
+                            what: "KVM_GET_DIRTY_LOG",
+                            slot,
+                            source: kvm_ioctls::Error::new(libc::EIO),
+                        });
+                    }
+                    vm.get_dirty_log(slot, len)
+                        .map_err(|source| DirtyError::Kvm {
+                            what: "KVM_GET_DIRTY_LOG",
+                            slot,
+                            source,
+                        })
+                },
+                |slot, pages, bits| clear_log(vm, slot, 0, pages, bits),
+            );
+            assert!(failed.is_err(), "{mode:?}: the injected failure");
+            // Page 2 was taken from KVM before the failure, 5 is in the slot that failed
+            // (reported whole), 9 and the VMM's 0x30 were never read.
+            let next = Tiny::pages(&d.end_epoch(&t.vm, &t.mem).expect("end"));
+            assert_eq!(next, vec![2, 4, 5, 6, 7, 9, 0x30], "{mode:?}");
+            // Nothing written since: empty, unless given back.
+            let set = d.end_epoch(&t.vm, &t.mem).expect("end");
+            assert_eq!(Tiny::pages(&set), Vec::<u64>::new());
+            t.go();
+            let set = d.end_epoch(&t.vm, &t.mem).expect("end");
+            assert_eq!(Tiny::pages(&set), vec![2, 5, 9]);
+            d.give_back(set);
+            assert_eq!(
+                Tiny::pages(&d.end_epoch(&t.vm, &t.mem).expect("end")),
+                vec![2, 5, 9],
+                "{mode:?}: a set given back"
             );
             d.stop(&t.vm, &t.mem).expect("stop");
         }

@@ -233,16 +233,25 @@ impl Primary {
         let ahead = tracker
             .end_epoch(&vm.vm_fd, &vm.mem)
             .map_err(|e| e.to_string())?;
-        staged.stage(&ahead, &vm.mem).map_err(|e| e.to_string())?;
+        // A set taken from the tracker and not sent must come back to it, or the next
+        // checkpoint would miss its pages.
+        if let Err(e) = staged.stage(&ahead, &vm.mem) {
+            tracker.give_back(ahead);
+            return Err(e.to_string());
+        }
         let t0 = Instant::now();
-        vm.vcpus
-            .pause_capturing(PAUSE_LIMIT)
-            .map_err(|e| e.to_string())?;
+        if let Err(e) = vm.vcpus.pause_capturing(PAUSE_LIMIT) {
+            tracker.give_back(ahead);
+            return Err(e.to_string());
+        }
+        let mut dirty = None;
         let captured = (|| {
-            let dirty = tracker
-                .end_epoch(&vm.vm_fd, &vm.mem)
-                .map_err(|e| e.to_string())?;
-            staged.restage(&dirty, &vm.mem).map_err(|e| e.to_string())?;
+            let dirty = dirty.insert(
+                tracker
+                    .end_epoch(&vm.vm_fd, &vm.mem)
+                    .map_err(|e| e.to_string())?,
+            );
+            staged.restage(dirty, &vm.mem).map_err(|e| e.to_string())?;
             let state = machine_state(vm)?;
             let writes = self.writes.take();
             let (memory_digest, disk_digests) = if self.verify_next.swap(false, Ordering::SeqCst) {
@@ -275,7 +284,16 @@ impl Primary {
         self.epoch_began = Instant::now();
         self.overdue = false;
         let pause = t0.elapsed().as_micros() as u64;
-        let capture = captured?;
+        let capture = match captured {
+            Ok(c) => c,
+            Err(e) => {
+                tracker.give_back(ahead);
+                if let Some(d) = dirty {
+                    tracker.give_back(d);
+                }
+                return Err(e);
+            }
+        };
         self.record_pause(pause);
         self.epoch += 1;
         if !self.link.submit(capture) {

@@ -63,7 +63,30 @@ pub fn machine_state(vm: &Vm) -> Result<MachineState, String> {
 /// Takes a snapshot into `dir`. `paused`: the VM is paused already (by `ctl pause`) and
 /// stays so; otherwise it is paused for the capture only. A full snapshot copies memory
 /// while the guest runs and, at the pause, only what was written meanwhile.
+///
+/// A snapshot that fails has taken dirty sets that no file holds: an incremental one
+/// after it would miss their pages. So a failure ends the chain (and the tracking); the
+/// next snapshot must be a full one.
 pub fn take(
+    vm: &Vm,
+    snaps: &mut Snapshots,
+    dir: &Path,
+    incremental: bool,
+    paused: bool,
+) -> Result<Value, String> {
+    let taken = take_one(vm, snaps, dir, incremental, paused);
+    if taken.is_err() {
+        snaps.last = None;
+        if let Some(t) = snaps.tracker.take() {
+            // Logging left on only costs the guest faults; the next full snapshot starts
+            // it again either way.
+            let _ = t.stop(&vm.vm_fd, &vm.mem);
+        }
+    }
+    taken
+}
+
+fn take_one(
     vm: &Vm,
     snaps: &mut Snapshots,
     dir: &Path,
