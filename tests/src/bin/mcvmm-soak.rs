@@ -75,17 +75,19 @@ fn parse() -> Result<Opts, String> {
                     "--epoch-ms" => o.epoch_ms = n()?,
                     "--idle-secs" => o.idle_secs = n()?,
                     "--out" => o.out = PathBuf::from(&v),
-                    "--cases" => o.cases = v
-                        .split(',')
-                        .map(|c| {
-                            Case::ALL
-                                .into_iter()
-                                .find(|k| k.short() == c)
-                                .ok_or(format!(
+                    "--cases" => {
+                        o.cases = v
+                            .split(',')
+                            .map(|c| {
+                                Case::ALL
+                                    .into_iter()
+                                    .find(|k| k.short() == c)
+                                    .ok_or(format!(
                                 "--cases: {c}? (mcvmm-epochs, qemu-pauses, mcvmm-idle, qemu-idle)"
                             ))
-                        })
-                        .collect::<Result<_, String>>()?,
+                            })
+                            .collect::<Result<_, String>>()?
+                    }
                     "--emulators" => {
                         o.emulators = v
                             .split(',')
