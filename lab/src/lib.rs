@@ -1,6 +1,6 @@
 //! The mcvmm lab: Linux test hosts under QEMU's TCG with nested SVM (a real `kvm_amd`
 //! inside), for developing and testing a KVM VMM on machines whose own `/dev/kvm` cannot
-//! boot Linux guests. See the README's "The lab" section.
+//! boot Linux guests. How it works: docs/reference.md; what it has shown: docs/lab-notes.md.
 //!
 //! ```no_run
 //! use std::time::Duration;

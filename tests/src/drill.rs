@@ -320,7 +320,7 @@ pub fn round(
                      n=$(grep -c 'interrupt unacknowledged for over' {sn}.log)
                      [ \"$n\" -ge 3 ] && echo \"the guest stopped taking interrupts ($n interrupts raised again)\"
                      # Where its vCPUs stand: a cr3 beyond guest memory and rip at the test
-                     # host's VMRUN are the lab's (see the README).
+                     # host's VMRUN are the lab's (see docs/lab-notes.md).
                      [ \"$n\" -ge 3 ] && ./mcvmm ctl --api-sock {sn}.sock vcpus | tr -d ' \\n' && echo
                      tail -5 {sn}.console; true"
                 ),

@@ -177,7 +177,7 @@ pub fn guest_lost(text: &str) -> Option<String> {
 /// last three `vcpus` looks that `agent` prints when the guest stops answering. The lab
 /// leaves one so now and then: its `rip` and `cr3` are then not the guest's but the test
 /// host's own, `rip` inside the host's kvm_amd at its VMRUN (`__svm_vcpu_run+0x9c`),
-/// written into the guest by the emulated SVM (see the README). The guest is as dead as
+/// written into the guest by the emulated SVM (see docs/lab-notes.md). The guest is as dead as
 /// after a triple fault.
 pub fn stuck_vcpu(text: &str) -> Option<String> {
     let looks: Vec<serde_json::Value> = text

@@ -69,7 +69,7 @@ fn log_env(legacy: bool) -> &'static str {
 
 /// Epochs of `epoch_ms` at one memory-workload rate (pages per second; None = idle),
 /// once more (loudly) if the lab lost the guest: its nested guests die or get stuck on
-/// their own now and then, whatever the VMM (see the README).
+/// their own now and then, whatever the VMM (see docs/lab-notes.md).
 fn epochs_at(
     host: &KvmHost,
     rate: Option<u64>,
