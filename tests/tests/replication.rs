@@ -226,7 +226,7 @@ fn a_guest_started_unprotected_is_protected_later_and_its_copy_verifies() {
          echo $! >lp.s.pid
          echo '== protect'; ./mcvmm ctl --api-sock lp.sock protect 127.0.0.1:7779
          wait_protected lp
-         echo '== again'; ./mcvmm ctl --api-sock lp.sock protect 127.0.0.1:7779
+         echo '== again'; ./mcvmm ctl --api-sock lp.sock protect 127.0.0.1:7779 && exit 1
          agent lp mem-start 16 2000
          agent lp records vda 2 10
          echo '== verify'; ./mcvmm ctl --api-sock lp.sock verify

@@ -48,18 +48,25 @@ enum Command {
     /// Run a guest: standalone, as a replicating primary (--primary), or as the secondary
     /// that receives its checkpoints and takes over when the primary is lost (--secondary).
     Run(Box<RunArgs>),
-    /// Talk to a running mcvmm through its control socket.
+    /// Talk to a running mcvmm through its control socket. Prints the JSON reply; exits 1
+    /// when the request failed or was not understood (the reply's "error" says why).
+    ///
+    /// Requests of every guest-running VMM (standalone, primary, taken over):
+    /// status | stop | vcpus (each vCPU's rip, interrupt flag, halted or not, LAPIC
+    /// pending vectors).
+    /// Standalone or unprotected: pause | resume | snapshot DIR [incremental] |
+    /// selfcheck EPOCHS INTERVAL_MS [guest-only] | epochs EPOCHS INTERVAL_MS |
+    /// protect HOST:PORT [GENERATION] (replicate the guest to a new secondary from now
+    /// on; the generation defaults to this node's).
+    /// Primary: verify (digests checked with the next checkpoint) | failover (planned
+    /// switch to the secondary).
+    /// Secondary: status | stop | failover (take over now: only when you know the
+    /// primary is dead).
+    #[command(verbatim_doc_comment)]
     Ctl {
         #[arg(long, value_name = "PATH")]
         api_sock: PathBuf,
-        /// status | stop | pause | resume | snapshot DIR [incremental] |
-        /// selfcheck EPOCHS INTERVAL_MS [guest-only] | epochs EPOCHS INTERVAL_MS |
-        /// verify (primary: digests checked with the next checkpoint) |
-        /// failover (primary: planned switch; secondary: take over now) |
-        /// protect HOST:PORT [GENERATION] (an unprotected guest: standalone, whose
-        /// secondary was lost, or taken over: replicate it to a new secondary from now
-        /// on; the generation defaults to this node's) |
-        /// vcpus (each vCPU's rip, interrupt flag, halted or not, LAPIC pending vectors)
+        /// The request and its arguments (see above).
         #[arg(required = true, num_args = 1..)]
         request: Vec<String>,
     },
@@ -490,8 +497,16 @@ fn main() -> ExitCode {
             // SAFETY: restores a default signal disposition; no other thread exists yet.
             unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
             api::request(&api_sock, &request.join(" "))
-                .map(|v| println!("{v:#}"))
-                .map_err(Into::into)
+                .map_err(anyhow::Error::from)
+                .and_then(|v| {
+                    println!("{v:#}");
+                    // A refused or failed request exits non-zero, so a script can tell.
+                    match v.get("error") {
+                        Some(serde_json::Value::String(e)) => bail!("request failed: {e}"),
+                        Some(e) if !e.is_null() => bail!("request failed: {e}"),
+                        _ => Ok(()),
+                    }
+                })
         }
     };
     match result {
