@@ -45,10 +45,11 @@ if [ "$status" -ne 0 ]; then
     ' "$log"
     grep -E '^error: [0-9]+ targets? failed|^    `-p ' "$log" || true
 fi
-if [ -d target/lab-failures ]; then
+kept=$(find target/lab-failures -mindepth 2 -maxdepth 2 -type d 2>/dev/null | sort)
+if [ -n "$kept" ]; then
     echo
     echo "=== evidence of lab failures (consoles of test hosts and guests, VMM logs) ==="
-    find target/lab-failures -mindepth 2 -maxdepth 2 -type d | sort
+    echo "$kept"
 fi
 target/debug/mcvmm-retries "$MCVMM_RETRY_LEDGER" || status=1
 exit "$status"

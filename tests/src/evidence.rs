@@ -31,6 +31,13 @@ fn folder_name(s: &str) -> String {
 const COLLECT: &str = "for f in *.log *.console */*.log */*.console; do \
   [ -f \"$f\" ] || continue; echo \"=== $f\"; tail -c 262144 \"$f\"; echo; done";
 
+/// Where [`keep`] puts the evidence of the running test's failure `label`.
+pub fn folder(label: &str) -> PathBuf {
+    root()
+        .join(folder_name(&crate::retry::test_name()))
+        .join(folder_name(label))
+}
+
 /// Keeps the evidence of one failure of the running test; returns its folder.
 pub fn keep(
     label: &str,
@@ -38,9 +45,7 @@ pub fn keep(
     local: Option<&mcvmm_lab::KvmHost>,
     output: &str,
 ) -> PathBuf {
-    let dir = root()
-        .join(folder_name(&crate::retry::test_name()))
-        .join(folder_name(label));
+    let dir = folder(label);
     let write = |name: &str, text: &str| {
         if let Err(e) =
             std::fs::create_dir_all(&dir).and_then(|_| std::fs::write(dir.join(name), text))

@@ -4,6 +4,7 @@
 use std::time::Duration;
 
 use mcvmm_tests::guest::{host, resilient, script};
+use mcvmm_tests::{evidence, retry};
 
 #[test]
 fn boots_from_vmlinux_and_from_bzimage_and_ends_cleanly_on_reset() {
@@ -21,9 +22,60 @@ fn boots_from_vmlinux_and_from_bzimage_and_ends_cleanly_on_reset() {
 }
 
 #[test]
+fn a_failed_script_keeps_its_evidence_and_runs_once() {
+    // A failure with no sign of the lab's (no dead host, no lost guest) is not retried,
+    // and leaves the consoles and logs of the test host and its guests behind.
+    let dir = evidence::folder("try1");
+    let _ = std::fs::remove_dir_all(&dir);
+    let asked = retry::read_ledger(&retry::ledger_path()).len();
+    let failed = std::panic::catch_unwind(|| {
+        script("start_guest ev vmlinux 1 64\necho evidence-marker\nagent ev status\nfalse")
+    });
+    assert!(failed.is_err(), "the script must fail");
+    let read = |name: &str| std::fs::read_to_string(dir.join(name)).unwrap_or_default();
+    assert!(
+        read("output.txt").contains("evidence-marker"),
+        "{}",
+        dir.display()
+    );
+    let files: Vec<String> = std::fs::read_dir(&dir)
+        .map(|d| {
+            d.filter_map(|e| e.ok())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    if !host().test_hosts().is_empty() {
+        let console = files
+            .iter()
+            .find(|f| f.ends_with(".console.txt"))
+            .map(|f| read(f));
+        assert!(
+            console.is_some_and(|c| c.contains("lab-host:")),
+            "{files:?}"
+        );
+    }
+    let guests = files
+        .iter()
+        .find(|f| f.ends_with(".guests.txt"))
+        .map(|f| read(f));
+    let guests = guests.unwrap_or_default();
+    assert!(
+        guests.contains("=== ev.console") && guests.contains("=== ev.log"),
+        "{files:?}"
+    );
+    assert!(guests.contains("mcvmm-guest: ready"), "the guest's console");
+    assert_eq!(
+        retry::read_ledger(&retry::ledger_path()).len(),
+        asked,
+        "no retry was asked for"
+    );
+    // A passing run lists no evidence of failures.
+    let _ = std::fs::remove_dir_all(dir.parent().unwrap_or(&dir));
+}
+
+#[test]
 fn smp_guest_sees_its_cpus() {
-    // Lab test hosts have been seen to freeze under SMP guests (QEMU's as well as ours):
-    // `script` retries once on a fresh host when that happens; see the notes of issue 4.
     let out = script("start_guest smp bzImage 2 256\nagent smp status\nstop_guest smp");
     assert!(out.contains("cpus=2"), "{out}");
 }
