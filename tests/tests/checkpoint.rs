@@ -57,12 +57,9 @@ fn every_page_written_shows_in_the_dirty_sets_and_the_check_catches_a_gap() {
          phase epochs
          echo '== complete'; ./mcvmm ctl --api-sock sc.sock selfcheck 200 40
          # Each pause compares all of memory (about 0.1 s in the lab), so longer epochs
-         # let the guest get its disk reads done. The reads land in an epoch of their own
-         # only by chance; a run that saw none is tried again, at most twice.
-         for try in 1 2 3; do
-             echo '== guest-only'; ./mcvmm ctl --api-sock sc.sock selfcheck 30 300 guest-only | tee go.json
-             grep -q '\"mismatching_pages\": 0,' go.json || break
-         done
+         # let the guest get its disk reads done; they land in an epoch of their own only
+         # by chance, so this run is long enough to see some.
+         echo '== guest-only'; ./mcvmm ctl --api-sock sc.sock selfcheck 60 300 guest-only
          kill $bg; wait $bg || true
          echo '== disk load'; tail -5 bg.log
          agent sc mem-verify
@@ -90,7 +87,7 @@ fn every_page_written_shows_in_the_dirty_sets_and_the_check_catches_a_gap() {
     assert_eq!(complete["mismatching_pages"], 0, "{complete:#}");
     // Half the epochs copied ahead of their pause, as a replicating primary does.
     assert_eq!(complete["copy_ahead"]["epochs"], 100, "{complete:#}");
-    assert_eq!(guest_only["epochs"], 30, "{guest_only:#}");
+    assert_eq!(guest_only["epochs"], 60, "{guest_only:#}");
     assert!(
         guest_only["mismatching_pages"].as_u64() > Some(0),
         "without the VMM's own writes the check must find missing pages: {guest_only:#}\n{out}"
