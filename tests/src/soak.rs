@@ -146,6 +146,8 @@ ip netns add sk && {ns} ip link set lo up && {ns} ip tuntap add dev gtap mode ta
 pid=$!
 end() {{ kill -9 $pid 2>/dev/null; wait $pid 2>/dev/null; ip netns del sk; }}
 dump() {{
+  echo '== vmm'
+  if kill -0 $pid 2>/dev/null; then echo vmm_alive=1; else wait $pid; echo \"vmm_alive=0 vmm_status=$?\"; fi
   echo '== look'; {look} 2>&1
   echo '== log'; tail -60 sk.log; echo '== console'; tail -60 sk.console; }}
 if ! $a --wait 60 ping >/dev/null; then echo '== no boot'; dump; end; exit 3; fi
@@ -194,10 +196,12 @@ pub fn classify(case: Case, status: i32, stdout: &str) -> Option<(Signature, Str
     if let Some(lost) = crate::guest::lost_signature(stdout) {
         return Some(lost);
     }
-    if case.is_qemu() && stdout.contains("guest-reset") {
+    // QEMU runs with -no-reboot: a guest that reset itself ends it. Ours resets only
+    // after a panic (caught above) or a triple fault.
+    if case.is_qemu() && (stdout.contains("guest-reset") || stdout.contains("vmm_alive=0")) {
         return Some((
             Signature::TripleFault,
-            "QEMU reported a guest reset (triple fault; no panic on the console)".into(),
+            "QEMU ended: the guest reset itself with no panic on its console (a triple fault)".into(),
         ));
     }
     if status == 3 {
@@ -280,6 +284,16 @@ mod tests {
         assert_eq!(
             classify(Case::QemuPauses, 5, reset).map(|s| s.0),
             Some(Signature::TripleFault)
+        );
+        let gone = "== no boot\n== vmm\nvmm_alive=0 vmm_status=0\n== look\n== console\nUnpacking initramfs...\n";
+        assert_eq!(
+            classify(Case::QemuIdle, 3, gone).map(|s| s.0),
+            Some(Signature::TripleFault)
+        );
+        let hung = gone.replace("vmm_alive=0 vmm_status=0", "vmm_alive=1");
+        assert_eq!(
+            classify(Case::QemuIdle, 3, &hung).map(|s| s.0),
+            Some(Signature::NoBoot)
         );
         let epochs_err = "== pauses\n{\"error\": \"pausing the vCPUs: timed out\"}\npauses_rc=0\n== verify\npages=1 errors=0\n";
         let fine = "== pauses\n{\"error\": null, \"pause_us\": {\"median\": 7}}\npauses_rc=0\n== verify\npages=1 errors=0\n";
