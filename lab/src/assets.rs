@@ -121,12 +121,9 @@ pub fn in_path(tool: &str) -> bool {
 
 /// The test hosts' kernel release: one Debian cloud kernel, pinned, so that every machine
 /// and every CI run tests on the same nested KVM and a failure is not read against a lab
-/// that changed by itself. 6.1.0-48 (6.1.172-1) is the release `shared/LAB.md` verified.
-/// Neither it nor 6.1.0-57 (6.1.192-3, Debian's newest on 2026-12-01) is free of test host
-/// freezes (RCU stalls, soft lockups in a vCPU's KVM_RUN): that day 6.1.0-57 froze three
-/// times in three runs of the checkpoint tests, and 6.1.0-48 twice in a clean-clone CI
-/// run and a few single tests, so the pin is not a cure. `MCVMM_LAB_HOST_KERNEL` names
-/// another release.
+/// that changed by itself. 6.1.0-48 (6.1.172-1) is the release the lab was first verified
+/// with. The pin does not cure test host freezes: a newer release froze too
+/// (docs/lab-notes.md, "The kernel pin"). `MCVMM_LAB_HOST_KERNEL` names another release.
 pub const PINNED_HOST_KERNEL: &str = "6.1.0-48-cloud-amd64";
 
 /// The release the lab uses, and whether the operator named it: `MCVMM_LAB_HOST_KERNEL`,

@@ -106,10 +106,8 @@ pub enum RoundFailure {
     Start(String),
     Check(String),
     /// A check failed and the guest that took over had crashed, or stopped taking
-    /// interrupts, by itself (mcvmm on the secondary says so): what the lab's nested
-    /// guests do now and then, under QEMU too (2026-12-02: 4 of 30 QEMU boots in one test
-    /// host ended in a triple fault; protected primaries that were never restored have
-    /// left their NIC's interrupt unacknowledged for good).
+    /// interrupts, by itself (mcvmm on the secondary says so). After a takeover that is
+    /// never retried (see `retry`): the soak has no QEMU counterpart to show it the lab's.
     GuestCrashed(String),
 }
 

@@ -201,7 +201,8 @@ pub fn classify(case: Case, status: i32, stdout: &str) -> Option<(Signature, Str
     if case.is_qemu() && (stdout.contains("guest-reset") || stdout.contains("vmm_alive=0")) {
         return Some((
             Signature::TripleFault,
-            "QEMU ended: the guest reset itself with no panic on its console (a triple fault)".into(),
+            "QEMU ended: the guest reset itself with no panic on its console (a triple fault)"
+                .into(),
         ));
     }
     if status == 3 {

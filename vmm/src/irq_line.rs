@@ -1,15 +1,11 @@
 //! Interrupt edges for the in-kernel IOAPIC, through an irqfd per GSI.
 //!
 //! For an IOAPIC pin, which is what virtio-mmio devices and the UART have, KVM injects an
-//! irqfd from a work item, so each interrupt costs a kworker's context switch (seen in
-//! the test host's trace). Raising the line with `KVM_IRQ_LINE` from the raising thread
-//! instead, as QEMU does, was faster (2026-12-03, one test host, 4 rotating rounds:
-//! request/response 1625 against 1905 µs, disk read 304 against 285 MB/s). It was
-//! withdrawn when the checkpoint self-check lost guests with it (3 in a row in a CI run;
-//! 1 in each of 2 runs against 0 in 2 with the irqfd, alternating), but the same test
-//! then lost guests with the irqfd too (3 in a row, the same hour): the lab's losses
-//! that day do not say the ioctl causes them. The irqfd stays in any case: issue 4 and
-//! DESIGN.md ask for the transport's interrupts through irqfds.
+//! irqfd from a work item, so each interrupt costs a kworker's context switch. Raising
+//! the line with `KVM_IRQ_LINE` from the raising thread, as QEMU does, was faster in the
+//! lab, and was withdrawn when guests were lost with it, though they were lost with the
+//! irqfd too (docs/lab-notes.md, "Findings once in source comments"). The irqfd stays:
+//! the design asks for the transport's interrupts through irqfds.
 
 use std::sync::Arc;
 

@@ -311,8 +311,8 @@ impl VirtioDevice for Net {
     }
 
     fn features(&self) -> u64 {
-        // Event indices were tried (2026-12-02): request/response in the lab was the same
-        // with and without them (3605 against 3647 µs), so they are not offered.
+        // Event indices are not offered: in the lab request/response was the same with
+        // and without them (docs/lab-notes.md).
         F_MAC
     }
 

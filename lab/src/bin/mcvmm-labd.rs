@@ -73,9 +73,9 @@ fn main() {
 /// "software disabled" key. Each switch patches kernel code while the other CPU may be
 /// running it, and TCG's multi-threaded emulation sometimes loses such a patch: both CPUs
 /// were found spinning for good between `__schedule` and the int3 handler the patch left
-/// there (QEMU's monitor, 2026-12-02), after about a hundred starts of a VM that failed at
-/// once, the lab's "test host froze". With a VM always open, the count never drops to zero
-/// and those keys are never switched again.
+/// there, after many starts of a VM that failed at once: the lab's "test host froze"
+/// (docs/lab-notes.md). With a VM always open, the count never drops to zero and those
+/// keys are never switched again.
 fn hold_kvm_static_keys() -> std::io::Result<()> {
     const KVM_CREATE_VM: libc::c_ulong = 0xae01;
     const KVM_CREATE_IRQCHIP: libc::c_ulong = 0xae60;

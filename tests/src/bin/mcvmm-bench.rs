@@ -208,7 +208,7 @@ fn bench() -> Result<(), String> {
     }
     let setup = || -> Result<KvmHost, String> {
         // As many vCPUs as this machine has cores: with 4 on 2 cores a test host stopped
-        // answering its lab daemon for 30 s in the middle of a run (2026-12-02).
+        // answering its lab daemon for 30 s in the middle of a run.
         let host = mcvmm_tests::guest_host(&HostOptions {
             cpus: 2,
             with_qemu: true,
@@ -282,9 +282,8 @@ fn bench() -> Result<(), String> {
             }
         }
     }
-    // The first disk writes in a test host are slow whichever VMM makes them (2026-12-02:
-    // 162-173 MB/s against 230-290 for every later run, QEMU's included): one I/O run
-    // first, not counted.
+    // The first disk writes in a test host are slow whichever VMM makes them (about 0.6
+    // of every later run's, QEMU's included): one I/O run first, not counted.
     match io_once(&host, vmms[0]) {
         Ok(s) => eprintln!("  io warm-up (not counted): write {:.0} MB/s", s.0),
         Err(e) => {
