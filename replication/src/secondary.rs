@@ -247,7 +247,7 @@ impl Receiver {
         self.stage = None;
         let dropped = self.disks.discard_uncommitted();
         if dropped > 0 {
-            eprintln!("mcvmm: discarded {dropped} disk writes of uncommitted epochs");
+            tracing::info!("discarded {dropped} disk writes of uncommitted epochs");
         }
         ended
     }
@@ -441,7 +441,7 @@ impl Receiver {
             None => {}
             Some(Ok(())) => pr.verified_epochs += 1,
             Some(Err(why)) => {
-                eprintln!("mcvmm: VERIFY FAILED at epoch {epoch}: {why}");
+                tracing::error!("VERIFY FAILED at epoch {epoch}: {why}");
                 pr.verify_failures += 1;
                 pr.last_verify_error = Some(why);
             }

@@ -139,7 +139,7 @@ impl HeldWrites for CoalescedPort {
                 .unregister_coalesced_mmio(IoEventAddress::Pio(self.port), 1)
             {
                 Ok(()) => self.registered = false,
-                Err(e) => eprintln!("mcvmm: KVM_UNREGISTER_COALESCED_MMIO: {e}"),
+                Err(e) => tracing::warn!("KVM_UNREGISTER_COALESCED_MMIO: {e}"),
             }
         }
         !self.registered

@@ -345,8 +345,8 @@ pub fn run(
                                 let r = snapshot::take(vm, &mut snaps, &dir, incremental, paused);
                                 match r {
                                     Ok(v) => {
-                                        eprintln!(
-                                            "mcvmm: snapshot {} ({}, {} pages, pause {:.1} ms)",
+                                        tracing::info!(
+                                            "snapshot {} ({}, {} pages, pause {:.1} ms)",
                                             dir.display(),
                                             v["kind"],
                                             v["pages"],
@@ -539,8 +539,8 @@ fn raise_ignored_interrupts(vm: &Vm) {
         if t.interrupt.raise_if_ignored() {
             let n = t.interrupt.raised_again();
             if n <= 3 || n % 100 == 0 {
-                eprintln!(
-                    "mcvmm: virtio device type {} (GSI {}): interrupt unacknowledged for over {} ms, raised again ({n} so far)",
+                tracing::warn!(
+                    "virtio device type {} (GSI {}): interrupt unacknowledged for over {} ms, raised again ({n} so far)",
                     t.device().device_type(),
                     t.interrupt.gsi,
                     INTERRUPT_WATCH.as_millis()

@@ -8,6 +8,7 @@ mod event_loop;
 mod irq_line;
 mod keeper;
 mod layout;
+mod log;
 mod primary;
 mod protect;
 mod secondary;
@@ -41,6 +42,13 @@ use mcvmm_replication::primary as replication;
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// Which log lines to show: a level (error, warn, info, debug, trace) or a tracing
+    /// filter such as `info,mcvmm_replication=debug` [default: MCVMM_LOG, else info].
+    #[arg(long, global = true, value_name = "FILTER")]
+    log_level: Option<String>,
+    /// How log lines look: text (`mcvmm: [level: ]message`) or json (one object a line).
+    #[arg(long, global = true, value_enum, default_value = "text")]
+    log_format: log::LogFormat,
 }
 
 #[derive(Subcommand)]
@@ -281,11 +289,11 @@ fn connect_primary(args: &RunArgs, cfg: &VmConfig) -> anyhow::Result<PrimaryLink
     let peer = args.peer.clone().context("--primary needs --peer")?;
     let shape = shape_of(cfg)?;
     let hello = protect::hello(shape.clone(), args.generation);
-    eprintln!("mcvmm: primary: connecting to the secondary at {peer}");
+    tracing::info!("primary: connecting to the secondary at {peer}");
     let (stream, accept) =
         replication::connect(&peer, &hello, Duration::from_secs(args.peer_wait_s))?;
-    eprintln!(
-        "mcvmm: secondary {peer} accepted the VM (generation {})",
+    tracing::info!(
+        "secondary {peer} accepted the VM (generation {})",
         args.generation
     );
     Ok(PrimaryLink {
@@ -316,7 +324,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     // Without it a peer learns of this process's death only after the kernel has freed
     // the guest's memory. Not having one costs failover time, not correctness.
     if let Err(e) = keeper::start() {
-        eprintln!("mcvmm: warning: {e}; if this process is killed, its peer will notice only once the guest's memory is freed");
+        tracing::warn!("{e}; if this process is killed, its peer will notice only once the guest's memory is freed");
     }
     if args.secondary {
         return run_secondary(args);
@@ -402,7 +410,7 @@ fn run_secondary(args: RunArgs) -> anyhow::Result<()> {
         std::thread::spawn(move || {
             while !running.load(std::sync::atomic::Ordering::SeqCst) {
                 if signals.wait(100) {
-                    eprintln!("mcvmm: stopped (secondary)");
+                    tracing::info!("stopped (secondary)");
                     std::process::exit(0);
                 }
             }
@@ -455,15 +463,15 @@ fn finish(
     let _ = std::io::stdout().flush();
     match reason {
         ExitReason::GuestEnded(how) => {
-            eprintln!("mcvmm: guest ended ({how})");
+            tracing::info!("guest ended ({how})");
             Ok(())
         }
         ExitReason::Stopped => {
-            eprintln!("mcvmm: stopped");
+            tracing::info!("stopped");
             Ok(())
         }
         ExitReason::HandedOver(epoch) => {
-            eprintln!("mcvmm: handed the guest over to the secondary at epoch {epoch}");
+            tracing::info!("handed the guest over to the secondary at epoch {epoch}");
             Ok(())
         }
         ExitReason::TripleFault { vcpu } => {
@@ -490,6 +498,10 @@ fn one_line(e: &anyhow::Error) -> String {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Err(e) = log::init(cli.log_level.as_deref(), cli.log_format) {
+        eprintln!("mcvmm: {e}");
+        return ExitCode::from(2);
+    }
     let result = match cli.command {
         Command::Run(args) => run(*args),
         Command::Ctl { api_sock, request } => {
@@ -513,7 +525,7 @@ fn main() -> ExitCode {
         // vCPU threads may still be inside KVM_RUN; ending the process ends them.
         Ok(()) => std::process::exit(0),
         Err(e) => {
-            eprintln!("mcvmm: {}", one_line(&e));
+            tracing::error!("{}", one_line(&e));
             ExitCode::FAILURE
         }
     }

@@ -112,12 +112,12 @@ impl Primary {
         let (mut tracker, arm, pause) = start_for_copy(vm, false)?;
         tracker.keep_hot(self.hot_pages);
         if arm.is_some() {
-            eprintln!(
-                "mcvmm: dirty tracking on, every page dirty until the sync reads it (no pause)"
+            tracing::info!(
+                "dirty tracking on, every page dirty until the sync reads it (no pause)"
             );
         } else {
-            eprintln!(
-                "mcvmm: dirty tracking on ({:.1} ms with the vCPUs paused)",
+            tracing::info!(
+                "dirty tracking on ({:.1} ms with the vCPUs paused)",
                 pause.as_secs_f64() * 1e3
             );
         }
@@ -157,8 +157,8 @@ impl Primary {
             }
             if !self.unprotected_said {
                 self.unprotected_said = true;
-                eprintln!(
-                    "mcvmm: epochs stopped at {}; `mcvmm ctl protect HOST:PORT` protects this guest again with a new secondary",
+                tracing::warn!(
+                    "epochs stopped at {}; `mcvmm ctl protect HOST:PORT` protects this guest again with a new secondary",
                     self.epoch
                 );
             }

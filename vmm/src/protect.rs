@@ -152,7 +152,9 @@ pub fn connect(
     let gate = p.hooks.fresh_gate();
     let s = p.settings;
     let to = peer.clone();
-    eprintln!("mcvmm: protecting the guest: connecting to a secondary at {peer} (generation {generation})");
+    tracing::info!(
+        "protecting the guest: connecting to a secondary at {peer} (generation {generation})"
+    );
     let handle = std::thread::spawn(move || {
         let (stream, accept) =
             replication::connect(&to, &hello, s.peer_wait).map_err(|e| e.to_string())?;
@@ -204,12 +206,13 @@ impl Pending {
             }
         });
         match &result {
-            Ok(_) => eprintln!(
-                "mcvmm: secondary {} accepted the VM (generation {}); initial sync started",
-                self.peer, self.generation
+            Ok(_) => tracing::info!(
+                "secondary {} accepted the VM (generation {}); initial sync started",
+                self.peer,
+                self.generation
             ),
-            Err(e) => eprintln!(
-                "mcvmm: protecting the guest at {} failed: {e}; it runs on unprotected",
+            Err(e) => tracing::warn!(
+                "protecting the guest at {} failed: {e}; it runs on unprotected",
                 self.peer
             ),
         }

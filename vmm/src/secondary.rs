@@ -98,8 +98,8 @@ pub fn run(cfg: SecondaryConfig) -> anyhow::Result<TookOver> {
     };
     let listener =
         TcpListener::bind(&cfg.listen).with_context(|| format!("listening on {}", cfg.listen))?;
-    eprintln!(
-        "mcvmm: secondary listening on {} ({} disk(s), {})",
+    tracing::info!(
+        "secondary listening on {} ({} disk(s), {})",
         cfg.listen,
         cfg.disks.len(),
         cfg.tap
@@ -132,7 +132,7 @@ pub fn run(cfg: SecondaryConfig) -> anyhow::Result<TookOver> {
         let hello = match read_hello(&mut stream) {
             Ok(h) => h,
             Err(why) => {
-                eprintln!("mcvmm: connection from {peer} dropped: {why}");
+                tracing::warn!("connection from {peer} dropped: {why}");
                 refuse(&mut stream, &why);
                 continue;
             }
@@ -146,7 +146,7 @@ pub fn run(cfg: SecondaryConfig) -> anyhow::Result<TookOver> {
         let accept = match check_hello(&hello, &expect) {
             Ok(a) => a,
             Err(why) => {
-                eprintln!("mcvmm: refused primary {peer}: {why}");
+                tracing::warn!("refused primary {peer}: {why}");
                 refuse(&mut stream, &why.0);
                 continue;
             }
@@ -161,8 +161,8 @@ pub fn run(cfg: SecondaryConfig) -> anyhow::Result<TookOver> {
         {
             continue;
         }
-        eprintln!(
-            "mcvmm: primary {peer} accepted: {} MiB, {} vCPU(s), {} disk(s), generation {}",
+        tracing::info!(
+            "primary {peer} accepted: {} MiB, {} vCPU(s), {} disk(s), generation {}",
             hello.shape.mem_mib,
             hello.shape.vcpus,
             hello.shape.disks.len(),
@@ -201,8 +201,8 @@ pub fn run(cfg: SecondaryConfig) -> anyhow::Result<TookOver> {
             .take();
         let why = match &ended {
             Ended::Refused(e) => {
-                eprintln!(
-                    "mcvmm: dropped primary {peer}: {e}; not taking over (it is alive); waiting for a primary"
+                tracing::warn!(
+                    "dropped primary {peer}: {e}; not taking over (it is alive); waiting for a primary"
                 );
                 refuse(&mut stream, &e.to_string());
                 let _ = beats.join();
@@ -227,15 +227,15 @@ pub fn run(cfg: SecondaryConfig) -> anyhow::Result<TookOver> {
             );
         }
         shared.receiving.store(false, Ordering::SeqCst);
-        eprintln!("mcvmm: {why}; taking over from committed epoch {epoch}");
+        tracing::warn!("{why}; taking over from committed epoch {epoch}");
         let generation = hello.generation + 1;
         let state = rx
             .take_state()
             .context("the committed checkpoint has no machine state")?;
         let took = take_over(&cfg, &hello, &peer, epoch, &state, rx, prepared)?;
         let ms = detected.elapsed().as_secs_f64() * 1e3;
-        eprintln!(
-            "mcvmm: TOOK OVER at epoch {epoch} in {ms:.1} ms; this is now an unprotected primary (generation {generation})"
+        tracing::warn!(
+            "TOOK OVER at epoch {epoch} in {ms:.1} ms; this is now an unprotected primary (generation {generation})"
         );
         let info = json!({
             "from_primary": peer,
@@ -313,11 +313,11 @@ fn prepare_in_background(
             });
         // Said now, not only at a takeover that would then fail.
         match &prepared {
-            Ok(_) => eprintln!(
-                "mcvmm: VM prepared for a takeover in {:.1} ms",
+            Ok(_) => tracing::info!(
+                "VM prepared for a takeover in {:.1} ms",
                 t.elapsed().as_secs_f64() * 1e3
             ),
-            Err(e) => eprintln!("mcvmm: preparing the VM for a takeover failed: {e}"),
+            Err(e) => tracing::error!("preparing the VM for a takeover failed: {e}"),
         }
         prepared
     });
@@ -339,8 +339,8 @@ fn take_over(
     let t = Instant::now();
     disks.sync().context("syncing the replicas")?;
     drop(disks);
-    eprintln!(
-        "mcvmm: replicas synced in {:.1} ms",
+    tracing::info!(
+        "replicas synced in {:.1} ms",
         t.elapsed().as_secs_f64() * 1e3
     );
     let prepared = prepared
@@ -371,7 +371,7 @@ pub fn refuse_stale_primaries(listener: TcpListener, generation: u64) {
                     ),
                     Err(e) => e,
                 };
-                eprintln!("mcvmm: refused {peer}: {why}");
+                tracing::warn!("refused {peer}: {why}");
                 refuse(&mut stream, &why);
             }
         });
@@ -437,7 +437,7 @@ fn serve_api(listener: &UnixListener, shared: &Shared) {
             "stop" => {
                 let mut w = &stream;
                 let _ = writeln!(w, "{}", json!({"ok": true}));
-                eprintln!("mcvmm: stopped (secondary)");
+                tracing::info!("stopped (secondary)");
                 std::process::exit(0);
             }
             other => json!({"error": format!(

@@ -484,8 +484,8 @@ fn run(
                     // On AMD, KVM reinitializes the vCPU when it sees the shutdown, so
                     // what is read here is the reset state, not where the guest was.
                     let reset = r.rip == 0xfff0 && s.cr0 & 1 == 0;
-                    eprintln!(
-                        "mcvmm: vCPU {id} triple fault at rip {:#x} rsp {:#x} cr0 {:#x} cr3 {:#x} cr4 {:#x} efer {:#x}{}",
+                    tracing::error!(
+                        "vCPU {id} triple fault at rip {:#x} rsp {:#x} cr0 {:#x} cr3 {:#x} cr4 {:#x} efer {:#x}{}",
                         r.rip,
                         r.rsp,
                         s.cr0,

@@ -465,8 +465,8 @@ pub fn finish(p: Prepared, restore: Option<Continue>) -> Result<Vm, VmError> {
         // Frames the tap queued while this VM waited are for no one now.
         let stale = tap.drain();
         announce_moved(tap.writer()?, config.mac)?;
-        eprintln!(
-            "mcvmm: announcing {} on tap {} ({} RARPs over {} ms; {stale} stale frame(s) dropped)",
+        tracing::info!(
+            "announcing {} on tap {} ({} RARPs over {} ms; {stale} stale frame(s) dropped)",
             mac_text(config.mac),
             tap.name,
             ANNOUNCE_AT_MS.len(),
@@ -512,7 +512,7 @@ pub fn finish(p: Prepared, restore: Option<Continue>) -> Result<Vm, VmError> {
                 .unwrap_or_else(PoisonError::into_inner)
                 .hold_writes(Box::new(port)),
             Ok(None) => {}
-            Err(e) => eprintln!("mcvmm: console writes exit one by one: {e}"),
+            Err(e) => tracing::warn!("console writes exit one by one: {e}"),
         }
     }
     step("vcpus and devices");
@@ -582,15 +582,15 @@ pub fn finish(p: Prepared, restore: Option<Continue>) -> Result<Vm, VmError> {
     }
     let parts: Vec<String> = steps.iter().map(|(n, ms)| format!("{n} {ms:.1}")).collect();
     if restore_state.is_some() {
-        eprintln!(
-            "mcvmm: VM started in {:.1} ms from its state ({:.1} ms since it was prepared: {})",
+        tracing::info!(
+            "VM started in {:.1} ms from its state ({:.1} ms since it was prepared: {})",
             finishing.elapsed().as_secs_f64() * 1e3,
             started.elapsed().as_secs_f64() * 1e3,
             parts.join(", ")
         );
     } else {
-        eprintln!(
-            "mcvmm: VM started in {:.1} ms ({})",
+        tracing::info!(
+            "VM started in {:.1} ms ({})",
             started.elapsed().as_secs_f64() * 1e3,
             parts.join(", ")
         );

@@ -43,8 +43,8 @@ pub fn restore_vm_state(vm: &VmFd, s: &VmState) -> Result<(), VmError> {
     // its timers: in that case the clock goes on from the captured value instead.
     let mut flags = s.clock.flags & KVM_CLOCK_REALTIME;
     if flags != 0 && realtime_ns() < s.clock.realtime {
-        eprintln!(
-            "mcvmm: the checkpoint's real-time clock is {} ms ahead of this host's; the guest's clock is not moved back",
+        tracing::warn!(
+            "the checkpoint's real-time clock is {} ms ahead of this host's; the guest's clock is not moved back",
             (s.clock.realtime - realtime_ns()) / 1_000_000
         );
         flags = 0;

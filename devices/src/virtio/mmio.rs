@@ -121,10 +121,7 @@ impl MmioTransport {
             // A broken queue is the guest's doing: say so once, mark the device as
             // needing a reset, and leave the VMM running.
             if self.last_error.is_none() {
-                eprintln!(
-                    "mcvmm: virtio device type {}: {e}",
-                    self.device.device_type()
-                );
+                tracing::warn!("virtio device type {}: {e}", self.device.device_type());
             }
             self.last_error = Some(e.to_string());
             self.status |= 0x40; // DEVICE_NEEDS_RESET

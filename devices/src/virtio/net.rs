@@ -81,8 +81,8 @@ impl Net {
     fn first_frame(&self, what: &str) -> bool {
         match self.first_frames_since.as_ref().and_then(|c| c.get()) {
             Some(t) => {
-                eprintln!(
-                    "mcvmm: net: first frame {what} the guest {:.1} ms after it started here",
+                tracing::info!(
+                    "net: first frame {what} the guest {:.1} ms after it started here",
                     t.elapsed().as_secs_f64() * 1e3
                 );
                 true

@@ -41,7 +41,7 @@ pub fn connect(
             Err(e) if started.elapsed() >= wait => return Err(e),
             Err(e) => {
                 if !said {
-                    eprintln!("mcvmm: waiting for the secondary ({e})");
+                    tracing::info!("waiting for the secondary ({e})");
                     said = true;
                 }
                 std::thread::sleep(Duration::from_millis(200));

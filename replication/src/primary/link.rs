@@ -142,9 +142,7 @@ impl Link {
             // The secondary runs the guest now; closing the link is what it does next.
             return;
         }
-        eprintln!(
-            "mcvmm: SECONDARY LOST ({why}): held output released; the guest runs UNPROTECTED"
-        );
+        tracing::error!("SECONDARY LOST ({why}): held output released; the guest runs UNPROTECTED");
         self.stats().lost = Some(why.to_string());
         self.gate.open();
         // Dropping the channel ends the sender thread.

@@ -88,8 +88,8 @@ fn sync(
         s.sync_eta_s = (total - done) as f64 / rate.max(1.0);
         if force || last_report.elapsed() >= Duration::from_secs(1) {
             last_report = Instant::now();
-            eprintln!(
-                "mcvmm: sync {:.0}% ({} of {} MiB, {:.0} MiB/s, ETA {:.1} s)",
+            tracing::info!(
+                "sync {:.0}% ({} of {} MiB, {:.0} MiB/s, ETA {:.1} s)",
                 s.sync_percent,
                 done >> 20,
                 total >> 20,
@@ -207,8 +207,8 @@ fn sync(
     s.sync_skipped_bytes = skipped;
     s.sync_ms = started.elapsed().as_millis() as u64;
     s.synced = true;
-    eprintln!(
-        "mcvmm: initial sync done in {} ms ({} MiB on the wire, {} MiB skipped: zero pages and disk chunks the secondary had)",
+    tracing::info!(
+        "initial sync done in {} ms ({} MiB on the wire, {} MiB skipped: zero pages and disk chunks the secondary had)",
         s.sync_ms,
         s.bytes_sent >> 20,
         skipped >> 20
