@@ -5,10 +5,12 @@
 //!
 //! Where KVM offers `KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2`, reading the log and arming it
 //! again (clearing the bits and write-protecting those pages) are separate calls, and the
-//! log can start with every page marked dirty. A full copy then needs no pause to turn
-//! tracking on: it arms each span just before copying it ([`LogArm`]), and a page never
-//! armed is still reported. Without it, turning the log on write-protects all of RAM at
-//! once, which must happen with the vCPUs paused.
+//! log can start with every page marked dirty. Turning tracking on then write-protects
+//! nothing, so its pause is short whatever the guest's size: a full copy arms each span
+//! just before copying it ([`LogArm`]), and a page never armed is still reported.
+//! Without it, turning the log on write-protects all of RAM at once. (The VMM changes the
+//! slots' flags with the vCPUs paused either way: the lab's nested KVM was seen to lose a
+//! guest to such a change under running vCPUs.)
 
 use std::fs::File;
 use std::os::fd::{AsRawFd, FromRawFd};
@@ -395,9 +397,9 @@ impl DirtyTracker {
     }
 
     /// Turns on KVM's dirty log with every page of RAM reported dirty until it is armed,
-    /// which a full copy does span by span just before copying each ([`LogArm`]). No
-    /// pause is needed: nothing is write-protected yet. `None` where KVM cannot start the
-    /// log this way (or `mode` is legacy): use [`DirtyTracker::start`] with the vCPUs paused.
+    /// which a full copy does span by span just before copying each ([`LogArm`]). Nothing
+    /// is write-protected yet, so this is quick. `None` where KVM cannot start the log
+    /// this way (or `mode` is legacy): use [`DirtyTracker::start`].
     pub fn start_all_dirty(
         vm: &VmFd,
         mem: &GuestMemory,

@@ -43,19 +43,25 @@ pub fn log_mode() -> LogMode {
 }
 
 /// Turns dirty tracking on for a full copy of memory that starts right after it. Where
-/// KVM can, every page starts dirty and nothing pauses: the copy arms each span with the
-/// handle returned. Else the log write-protects all of RAM with the vCPUs paused (unless
-/// `paused`: they are already), and the pause's length is returned.
+/// KVM can, every page starts dirty: nothing is write-protected, the copy arms each span
+/// with the handle returned. Else the log write-protects all of RAM. Either way the
+/// memory slots change their flags with the vCPUs paused (unless `paused`: they are
+/// already; see `Vcpus::paused_for`), and the pause's length is returned.
 pub fn start_for_copy(
     vm: &Vm,
     paused: bool,
 ) -> Result<(DirtyTracker, Option<LogArm>, Duration), String> {
     let e = |e: &dyn std::fmt::Display| e.to_string();
-    let all_dirty =
-        DirtyTracker::start_all_dirty(&vm.vm_fd, &vm.mem, Sources::GuestAndVmm, log_mode())
-            .map_err(|x| e(&x))?;
+    let t = Instant::now();
+    let all_dirty = vm
+        .vcpus
+        .paused_for(paused, PAUSE_LIMIT, || {
+            DirtyTracker::start_all_dirty(&vm.vm_fd, &vm.mem, Sources::GuestAndVmm, log_mode())
+        })
+        .map_err(|x| e(&x))?
+        .map_err(|x| e(&x))?;
     if let Some((tracker, arm)) = all_dirty {
-        return Ok((tracker, Some(arm), Duration::ZERO));
+        return Ok((tracker, Some(arm), t.elapsed()));
     }
     let t = Instant::now();
     let tracker = vm

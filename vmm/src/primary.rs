@@ -113,7 +113,8 @@ impl Primary {
         tracker.keep_hot(self.hot_pages);
         if arm.is_some() {
             tracing::info!(
-                "dirty tracking on, every page dirty until the sync reads it (no pause)"
+                "dirty tracking on, every page dirty until the sync reads it ({:.1} ms with the vCPUs paused)",
+                pause.as_secs_f64() * 1e3
             );
         } else {
             tracing::info!(

@@ -78,9 +78,11 @@ pub fn take(
     if taken.is_err() {
         snaps.last = None;
         if let Some(t) = snaps.tracker.take() {
-            // Logging left on only costs the guest faults; the next full snapshot starts
-            // it again either way.
-            let _ = t.stop(&vm.vm_fd, &vm.mem);
+            // Logging left on would only cost the guest faults; the next full snapshot
+            // starts it again either way. Slots change flags with the vCPUs paused.
+            let _ = vm
+                .vcpus
+                .paused_for(paused, PAUSE_LIMIT, || t.stop(&vm.vm_fd, &vm.mem));
         }
     }
     taken
@@ -101,8 +103,8 @@ fn take_one(
     // Tracking on (or a new epoch started) before the copy: what the guest writes from
     // here on is copied again at the pause.
     let mut full = None;
-    // Turning the log on the old way write-protects all of RAM in KVM, with the vCPUs
-    // paused; with every page starting dirty it needs no pause.
+    // Turning the log on pauses the vCPUs: briefly with every page starting dirty; the
+    // old way for as long as write-protecting all of RAM takes.
     let mut tracking_on = std::time::Duration::ZERO;
     if !incremental {
         let mut arm = None;

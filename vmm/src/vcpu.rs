@@ -354,9 +354,9 @@ impl Vcpus {
     }
 
     /// Runs `f` with every vCPU out of KVM_RUN: paused for it, unless `already` paused
-    /// (and then left so). Memory slots change their dirty-logging flag only this way:
-    /// KVM allows it under running vCPUs, but the lab's nested KVM was seen to leave a
-    /// guest faulting for good on a page right after such a change.
+    /// (and then left so). Memory slots change their dirty-logging flag only this way,
+    /// on and off: KVM allows it under running vCPUs, but the lab's nested KVM was seen
+    /// to leave a guest faulting for good on a page right after such a change.
     pub fn paused_for<T>(
         &self,
         already: bool,
