@@ -343,4 +343,18 @@ fn print_table(records: &[RunRecord], o: &Opts) {
         }
     }
     println!("\n(runs whose test host died are not judged: they count under 'test hosts died', not in 'lost %')");
+    let lost: Vec<&RunRecord> = records.iter().filter(|r| r.lost.is_some()).collect();
+    if !lost.is_empty() {
+        println!("\nEach loss, and where (evidence beside the results file, batchN-EMULATOR-CASE.txt):\n");
+        for r in lost {
+            let sig = r.lost.as_ref().map_or("", Signature::name);
+            println!(
+                "- batch {} {} {}: {sig}: {}",
+                r.batch,
+                r.emulator,
+                r.case.name(),
+                r.detail.chars().take(300).collect::<String>()
+            );
+        }
+    }
 }
