@@ -170,7 +170,7 @@ struct ControlState {
     pause: bool,
     /// Parked vCPUs are to capture their state into `saved`.
     save: bool,
-    saved: Vec<(u8, Result<VcpuState, String>)>,
+    saved: Vec<(u8, Result<VcpuState, vcpu_state::VcpuStateError>)>,
 }
 
 impl ControlState {
@@ -199,7 +199,7 @@ pub enum PauseError {
     #[error("the vCPUs are not paused")]
     NotPaused,
     #[error("vCPU {0}: {1}")]
-    Save(u8, String),
+    Save(u8, vcpu_state::VcpuStateError),
     #[error("{parked} of {total} vCPUs stopped within {waited:?}")]
     Timeout {
         parked: usize,

@@ -7,14 +7,27 @@ use mcvmm_checkpoint::state::{Msr, VcpuState};
 /// KVM reads MSRs in batches of at most this many.
 const MSR_BATCH: usize = 64;
 
-fn err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> String {
-    move |e| format!("{what}: {e}")
+#[derive(Debug, thiserror::Error)]
+pub enum VcpuStateError {
+    #[error("{what}: {source}")]
+    Kvm {
+        what: &'static str,
+        source: kvm_ioctls::Error,
+    },
+    #[error("MSR list: {0}")]
+    MsrList(String),
+    #[error("KVM_SET_MSRS: MSR {0:#x} refused")]
+    MsrRefused(u32),
+}
+
+fn err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VcpuStateError {
+    move |source| VcpuStateError::Kvm { what, source }
 }
 
 /// Reads every MSR of `indices` that KVM can read for this vCPU. KVM stops a batch at the
 /// first MSR it cannot read; that one is skipped (it is not part of the vCPU's state on
 /// this host) and the rest of the batch is read again.
-fn read_msrs(vcpu: &VcpuFd, indices: &[u32]) -> Result<Vec<Msr>, String> {
+fn read_msrs(vcpu: &VcpuFd, indices: &[u32]) -> Result<Vec<Msr>, VcpuStateError> {
     let mut out = Vec::with_capacity(indices.len());
     let mut rest = indices;
     while !rest.is_empty() {
@@ -26,7 +39,8 @@ fn read_msrs(vcpu: &VcpuFd, indices: &[u32]) -> Result<Vec<Msr>, String> {
                 ..Default::default()
             })
             .collect();
-        let mut msrs = Msrs::from_entries(&entries).map_err(|e| format!("MSR list: {e:?}"))?;
+        let mut msrs =
+            Msrs::from_entries(&entries).map_err(|e| VcpuStateError::MsrList(format!("{e:?}")))?;
         let n = vcpu.get_msrs(&mut msrs).map_err(err("KVM_GET_MSRS"))?;
         out.extend(msrs.as_slice()[..n].iter().map(|e| Msr {
             index: e.index,
@@ -55,7 +69,7 @@ pub fn save(
     id: u8,
     msr_indices: &[u32],
     learned: &mut Learned,
-) -> Result<VcpuState, String> {
+) -> Result<VcpuState, VcpuStateError> {
     let cpuid = match &learned.cpuid {
         Some(c) => c.clone(),
         None => {
@@ -97,7 +111,7 @@ pub fn save(
 /// Puts a saved state into a fresh vCPU (its CPUID already set from the same state).
 /// The order follows KVM's dependencies: sregs (paging, EFER) before the registers and
 /// MSRs that rely on them, the LAPIC before the events that may inject into it.
-pub fn restore(vcpu: &VcpuFd, s: &VcpuState) -> Result<(), String> {
+pub fn restore(vcpu: &VcpuFd, s: &VcpuState) -> Result<(), VcpuStateError> {
     if let Some(khz) = s.tsc_khz {
         // The same TSC rate as where the state came from; hosts that cannot scale keep
         // theirs (the guest's clocksource then recalibrates through kvmclock).
@@ -129,10 +143,11 @@ pub fn restore(vcpu: &VcpuFd, s: &VcpuState) -> Result<(), String> {
         })
         .collect();
     for chunk in entries.chunks(MSR_BATCH) {
-        let msrs = Msrs::from_entries(chunk).map_err(|e| format!("MSR list: {e:?}"))?;
+        let msrs =
+            Msrs::from_entries(chunk).map_err(|e| VcpuStateError::MsrList(format!("{e:?}")))?;
         let n = vcpu.set_msrs(&msrs).map_err(err("KVM_SET_MSRS"))?;
         if n != chunk.len() {
-            return Err(format!("KVM_SET_MSRS: MSR {:#x} refused", chunk[n].index));
+            return Err(VcpuStateError::MsrRefused(chunk[n].index));
         }
     }
     vcpu.set_vcpu_events(&s.events)
