@@ -211,6 +211,16 @@ fn clear_log(
     Ok(())
 }
 
+/// `KVM_GET_DIRTY_LOG` of `slot` (`len` bytes of guest memory).
+fn get_log(vm: &VmFd, slot: u32, len: usize) -> Result<Vec<u64>, DirtyError> {
+    vm.get_dirty_log(slot, len)
+        .map_err(|source| DirtyError::Kvm {
+            what: "KVM_GET_DIRTY_LOG",
+            slot,
+            source,
+        })
+}
+
 /// Registers every region of `mem` with KVM as slot 0, 1, ... in order, with `flags`.
 /// Registering an existing slot again changes its flags in place (KVM keeps the memory).
 pub fn register_slots(vm: &VmFd, mem: &GuestMemory, flags: u32) -> Result<(), DirtyError> {
@@ -465,14 +475,7 @@ impl DirtyTracker {
     pub fn end_epoch(&mut self, vm: &VmFd, mem: &GuestMemory) -> Result<DirtySet, DirtyError> {
         self.end_epoch_with(
             mem,
-            |slot, len| {
-                vm.get_dirty_log(slot, len)
-                    .map_err(|source| DirtyError::Kvm {
-                        what: "KVM_GET_DIRTY_LOG",
-                        slot,
-                        source,
-                    })
-            },
+            |slot, len| get_log(vm, slot, len),
             |slot, pages, bits| clear_log(vm, slot, 0, pages, bits),
         )
     }
@@ -725,12 +728,7 @@ mod tests {
                             source: kvm_ioctls::Error::new(libc::EIO),
                         });
                     }
-                    vm.get_dirty_log(slot, len)
-                        .map_err(|source| DirtyError::Kvm {
-                            what: "KVM_GET_DIRTY_LOG",
-                            slot,
-                            source,
-                        })
+                    get_log(vm, slot, len)
                 },
                 |slot, pages, bits| clear_log(vm, slot, 0, pages, bits),
             );
