@@ -109,8 +109,21 @@ impl Lab {
                 opts.hosts
             )));
         }
-        // The emulator is there, or the error says how to get it, before anything starts.
+        // What the lab runs is there, or the error says how to get it, before anything
+        // starts: the emulator (by its path), and the tools it runs by name.
         opts.host.emulator()?.command()?;
+        let tools: &[&str] = if opts.network {
+            &["ldd", "ip"]
+        } else {
+            &["ldd"]
+        };
+        for tool in tools {
+            if !assets::in_path(tool) {
+                return Err(LabError::Check(format!(
+                    "{tool} not found in PATH (scripts/setup.sh installs what the lab needs)"
+                )));
+            }
+        }
         cleanup::remove_stale();
         let kernel = host_kernel()?;
         let labd = assets::workspace_binary("mcvmm-labd")?;

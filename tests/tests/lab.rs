@@ -236,7 +236,21 @@ fn bad_input_gets_one_clear_line() {
         .env("PATH", "/nonexistent")
         .output()
         .expect("run");
-    expect_one_line_failure(&out, "qemu-system-x86_64 not found");
+    expect_one_line_failure(&out, "ldd not found in PATH");
+
+    let out = workspace_command("mcvmm-lab")
+        .args(["run", "--emulator", "10.0", "--", "true"])
+        .env("MCVMM_CACHE", "/nonexistent")
+        .output()
+        .expect("run");
+    expect_one_line_failure(&out, "QEMU 10.0 not found at /nonexistent/qemu-10.0/");
+
+    let out = workspace_command("mcvmm-lab")
+        .args(["run", "--", "true"])
+        .env("MCVMM_LAB_EMULATOR", "9.1")
+        .output()
+        .expect("run");
+    expect_one_line_failure(&out, "MCVMM_LAB_EMULATOR=\"9.1\"");
 
     let out = workspace_command("mcvmm-lab")
         .args(["run", "--mem-mib", "512", "--", "no-such-command-xyz"])
