@@ -417,10 +417,13 @@ fn failure_report(l: &Lab, ns: &str, n: usize, e: &RoundFailure) -> String {
         .map(|h| h.console_tail())
         .collect::<Vec<_>>()
         .join("\n---\n");
-    let logs = on_both_hosts(l, 15, |p| {
+    let logs = on_both_hosts(l, 45, |p| {
         format!(
             "echo '{p}.log:'; tail -15 {p}.log; echo '-- guest console:'; tail -15 {p}.console
-             echo '-- status:'; timeout 10 ./mcvmm ctl --api-sock {p}.sock status 2>&1 | head -c 4000"
+             echo '-- status:'; timeout 10 ./mcvmm ctl --api-sock {p}.sock status 2>&1 | head -c 4000
+             # Where its vCPUs stand, three looks: one stuck shows the same rip each time.
+             echo '-- vcpus:'
+             for i in 1 2 3; do timeout 10 ./mcvmm ctl --api-sock {p}.sock vcpus 2>&1 | tr -d ' \\n' | head -c 1500; echo; done"
         )
     });
     // A stale entry pointing at the old primary's port keeps the guest unreachable.
