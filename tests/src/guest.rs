@@ -108,15 +108,18 @@ pub fn script(body: &str) -> String {
         };
         let text = format!("{}\n--- stderr\n{}", out.stdout_text(), out.stderr_text());
         let kept = crate::evidence::keep_kvm(&format!("try{attempt}"), &h, &text);
+        let lost = lost_signature(&text);
+        let detail = lost
+            .as_ref()
+            .map_or_else(String::new, |(_, line)| line.clone());
         let cause = if !healthy(&h) {
             Some(Cause::HostDied)
         } else {
-            lost_signature(&text).map(|(signature, _)| Cause::GuestLost {
+            lost.map(|(signature, _)| Cause::GuestLost {
                 signature,
                 phase: Phase::last_in(&text),
             })
         };
-        let detail = lost_signature(&text).map_or_else(String::new, |(_, line)| line);
         if let Some(cause) = cause {
             if retry::allow(cause, &format!("{detail}; evidence in {}", kept.display())) {
                 replace(&h);

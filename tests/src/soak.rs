@@ -159,8 +159,13 @@ if ! timeout 60 $a mem-verify 2>&1; then echo 'verify_rc=1'; dump; end; exit 5; 
 if ! kill -0 $pid 2>/dev/null; then echo '== vmm exited'; dump; end; exit 6; fi
 echo '== log'; tail -60 sk.log
 end",
-        limit = epochs as u64 * (epoch_ms as u64 + 200) / 1000 + 60,
+        limit = pauses_limit_secs(epochs, epoch_ms),
     )
+}
+
+/// How long a run's pauses may take, s: 200 ms of slack a pause, and a minute.
+pub fn pauses_limit_secs(epochs: u32, epoch_ms: u32) -> u64 {
+    epochs as u64 * (epoch_ms as u64 + 200) / 1000 + 60
 }
 
 /// What a finished run says about its guest: `None` when it came through.

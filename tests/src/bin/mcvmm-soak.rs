@@ -141,7 +141,9 @@ fn soak(o: &Opts) -> Result<(), String> {
         let started = Instant::now();
         loop {
             // The emulator with the fewest runs goes next, so that both advance alike.
-            let count = |e: Emulator| done_runs(&o.out, e);
+            let records = read_records(&o.out);
+            let count =
+                |e: Emulator| records.iter().filter(|r| r.emulator == e.name()).count() as u32;
             let Some(&emulator) = o
                 .emulators
                 .iter()
@@ -161,13 +163,6 @@ fn soak(o: &Opts) -> Result<(), String> {
     }
     print_table(&read_records(&o.out), o);
     Ok(())
-}
-
-fn done_runs(path: &PathBuf, e: Emulator) -> u32 {
-    read_records(path)
-        .iter()
-        .filter(|r| r.emulator == e.name())
-        .count() as u32
 }
 
 fn fresh_host(emulator: Emulator) -> Result<KvmHost, String> {
@@ -201,7 +196,8 @@ fn run_batch(o: &Opts, emulator: Emulator, batch: u32) -> Result<(), String> {
             },
         };
         let limit = Duration::from_secs(
-            (o.epochs as u64 * (o.epoch_ms as u64 + 200) / 1000 + 60).max(o.idle_secs as u64) + 180,
+            mcvmm_tests::soak::pauses_limit_secs(o.epochs, o.epoch_ms).max(o.idle_secs as u64)
+                + 180,
         );
         let mut pause_median_us = None;
         let (lost, detail, keep) =
