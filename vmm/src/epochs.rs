@@ -53,25 +53,19 @@ pub fn start_for_copy(
 ) -> Result<(DirtyTracker, Option<LogArm>, Duration), String> {
     let e = |e: &dyn std::fmt::Display| e.to_string();
     let t = Instant::now();
-    let all_dirty = vm
+    let (tracker, arm) = vm
         .vcpus
         .paused_for(paused, PAUSE_LIMIT, || {
-            DirtyTracker::start_all_dirty(&vm.vm_fd, &vm.mem, Sources::GuestAndVmm, log_mode())
+            let (vm_fd, mem, sources, mode) =
+                (&vm.vm_fd, &vm.mem, Sources::GuestAndVmm, log_mode());
+            match DirtyTracker::start_all_dirty(vm_fd, mem, sources, mode)? {
+                Some((tracker, arm)) => Ok((tracker, Some(arm))),
+                None => DirtyTracker::start(vm_fd, mem, sources, mode).map(|t| (t, None)),
+            }
         })
         .map_err(|x| e(&x))?
-        .map_err(|x| e(&x))?;
-    if let Some((tracker, arm)) = all_dirty {
-        return Ok((tracker, Some(arm), t.elapsed()));
-    }
-    let t = Instant::now();
-    let tracker = vm
-        .vcpus
-        .paused_for(paused, PAUSE_LIMIT, || {
-            DirtyTracker::start(&vm.vm_fd, &vm.mem, Sources::GuestAndVmm, log_mode())
-        })
-        .map_err(|x| e(&x))?
-        .map_err(|x| e(&x))?;
-    Ok((tracker, None, t.elapsed()))
+        .map_err(|x: DirtyError| e(&x))?;
+    Ok((tracker, arm, t.elapsed()))
 }
 
 /// Mismatching pages named in the report (the count is always complete).
