@@ -10,11 +10,15 @@ use std::time::Duration;
 
 /// Kernel messages that say a CPU or a task has been stuck for far longer than any
 /// healthy kernel path takes.
-const STALL_MARKERS: [&str; 4] = [
+/// The RCU reports' later lines are listed too: a console cut to its last lines may
+/// have lost the first.
+const STALL_MARKERS: [&str; 6] = [
     "BUG: soft lockup",
     "self-detected stall on CPU",
     "detected stalls on CPUs",
     "blocked for more than",
+    "kthread timer wakeup didn't happen",
+    "kthread starved for",
 ];
 
 /// The first console line reporting a stuck CPU or task, if any.

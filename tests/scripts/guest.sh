@@ -104,6 +104,9 @@ agent() {
             # (Diagnostics only: a VMM already gone must not end the script before its rc.)
             if [ -S "$name.sock" ]; then
                 ./mcvmm ctl --api-sock "$name.sock" status || true
+                # Where the test host's VMRUN is: a vCPU found there holds the host's
+                # registers (stuck_vcpu in tests/src/guest.rs).
+                echo "test_host_svm_vcpu_run=$(awk '$3 == "__svm_vcpu_run" {print $1; exit}' /proc/kallsyms 2>/dev/null)"
                 for look in 1 2 3; do ./mcvmm ctl --api-sock "$name.sock" vcpus || true; done
             fi
             ip netns exec "$name" ip -s link show gtap || true

@@ -310,6 +310,7 @@ pub fn round(
         Err(e) => {
             // mcvmm's words for a guest that crashed, or that left its devices'
             // interrupts unacknowledged again and again (it takes none any more).
+            let host_line = crate::guest::HOST_VMRUN_LINE;
             let crashed = run_ok(
                 lab.host(secondary),
                 "the secondary's log",
@@ -317,9 +318,9 @@ pub fn round(
                     "grep -h 'the guest crashed' {sn}.log
                      n=$(grep -c 'interrupt unacknowledged for over' {sn}.log)
                      [ \"$n\" -ge 3 ] && echo \"the guest stopped taking interrupts ($n interrupts raised again)\"
-                     # Where its vCPUs stand: a cr3 beyond guest memory and rip at the test
-                     # host's VMRUN are the lab's (see docs/lab-notes.md).
-                     [ \"$n\" -ge 3 ] && ./mcvmm ctl --api-sock {sn}.sock vcpus | tr -d ' \\n' && echo
+                     # Where its vCPUs stand: one at the test host's own VMRUN holds the
+                     # host's registers, the lab's (see crate::guest::stuck_vcpu).
+                     [ \"$n\" -ge 3 ] && {{ {host_line}; for i in 1 2 3; do ./mcvmm ctl --api-sock {sn}.sock vcpus | tr -d ' \\n'; echo; done; }}
                      tail -5 {sn}.console; true"
                 ),
                 20,
@@ -417,12 +418,14 @@ fn failure_report(l: &Lab, ns: &str, n: usize, e: &RoundFailure) -> String {
         .map(|h| h.console_tail())
         .collect::<Vec<_>>()
         .join("\n---\n");
+    let host_line = crate::guest::HOST_VMRUN_LINE;
     let logs = on_both_hosts(l, 45, |p| {
         format!(
             "echo '{p}.log:'; tail -15 {p}.log; echo '-- guest console:'; tail -15 {p}.console
              echo '-- status:'; timeout 10 ./mcvmm ctl --api-sock {p}.sock status 2>&1 | head -c 4000
              # Where its vCPUs stand, three looks: one stuck shows the same rip each time.
              echo '-- vcpus:'
+             {host_line}
              for i in 1 2 3; do timeout 10 ./mcvmm ctl --api-sock {p}.sock vcpus 2>&1 | tr -d ' \\n' | head -c 1500; echo; done"
         )
     });

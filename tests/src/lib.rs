@@ -29,6 +29,33 @@ pub fn expect_one_line_failure(out: &Output, needle: &str) {
     assert!(!stderr.contains("panicked"), "panicked:\n{stderr}");
 }
 
+/// Starts a lab. A test host that failed while booting in a way that is the emulator's
+/// (it died, hung, or its kernel reported a stuck CPU before it answered) is started
+/// again if the retry policy grants it; any other failure is returned as it is.
+pub fn start_lab(opts: &mcvmm_lab::LabOptions) -> Result<mcvmm_lab::Lab, mcvmm_lab::LabError> {
+    loop {
+        match mcvmm_lab::Lab::start(opts) {
+            Err(mcvmm_lab::LabError::Host(e)) if failed_in_boot_by_the_lab(&e) => {
+                if !retry::allow(retry::Cause::HostDied, &e.to_string()) {
+                    return Err(e.into());
+                }
+            }
+            other => return other,
+        }
+    }
+}
+
+fn failed_in_boot_by_the_lab(e: &mcvmm_lab::host::HostError) -> bool {
+    use mcvmm_lab::host::HostError;
+    match e {
+        HostError::Died { .. } | HostError::Hung { .. } => true,
+        HostError::BootTimeout { console, .. } => {
+            mcvmm_lab::diagnose::stall_line(console).is_some()
+        }
+        _ => false,
+    }
+}
+
 pub fn repo_root() -> PathBuf {
     mcvmm_lab::assets::workspace_root()
 }
@@ -37,7 +64,17 @@ pub fn repo_root() -> PathBuf {
 /// `agentctl` and the shell helpers `guest.sh`.
 pub fn guest_host(opts: &mcvmm_lab::HostOptions) -> Result<mcvmm_lab::KvmHost, String> {
     let e = |e: &dyn std::fmt::Display| e.to_string();
-    let host = mcvmm_lab::KvmHost::acquire(opts).map_err(|x| format!("no KVM host: {x}"))?;
+    let host = loop {
+        match mcvmm_lab::KvmHost::acquire(opts) {
+            Ok(host) => break host,
+            Err(mcvmm_lab::LabError::Host(x)) if failed_in_boot_by_the_lab(&x) => {
+                if !retry::allow(retry::Cause::HostDied, &x.to_string()) {
+                    return Err(format!("no KVM host: {x}"));
+                }
+            }
+            Err(x) => return Err(format!("no KVM host: {x}")),
+        }
+    };
     let images = mcvmm_lab::reference::GuestImages::locate().map_err(|x| e(&x))?;
     for (local, dest) in images.files() {
         host.put_file(&local, &dest).map_err(|x| e(&x))?;

@@ -84,7 +84,7 @@ pub fn start_lab(mem_mib: u32) -> Result<Lab, String> {
         let bin = mcvmm_lab::assets::workspace_binary(name).map_err(|e| e.to_string())?;
         binaries.push((bin, dest.to_string()));
     }
-    Lab::start(&LabOptions {
+    crate::start_lab(&LabOptions {
         hosts: 2,
         network: true,
         host: HostOptions {
@@ -104,6 +104,7 @@ pub fn start_lab(mem_mib: u32) -> Result<Lab, String> {
 pub fn start_secondary(lab: &Lab, host: usize, fresh_disks: bool) -> Result<String, String> {
     let n = NODE[host];
     let ip = net::host_addr(host);
+    let env = vmm_env();
     let disks = if fresh_disks {
         format!("rm -f {n}1.img {n}2.img {n}3.img; truncate -s 32M {n}1.img {n}2.img {n}3.img")
     } else {
@@ -118,7 +119,7 @@ pub fn start_secondary(lab: &Lab, host: usize, fresh_disks: bool) -> Result<Stri
              ip link del {n}tap 2>/dev/null; ip tuntap add dev {n}tap mode tap
              ip link set {n}tap master br0 up
              t0=$(cut -d' ' -f1 /proc/uptime)
-             ./mcvmm run --secondary --listen {ip}:{PORT} --disk {n}1.img --disk {n}2.img \
+             {env}./mcvmm run --secondary --listen {ip}:{PORT} --disk {n}1.img --disk {n}2.img \
                  --disk {n}3.img --tap {n}tap --serial {n}.console --api-sock {n}.sock >{n}.log 2>&1 &
              echo $! >{n}.pid
              # Its control socket answers once it listens for a primary.
@@ -223,6 +224,19 @@ pub fn clean(lab: &Lab) {
     }
 }
 
+/// Settings of mcvmm's own that a run on this machine hands on to the test hosts' mcvmm
+/// (`MCVMM_DIRTY_LOG`, to compare the dirty log's modes in the lab), as shell assignments.
+pub fn vmm_env() -> String {
+    ["MCVMM_DIRTY_LOG"]
+        .iter()
+        .filter_map(|k| std::env::var(k).ok().map(|v| format!("{k}={v} ")))
+        .filter(|a| {
+            a.chars()
+                .all(|c| c.is_ascii_alphanumeric() || "_= ".contains(c))
+        })
+        .collect()
+}
+
 /// Shell lines (for the primary's host) that start the guest in the background with
 /// three fresh disks and a tap on the lab bridge; `flags` go to `mcvmm run`.
 fn start_primary_script(mem_mib: u32, flags: &str) -> String {
@@ -231,10 +245,11 @@ fn start_primary_script(mem_mib: u32, flags: &str) -> String {
          mv -f p.log p.prev.log 2>/dev/null
          ip link del ptap 2>/dev/null; ip tuntap add dev ptap mode tap
          ip link set ptap master br0 up
-         ./mcvmm run --kernel guest/vmlinux --initrd guest/initrd.img --mem-mib {mem_mib} \\
+         {}./mcvmm run --kernel guest/vmlinux --initrd guest/initrd.img --mem-mib {mem_mib} \\
              --cmdline 'panic=-1 mcvmm.ip={}/{}' --disk p1.img --disk p2.img --disk p3.img \\
              --tap ptap --serial p.console --api-sock p.sock {flags} >p.log 2>&1 &
          echo $! >p.pid",
+        vmm_env(),
         guest_ip(),
         net::SUBNET_PREFIX
     )

@@ -132,9 +132,12 @@ pub fn script(case: Case, epochs: u32, epoch_ms: u32, idle_secs: u32) -> String 
         Case::QemuIdle => format!("./mcvmm-qmp-pacer --qmp sk.qmp --idle-secs {idle_secs}"),
     };
     let look = if case.is_qemu() {
-        "timeout 20 ./mcvmm-qmp-pacer --qmp sk.qmp --look"
+        "timeout 20 ./mcvmm-qmp-pacer --qmp sk.qmp --look".to_string()
     } else {
-        "for i in 1 2 3; do timeout 10 ./mcvmm ctl --api-sock sk.sock vcpus; done"
+        format!(
+            "{}\nfor i in 1 2 3; do timeout 10 ./mcvmm ctl --api-sock sk.sock vcpus; done",
+            crate::guest::HOST_VMRUN_LINE
+        )
     };
     format!(
         "# (ip by its path: busybox's timeout would run its own ip applet, which has no netns.)

@@ -5,12 +5,12 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 use mcvmm_lab::{HostOptions, Lab, LabOptions, TestHost};
-use mcvmm_tests::{expect_one_line_failure, workspace_command};
+use mcvmm_tests::{expect_one_line_failure, start_lab, workspace_command};
 
 /// One test host shared by the tests that only run commands in it.
 fn shared() -> &'static TestHost {
     static LAB: OnceLock<Lab> = OnceLock::new();
-    LAB.get_or_init(|| match Lab::start(&LabOptions::default()) {
+    LAB.get_or_init(|| match start_lab(&LabOptions::default()) {
         Ok(lab) => lab,
         Err(e) => panic!("the lab is required for this test and could not start: {e}"),
     })
@@ -100,7 +100,7 @@ fn files_go_in_and_come_back() {
 
 #[test]
 fn two_hosts_reach_each_other_on_the_lab_network() {
-    let lab = Lab::start(&LabOptions {
+    let lab = start_lab(&LabOptions {
         hosts: 2,
         network: true,
         host: HostOptions {
