@@ -7,6 +7,11 @@
 //! paused `EPOCHS` times with `EPOCH_MS` of running between pauses (mcvmm: `ctl epochs`;
 //! QEMU: `mcvmm-qmp-pacer`), or runs as long untouched (the idle cases); then its memory
 //! patterns must verify. Anything else is a loss, with a [`Signature`].
+//!
+//! The copy cases cover what the failover drill does besides epochs: from the VMM's
+//! start, while the guest boots and then runs its workload, all of its RAM is copied
+//! [`COPIES`] times with the dirty log on (mcvmm: full snapshots; QEMU: migrations that
+//! it resumes from), as a protection's initial sync copies it.
 
 use serde::{Deserialize, Serialize};
 
@@ -20,14 +25,23 @@ pub enum Case {
     QemuPauses,
     McvmmIdle,
     QemuIdle,
+    /// mcvmm, full snapshots (`ctl snapshot`) back to back from the VMM's start, the
+    /// guest booting and then running its workload meanwhile: copies of all of RAM while
+    /// the guest runs, with the dirty log on, as a protection's initial sync.
+    McvmmCopies,
+    /// QEMU, migrations into `cat > /dev/null` back to back from its start, the guest
+    /// going on after each (see `mcvmm-qmp-pacer --migrations`).
+    QemuMigrations,
 }
 
 impl Case {
-    pub const ALL: [Case; 4] = [
+    pub const ALL: [Case; 6] = [
         Case::McvmmEpochs,
         Case::QemuPauses,
         Case::McvmmIdle,
         Case::QemuIdle,
+        Case::McvmmCopies,
+        Case::QemuMigrations,
     ];
 
     pub fn name(self) -> &'static str {
@@ -36,6 +50,8 @@ impl Case {
             Case::QemuPauses => "QEMU pauses",
             Case::McvmmIdle => "mcvmm idle",
             Case::QemuIdle => "QEMU idle",
+            Case::McvmmCopies => "mcvmm full copies",
+            Case::QemuMigrations => "QEMU migrations",
         }
     }
 
@@ -46,15 +62,25 @@ impl Case {
             Case::QemuPauses => "qemu-pauses",
             Case::McvmmIdle => "mcvmm-idle",
             Case::QemuIdle => "qemu-idle",
+            Case::McvmmCopies => "mcvmm-copies",
+            Case::QemuMigrations => "qemu-migrations",
         }
     }
 
     pub fn is_qemu(self) -> bool {
-        matches!(self, Case::QemuPauses | Case::QemuIdle)
+        matches!(
+            self,
+            Case::QemuPauses | Case::QemuIdle | Case::QemuMigrations
+        )
     }
 
     pub fn pauses(self) -> bool {
         matches!(self, Case::McvmmEpochs | Case::QemuPauses)
+    }
+
+    /// Whether the case's work starts with the VMM, before the guest has booted.
+    pub fn from_boot(self) -> bool {
+        matches!(self, Case::McvmmCopies | Case::QemuMigrations)
     }
 }
 
@@ -102,6 +128,8 @@ impl Signature {
 pub const GUEST_MIB: u32 = 512;
 pub const WORKLOAD_MIB: u32 = 256;
 pub const WORKLOAD_PAGES_PER_SEC: u32 = 2000;
+/// Whole copies of RAM in a run of the copy cases.
+pub const COPIES: u32 = 10;
 
 /// The test host script of one run. It prints `== ` sections that [`classify`] reads,
 /// and exits 0 only when the guest came through.
@@ -130,6 +158,16 @@ pub fn script(case: Case, epochs: u32, epoch_ms: u32, idle_secs: u32) -> String 
         }
         Case::McvmmIdle => format!("sleep {idle_secs}"),
         Case::QemuIdle => format!("./mcvmm-qmp-pacer --qmp sk.qmp --idle-secs {idle_secs}"),
+        Case::McvmmCopies => format!(
+            "sh -c 'i=0; until ./mcvmm ctl --api-sock sk.sock status >/dev/null 2>&1; do i=$((i+1)); [ $i -lt 200 ] || exit 7; sleep 0.05; done
+             i=0; while [ $i -lt {COPIES} ]; do i=$((i+1)); rm -rf sk.snap
+               ./mcvmm ctl --api-sock sk.sock snapshot $PWD/sk.snap | tr -d \"\\n\" || {{ echo; echo \"copy $i failed\"; exit 1; }}; echo
+             done; rm -rf sk.snap'"
+        ),
+        Case::QemuMigrations => format!(
+            "sh -c 'i=0; until [ -S sk.qmp ]; do i=$((i+1)); [ $i -lt 200 ] || exit 7; sleep 0.05; done
+             ./mcvmm-qmp-pacer --qmp sk.qmp --migrations {COPIES}'"
+        ),
     };
     let look = if case.is_qemu() {
         "timeout 20 ./mcvmm-qmp-pacer --qmp sk.qmp --look".to_string()
@@ -137,6 +175,20 @@ pub fn script(case: Case, epochs: u32, epoch_ms: u32, idle_secs: u32) -> String 
         format!(
             "{}\nfor i in 1 2 3; do timeout 10 ./mcvmm ctl --api-sock sk.sock vcpus; done",
             crate::guest::HOST_VMRUN_LINE
+        )
+    };
+    let limit = pauses_limit_secs(epochs, epoch_ms);
+    // A case that works from boot runs in the background from the start; its output is
+    // the pauses section all the same.
+    let (early, late) = if case.from_boot() {
+        (
+            format!("timeout {limit} {pauses} >sk.pauses 2>&1 & work=$!"),
+            "wait $work; rc=$?; cat sk.pauses; echo \"pauses_rc=$rc\"".to_string(),
+        )
+    } else {
+        (
+            String::new(),
+            format!("timeout {limit} {pauses} 2>&1; echo \"pauses_rc=$?\""),
         )
     };
     format!(
@@ -147,7 +199,8 @@ ip netns add sk && {ns} ip link set lo up && {ns} ip tuntap add dev gtap mode ta
   {ns} ip addr add 10.99.0.1/24 dev gtap && {ns} ip link set gtap up || exit 9
 {start}
 pid=$!
-end() {{ kill -9 $pid 2>/dev/null; wait $pid 2>/dev/null; ip netns del sk; }}
+{early}
+end() {{ [ -z \"$work\" ] || kill $work 2>/dev/null; kill -9 $pid 2>/dev/null; wait $pid 2>/dev/null; ip netns del sk; }}
 dump() {{
   echo '== vmm'
   if kill -0 $pid 2>/dev/null; then echo vmm_alive=1; else wait $pid; echo \"vmm_alive=0 vmm_status=$?\"; fi
@@ -156,13 +209,12 @@ dump() {{
 if ! $a --wait 60 ping >/dev/null; then echo '== no boot'; dump; end; exit 3; fi
 $a mem-start {WORKLOAD_MIB} {WORKLOAD_PAGES_PER_SEC} >/dev/null || {{ echo '== no workload'; dump; end; exit 4; }}
 echo '== pauses'
-timeout {limit} {pauses} 2>&1; echo \"pauses_rc=$?\"
+{late}
 echo '== verify'
 if ! timeout 60 $a mem-verify 2>&1; then echo 'verify_rc=1'; dump; end; exit 5; fi
 if ! kill -0 $pid 2>/dev/null; then echo '== vmm exited'; dump; end; exit 6; fi
 echo '== log'; tail -60 sk.log
 end",
-        limit = pauses_limit_secs(epochs, epoch_ms),
     )
 }
 
@@ -271,6 +323,24 @@ mod tests {
 
     const OK_RUN: &str =
         "== pauses\n{\"epochs\": 1000}\npauses_rc=0\n== verify\npages=65536 errors=0\n== log\n";
+
+    #[test]
+    fn every_case_s_script_is_valid_shell() {
+        for case in Case::ALL {
+            let text = script(case, 1000, 20, 25);
+            let out = std::process::Command::new("bash")
+                .args(["-n", "-c", &text])
+                .output()
+                .expect("bash");
+            assert!(
+                out.status.success(),
+                "{case:?}: {}\n{text}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        let copies = script(Case::McvmmCopies, 1000, 20, 25);
+        assert!(copies.contains("snapshot $PWD/sk.snap"), "{copies}");
+    }
 
     #[test]
     fn a_run_that_paused_and_verified_is_no_loss() {

@@ -9,6 +9,12 @@
 //! synced at both ends. (QEMU has no cheaper way to sync the log at every pause without
 //! migrating.) `--idle-secs` instead lets the guest run untouched for that long.
 //!
+//! `--migrations N` instead migrates the guest N times back to back, each time into
+//! `cat > /dev/null` at QEMU's default bandwidth, and lets it run on (`cont`) after each:
+//! QEMU's whole copy of RAM while the guest runs, with KVM's dirty log on and synced
+//! while it runs, as mcvmm's full copies (`ctl snapshot`) and its replication's initial
+//! sync do.
+//!
 //! `--look` prints each vCPU's `RIP` three times, 1 s apart, for a guest that stopped
 //! answering. Prints one JSON object; exits 1 if QEMU went away or reported the guest
 //! shut down (a triple fault, or a guest kernel that panicked with `panic=-1`).
@@ -88,6 +94,7 @@ struct Args {
     run_ms: u64,
     dirty_every: u32,
     idle_secs: u64,
+    migrations: u32,
     look: bool,
     /// Skip reading the vCPUs' state in the pauses (to measure what it costs).
     no_state: bool,
@@ -100,6 +107,7 @@ fn parse() -> Result<Args, String> {
         run_ms: 20,
         dirty_every: 55,
         idle_secs: 0,
+        migrations: 0,
         look: false,
         no_state: false,
     };
@@ -121,7 +129,8 @@ fn parse() -> Result<Args, String> {
             "--run-ms" => a.run_ms = n()?,
             "--dirty-every" => a.dirty_every = n()?.max(1) as u32,
             "--idle-secs" => a.idle_secs = n()?,
-            _ => return Err(format!("unknown flag {flag}; usage: mcvmm-qmp-pacer --qmp SOCK (--pauses N [--run-ms MS] [--dirty-every N] | --idle-secs S | --look)")),
+            "--migrations" => a.migrations = n()? as u32,
+            _ => return Err(format!("unknown flag {flag}; usage: mcvmm-qmp-pacer --qmp SOCK (--pauses N [--run-ms MS] [--dirty-every N] | --idle-secs S | --migrations N | --look)")),
         }
     }
     if a.qmp.is_empty() {
@@ -156,6 +165,9 @@ fn run(a: &Args, qmp: &mut Qmp, report: &mut Value) -> Result<(), String> {
             std::thread::sleep(Duration::from_millis(500));
         }
         return Ok(());
+    }
+    if a.migrations > 0 {
+        return migrate(a.migrations, qmp, report);
     }
     let mut pause_us = Vec::with_capacity(a.pauses as usize);
     let mut state_us = Vec::with_capacity(a.pauses as usize);
@@ -194,6 +206,35 @@ fn run(a: &Args, qmp: &mut Qmp, report: &mut Value) -> Result<(), String> {
     report["state_us_median"] = json!(at(&mut state_us, 0.5));
     report["dirty_rate_runs"] = json!(dirty_runs);
     report["dirty_rate_busy"] = json!(dirty_busy);
+    Ok(())
+}
+
+/// Migrates the guest `n` times into `cat > /dev/null`, letting it run on after each.
+fn migrate(n: u32, qmp: &mut Qmp, report: &mut Value) -> Result<(), String> {
+    let mut total_ms = Vec::new();
+    for i in 0..n {
+        let t = Instant::now();
+        qmp.execute("migrate", json!({ "uri": "exec:cat > /dev/null" }))?;
+        loop {
+            if qmp.shutdown_event().is_some() {
+                return Ok(());
+            }
+            let status = qmp.execute("query-migrate", json!({}))?;
+            match status["status"].as_str() {
+                Some("completed") => break,
+                Some("failed") | Some("cancelled") => {
+                    return Err(format!("migration {}: {status}", i + 1))
+                }
+                _ => std::thread::sleep(Duration::from_millis(100)),
+            }
+        }
+        // A migrated source stays paused; it goes on as if nothing had happened.
+        qmp.execute("cont", json!({}))?;
+        total_ms.push(t.elapsed().as_millis() as u64);
+        report["migrations"] = json!(i + 1);
+    }
+    total_ms.sort_unstable();
+    report["migration_ms_median"] = json!(total_ms.get(total_ms.len() / 2));
     Ok(())
 }
 

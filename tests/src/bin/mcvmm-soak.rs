@@ -83,7 +83,7 @@ fn parse() -> Result<Opts, String> {
                                     .into_iter()
                                     .find(|k| k.short() == c)
                                     .ok_or(format!(
-                                "--cases: {c}? (mcvmm-epochs, qemu-pauses, mcvmm-idle, qemu-idle)"
+                                "--cases: {c}? (mcvmm-epochs, qemu-pauses, mcvmm-idle, qemu-idle, mcvmm-copies, qemu-migrations)"
                             ))
                             })
                             .collect::<Result<_, String>>()?
@@ -103,7 +103,7 @@ fn parse() -> Result<Opts, String> {
 }
 
 const USAGE: &str = "usage: mcvmm-soak [--runs N (30)] [--emulators 7.2,10.0] \
-[--cases mcvmm-epochs,qemu-pauses,mcvmm-idle,qemu-idle] [--epochs N (1000)] \
+[--cases mcvmm-epochs,qemu-pauses,mcvmm-idle,qemu-idle,mcvmm-copies,qemu-migrations] [--epochs N (1000)] \
 [--epoch-ms MS (20)] [--idle-secs S (25)] [--out FILE (target/soak/results.jsonl)] [--resume] [--table]";
 
 fn main() {
@@ -289,12 +289,13 @@ fn append(path: &PathBuf, rec: &RunRecord) -> Result<(), String> {
 
 fn print_table(records: &[RunRecord], o: &Opts) {
     println!(
-        "\nSoak: 2-vCPU guest, {} MiB workload at {} pages/s; pauses: {} × {} ms; idle: {} s\n",
+        "\nSoak: 2-vCPU guest, {} MiB workload at {} pages/s; pauses: {} × {} ms; idle: {} s; copies: {} from boot\n",
         mcvmm_tests::soak::WORKLOAD_MIB,
         mcvmm_tests::soak::WORKLOAD_PAGES_PER_SEC,
         o.epochs,
         o.epoch_ms,
-        o.idle_secs
+        o.idle_secs,
+        mcvmm_tests::soak::COPIES
     );
     println!("| emulator | case | runs | guests lost | lost % | test hosts died | signatures of the guests lost | pause median µs |");
     println!("|---|---|---|---|---|---|---|---|");
