@@ -50,22 +50,25 @@ pub fn log_mode() -> LogMode {
 pub fn start_for_copy(
     vm: &Vm,
     paused: bool,
-) -> Result<(DirtyTracker, Option<LogArm>, Duration), String> {
-    let e = |e: &dyn std::fmt::Display| e.to_string();
+) -> Result<(DirtyTracker, Option<LogArm>, Duration), StartCopyError> {
     let t = Instant::now();
-    let (tracker, arm) = vm
-        .vcpus
-        .paused_for(paused, PAUSE_LIMIT, || {
-            let (vm_fd, mem, sources, mode) =
-                (&vm.vm_fd, &vm.mem, Sources::GuestAndVmm, log_mode());
-            match DirtyTracker::start_all_dirty(vm_fd, mem, sources, mode)? {
-                Some((tracker, arm)) => Ok((tracker, Some(arm))),
-                None => DirtyTracker::start(vm_fd, mem, sources, mode).map(|t| (t, None)),
-            }
-        })
-        .map_err(|x| e(&x))?
-        .map_err(|x: DirtyError| e(&x))?;
+    let (tracker, arm) = vm.vcpus.paused_for(paused, PAUSE_LIMIT, || {
+        let (vm_fd, mem, sources, mode) = (&vm.vm_fd, &vm.mem, Sources::GuestAndVmm, log_mode());
+        match DirtyTracker::start_all_dirty(vm_fd, mem, sources, mode)? {
+            Some((tracker, arm)) => Ok((tracker, Some(arm))),
+            None => DirtyTracker::start(vm_fd, mem, sources, mode).map(|t| (t, None)),
+        }
+    })??;
     Ok((tracker, arm, t.elapsed()))
+}
+
+/// Why dirty tracking could not start for a copy.
+#[derive(Debug, thiserror::Error)]
+pub enum StartCopyError {
+    #[error("pausing the vCPUs to turn dirty tracking on: {0}")]
+    Pause(#[from] PauseError),
+    #[error(transparent)]
+    Dirty(#[from] DirtyError),
 }
 
 /// Mismatching pages named in the report (the count is always complete).
@@ -81,8 +84,8 @@ pub enum EpochError {
     Dirty(#[from] DirtyError),
     #[error(transparent)]
     Shadow(#[from] ShadowError),
-    #[error("capturing the state: {0}")]
-    State(String),
+    #[error(transparent)]
+    State(#[from] crate::snapshot::StateError),
 }
 
 /// What each epoch does at its pause.
@@ -275,7 +278,7 @@ impl EpochRun {
                 s.pages = staged.addrs.len() as u64;
                 s.copy = t.elapsed().as_micros() as u64;
                 let t = Instant::now();
-                let state = crate::snapshot::machine_state(vm).map_err(EpochError::State)?;
+                let state = crate::snapshot::machine_state(vm)?;
                 std::hint::black_box(&state);
                 s.state = t.elapsed().as_micros() as u64;
             }

@@ -327,7 +327,7 @@ pub fn run(
                                         );
                                         return Ok(ExitReason::HandedOver(epoch));
                                     }
-                                    Err(e) => reply(&stream, &json!({"error": e})),
+                                    Err(e) => reply(&stream, &json!({"error": e.to_string()})),
                                 },
                                 Role::Primary(_) => {
                                     reply(&stream, &json!({"error": "resume the VM first"}))

@@ -36,6 +36,36 @@ use crate::protect::Settings;
 use crate::snapshot::machine_state;
 use crate::vm::Vm;
 
+/// Why a primary could not start its sync, take a checkpoint or hand over.
+#[derive(Debug, thiserror::Error)]
+pub enum PrimaryError {
+    #[error("{path}: {source}")]
+    Disk {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Start(#[from] crate::epochs::StartCopyError),
+    #[error("dirty tracking is off")]
+    NotTracking,
+    #[error(transparent)]
+    Dirty(#[from] mcvmm_checkpoint::dirty::DirtyError),
+    #[error(transparent)]
+    Staging(#[from] mcvmm_checkpoint::shadow::ShadowError),
+    #[error(transparent)]
+    Pause(#[from] crate::vcpu::PauseError),
+    #[error(transparent)]
+    State(#[from] crate::snapshot::StateError),
+    #[error("the link to the secondary is gone")]
+    LinkGone,
+    #[error("not protected: no secondary to hand over to")]
+    NotProtected,
+    #[error("the previous checkpoint did not get through")]
+    NotDrained,
+    #[error("the secondary did not take epoch {0} over; the guest goes on here")]
+    NotTakenOver(u64),
+}
+
 /// Pause times kept for the percentiles in `status`.
 const PAUSES_KEPT: usize = 2000;
 
@@ -97,13 +127,18 @@ impl Primary {
 
     /// Turns dirty tracking on and starts the initial sync (RAM and disks, guest running).
     /// `theirs`: the secondary's disk chunk digests; `chunk`: their chunk size.
-    pub fn start(&mut self, vm: &Vm, theirs: Vec<Vec<u64>>, chunk: u64) -> Result<(), String> {
+    pub fn start(
+        &mut self,
+        vm: &Vm,
+        theirs: Vec<Vec<u64>>,
+        chunk: u64,
+    ) -> Result<(), PrimaryError> {
         let disks = vm
             .config
             .disks
             .iter()
-            .map(|d| File::open(&d.path).map_err(|e| format!("{}: {e}", d.path.display())))
-            .collect::<Result<Vec<File>, String>>()?;
+            .map(|d| open_disk(&d.path))
+            .collect::<Result<Vec<File>, PrimaryError>>()?;
         // Tracking must be on before the copy starts: whatever the guest writes from here
         // on is in the first checkpoint. Started with every page dirty, the sync arms
         // each span just before it reads it, and the guest runs on; the old way
@@ -134,7 +169,7 @@ impl Primary {
             chunk,
             arm,
         }) {
-            return Err("the link to the secondary is gone".into());
+            return Err(PrimaryError::LinkGone);
         }
         Ok(())
     }
@@ -222,45 +257,43 @@ impl Primary {
 
     /// Ends the running epoch and hands its checkpoint to the sender; `keep_paused` leaves
     /// the vCPUs stopped afterwards (a planned switch).
-    pub fn checkpoint(&mut self, vm: &Vm, keep_paused: bool) -> Result<u64, String> {
+    pub fn checkpoint(&mut self, vm: &Vm, keep_paused: bool) -> Result<u64, PrimaryError> {
         let Some(tracker) = self.tracker.as_mut() else {
-            return Err("dirty tracking is off".into());
+            return Err(PrimaryError::NotTracking);
         };
         let epoch = self.epoch;
         // Most of the epoch's pages are copied ahead, with the guest running; the pause
         // copies those written since.
         let (addrs, data) = self.link.spare_buffers();
         let mut staged = Staged { addrs, data };
-        let ahead = tracker
-            .end_epoch(&vm.vm_fd, &vm.mem)
-            .map_err(|e| e.to_string())?;
+        let ahead = tracker.end_epoch(&vm.vm_fd, &vm.mem)?;
         // A set taken from the tracker and not sent must come back to it, or the next
         // checkpoint would miss its pages.
         if let Err(e) = staged.stage(&ahead, &vm.mem) {
             tracker.give_back(ahead);
-            return Err(e.to_string());
+            return Err(e.into());
         }
         let t0 = Instant::now();
         if let Err(e) = vm.vcpus.pause_capturing(PAUSE_LIMIT) {
             tracker.give_back(ahead);
-            return Err(e.to_string());
+            return Err(e.into());
         }
         let mut dirty = None;
         let captured = (|| {
-            let dirty = dirty.insert(
-                tracker
-                    .end_epoch(&vm.vm_fd, &vm.mem)
-                    .map_err(|e| e.to_string())?,
-            );
-            staged.restage(dirty, &vm.mem).map_err(|e| e.to_string())?;
+            let dirty = dirty.insert(tracker.end_epoch(&vm.vm_fd, &vm.mem)?);
+            staged.restage(dirty, &vm.mem)?;
             let state = machine_state(vm)?;
             let writes = self.writes.take();
             let (memory_digest, disk_digests) = if self.verify_next.swap(false, Ordering::SeqCst) {
                 let mut digests = Vec::new();
                 for d in &vm.config.disks {
-                    let f = File::open(&d.path).map_err(|e| e.to_string())?;
-                    let size = f.metadata().map_err(|e| e.to_string())?.len();
-                    digests.push(file_digest(&f, size).map_err(|e| e.to_string())?);
+                    let disk_err = |source| PrimaryError::Disk {
+                        path: d.path.clone(),
+                        source,
+                    };
+                    let f = open_disk(&d.path)?;
+                    let size = f.metadata().map_err(disk_err)?.len();
+                    digests.push(file_digest(&f, size).map_err(disk_err)?);
                 }
                 (Some(memory_digest(&vm.mem)), Some(digests))
             } else {
@@ -268,7 +301,7 @@ impl Primary {
             };
             // Frames sent from now on are the next epoch's.
             self.gate.hold_from(epoch + 1);
-            Ok::<_, String>(Capture {
+            Ok::<_, PrimaryError>(Capture {
                 epoch,
                 addrs: staged.addrs,
                 data: staged.data,
@@ -298,7 +331,7 @@ impl Primary {
         self.record_pause(pause);
         self.epoch += 1;
         if !self.link.submit(capture) {
-            return Err("the link to the secondary is gone".into());
+            return Err(PrimaryError::LinkGone);
         }
         Ok(epoch)
     }
@@ -327,12 +360,12 @@ impl Primary {
     /// A planned switch: the guest stops here, its last checkpoint is committed on the
     /// secondary, which is told to take over. Returns the epoch it continues from; on
     /// failure the guest goes on here.
-    pub fn hand_over(&mut self, vm: &Vm) -> Result<u64, String> {
+    pub fn hand_over(&mut self, vm: &Vm) -> Result<u64, PrimaryError> {
         if self.link.is_lost() || !self.link.is_synced() {
-            return Err("not protected: no secondary to hand over to".into());
+            return Err(PrimaryError::NotProtected);
         }
         if !self.drain(Duration::from_secs(10)) {
-            return Err("the previous checkpoint did not get through".into());
+            return Err(PrimaryError::NotDrained);
         }
         let epoch = match self.checkpoint(vm, true) {
             Ok(n) => n,
@@ -363,9 +396,7 @@ impl Primary {
             }
         }
         vm.vcpus.resume();
-        Err(format!(
-            "the secondary did not take epoch {epoch} over; the guest goes on here"
-        ))
+        Err(PrimaryError::NotTakenOver(epoch))
     }
 
     /// The `status` fields of the primary role.
@@ -560,4 +591,11 @@ impl EpochClock {
         }
         Ok(())
     }
+}
+
+fn open_disk(path: &std::path::Path) -> Result<File, PrimaryError> {
+    File::open(path).map_err(|source| PrimaryError::Disk {
+        path: path.to_path_buf(),
+        source,
+    })
 }

@@ -200,7 +200,7 @@ impl Pending {
                     Ok(primary)
                 }
                 Err(e) => {
-                    link.lose(&e);
+                    link.lose(&e.to_string());
                     Err(format!("starting the initial sync: {e}"))
                 }
             }

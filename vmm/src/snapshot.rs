@@ -6,14 +6,46 @@ use std::path::{Path, PathBuf};
 use std::sync::PoisonError;
 use std::time::Instant;
 
-use mcvmm_checkpoint::dirty::DirtyTracker;
-use mcvmm_checkpoint::snapshot::{begin_full, write_incremental, FullSnapshot, Manifest};
+use mcvmm_checkpoint::dirty::{DirtyError, DirtyTracker};
+use mcvmm_checkpoint::snapshot::{
+    begin_full, write_incremental, FullSnapshot, Manifest, SnapshotError,
+};
 use mcvmm_checkpoint::state::MachineState;
 use serde_json::{json, Value};
 
-use crate::epochs::{start_for_copy, PAUSE_LIMIT};
-use crate::vm::Vm;
+use crate::epochs::{start_for_copy, StartCopyError, PAUSE_LIMIT};
+use crate::vcpu::PauseError;
+use crate::vm::{Vm, VmError};
 use crate::vm_state::save_vm_state;
+
+/// Why the machine state could not be captured.
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    #[error("capturing the vCPUs: {0}")]
+    Vcpus(#[from] PauseError),
+    #[error("capturing the in-kernel devices: {0}")]
+    Vm(#[from] VmError),
+}
+
+/// Why a snapshot was not taken.
+#[derive(Debug, thiserror::Error)]
+pub enum TakeError {
+    #[error("an incremental snapshot needs a full one before it in this process")]
+    NoParent,
+    #[error(transparent)]
+    Start(#[from] StartCopyError),
+    #[error("pausing the vCPUs: {0}")]
+    Pause(#[from] PauseError),
+    #[error(transparent)]
+    Dirty(#[from] DirtyError),
+    #[error(transparent)]
+    Files(#[from] SnapshotError),
+    #[error(transparent)]
+    State(#[from] StateError),
+    /// What the code around it rules out.
+    #[error("internal: {0}")]
+    Internal(&'static str),
+}
 
 /// Rounds of copying again what the guest wrote meanwhile, at most, before the pause.
 const PRECOPY_ROUNDS: usize = 5;
@@ -36,12 +68,12 @@ impl Snapshots {
 }
 
 /// Captures all but RAM: vCPUs, in-kernel devices, every device. The vCPUs must be paused.
-pub fn machine_state(vm: &Vm) -> Result<MachineState, String> {
-    let vcpus = vm.vcpus.save(PAUSE_LIMIT).map_err(|e| e.to_string())?;
+pub fn machine_state(vm: &Vm) -> Result<MachineState, StateError> {
+    let vcpus = vm.vcpus.save(PAUSE_LIMIT)?;
     Ok(MachineState {
         cmdline: vm.cmdline.clone(),
         vcpus,
-        vm: save_vm_state(&vm.vm_fd).map_err(|e| e.to_string())?,
+        vm: save_vm_state(&vm.vm_fd)?,
         serial: vm
             .serial
             .lock()
@@ -73,7 +105,7 @@ pub fn take(
     dir: &Path,
     incremental: bool,
     paused: bool,
-) -> Result<Value, String> {
+) -> Result<Value, TakeError> {
     let taken = take_one(vm, snaps, dir, incremental, paused);
     if taken.is_err() {
         snaps.last = None;
@@ -94,10 +126,9 @@ fn take_one(
     dir: &Path,
     incremental: bool,
     paused: bool,
-) -> Result<Value, String> {
-    let e = |e: &dyn std::fmt::Display| e.to_string();
+) -> Result<Value, TakeError> {
     if incremental && snaps.last.is_none() {
-        return Err("an incremental snapshot needs a full one before it in this process".into());
+        return Err(TakeError::NoParent);
     }
     let started = Instant::now();
     // Tracking on (or a new epoch started) before the copy: what the guest writes from
@@ -110,7 +141,7 @@ fn take_one(
         let mut arm = None;
         match &mut snaps.tracker {
             Some(t) => {
-                t.end_epoch(&vm.vm_fd, &vm.mem).map_err(|x| e(&x))?;
+                t.end_epoch(&vm.vm_fd, &vm.mem)?;
             }
             None => {
                 let (tracker, a, pause) = start_for_copy(vm, paused)?;
@@ -119,16 +150,16 @@ fn take_one(
                 snaps.tracker = Some(tracker);
             }
         }
-        full = Some(begin_full(dir, &vm.mem, arm.as_mut()).map_err(|x| e(&x))?);
+        full = Some(begin_full(dir, &vm.mem, arm.as_mut())?);
     }
     // What the guest wrote during the copy is copied again while it runs on, round after
     // round, as long as that shrinks the set, so the pause holds only the last few pages.
     let mut rounds = Vec::new();
     if let (Some(f), Some(tracker), false) = (full.as_mut(), snaps.tracker.as_mut(), paused) {
         while rounds.len() < PRECOPY_ROUNDS {
-            let dirty = tracker.end_epoch(&vm.vm_fd, &vm.mem).map_err(|x| e(&x))?;
+            let dirty = tracker.end_epoch(&vm.vm_fd, &vm.mem)?;
             let pages = dirty.pages();
-            f.patch(&dirty, &vm.mem).map_err(|x| e(&x))?;
+            f.patch(&dirty, &vm.mem)?;
             let shrinking = rounds.last().is_none_or(|&last| pages * 4 < last * 3);
             rounds.push(pages);
             if pages <= PRECOPY_DONE_PAGES || !shrinking {
@@ -139,7 +170,7 @@ fn take_one(
     let precopy = started.elapsed();
     let t0 = Instant::now();
     if !paused {
-        vm.vcpus.pause(PAUSE_LIMIT).map_err(|x| e(&x))?;
+        vm.vcpus.pause(PAUSE_LIMIT)?;
     }
     let stopped = t0.elapsed();
     let captured = capture(vm, snaps, dir, full.as_mut());
@@ -150,14 +181,12 @@ fn take_one(
     let (state, at_pause, state_us) = captured?;
     let t = Instant::now();
     let (manifest, pages) = match (full, at_pause) {
-        (Some(f), AtPause::Patched(pages)) => {
-            (f.seal(&state, &vm.shape).map_err(|x| e(&x))?, pages)
-        }
+        (Some(f), AtPause::Patched(pages)) => (f.seal(&state, &vm.shape)?, pages),
         (_, AtPause::Incremental(m)) => {
             let pages = m.pages;
             (m, pages)
         }
-        (None, AtPause::Patched(_)) => return Err("full snapshot lost".into()),
+        (None, AtPause::Patched(_)) => return Err(TakeError::Internal("full snapshot lost")),
     };
     snaps.last = Some(dir.to_path_buf());
     Ok(json!({
@@ -190,25 +219,22 @@ fn capture(
     snaps: &mut Snapshots,
     dir: &Path,
     full: Option<&mut FullSnapshot>,
-) -> Result<(MachineState, AtPause, u64), String> {
+) -> Result<(MachineState, AtPause, u64), TakeError> {
     let t = Instant::now();
     let state = machine_state(vm)?;
     let state_us = t.elapsed().as_micros() as u64;
     let tracker = snaps
         .tracker
         .as_mut()
-        .ok_or("dirty tracking is not running")?;
-    let dirty = tracker
-        .end_epoch(&vm.vm_fd, &vm.mem)
-        .map_err(|e| e.to_string())?;
+        .ok_or(TakeError::Internal("dirty tracking is not running"))?;
+    let dirty = tracker.end_epoch(&vm.vm_fd, &vm.mem)?;
     let written = match full {
-        Some(f) => AtPause::Patched(f.patch(&dirty, &vm.mem).map_err(|e| e.to_string())?),
+        Some(f) => AtPause::Patched(f.patch(&dirty, &vm.mem)?),
         None => {
-            let parent = snaps.last.as_deref().ok_or("no parent snapshot")?;
-            AtPause::Incremental(
-                write_incremental(dir, parent, &dirty, &vm.mem, &state, &vm.shape)
-                    .map_err(|e| e.to_string())?,
-            )
+            let parent = snaps.last.as_deref().ok_or(TakeError::NoParent)?;
+            AtPause::Incremental(write_incremental(
+                dir, parent, &dirty, &vm.mem, &state, &vm.shape,
+            )?)
         }
     };
     Ok((state, written, state_us))
