@@ -485,7 +485,7 @@ pub fn run(
                                         &json!({"ok": true, "secondary": peer, "generation": protectable.generation, "syncing": true}),
                                     );
                                 }
-                                Err(e) => reply(&reply_to, &json!({"error": e})),
+                                Err(e) => reply(&reply_to, &json!({"error": e.to_string()})),
                             }
                         }
                     }

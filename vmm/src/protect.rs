@@ -128,7 +128,25 @@ pub fn hello(shape: VmShape, generation: u64) -> Hello {
     }
 }
 
-type Connected = Result<(Arc<Link>, Arc<HeldOutput>, Accept), String>;
+type Connected = Result<(Arc<Link>, Arc<HeldOutput>, Accept), ProtectError>;
+
+/// Why the guest could not be protected by a new secondary.
+#[derive(Debug, thiserror::Error)]
+pub enum ProtectError {
+    #[error(transparent)]
+    Connect(#[from] replication::PrimaryError),
+    #[error("starting replication to {peer}: {source}")]
+    Link {
+        peer: String,
+        source: std::io::Error,
+    },
+    #[error("the connecting thread panicked")]
+    Panicked,
+    #[error("{0}")]
+    Refused(String),
+    #[error("starting the initial sync: {0}")]
+    Sync(#[from] crate::primary::PrimaryError),
+}
 
 /// A connection to a new secondary being made off the device loop.
 pub struct Pending {
@@ -156,10 +174,9 @@ pub fn connect(
         "protecting the guest: connecting to a secondary at {peer} (generation {generation})"
     );
     let handle = std::thread::spawn(move || {
-        let (stream, accept) =
-            replication::connect(&to, &hello, s.peer_wait).map_err(|e| e.to_string())?;
+        let (stream, accept) = replication::connect(&to, &hello, s.peer_wait)?;
         let link = replication::start(stream, &to, gate.clone(), s.timeout, s.coding)
-            .map_err(|e| format!("starting replication to {to}: {e}"))?;
+            .map_err(|source| ProtectError::Link { peer: to, source })?;
         Ok((link, gate, accept))
     });
     Pending {
@@ -183,15 +200,15 @@ impl Pending {
         vm: &Vm,
         p: &mut Protectable,
         refuse: Option<&str>,
-    ) -> (Result<Primary, String>, UnixStream) {
+    ) -> (Result<Primary, ProtectError>, UnixStream) {
         let connected = self
             .handle
             .join()
-            .unwrap_or_else(|_| Err("the connecting thread panicked".into()));
+            .unwrap_or_else(|_| Err(ProtectError::Panicked));
         let result = connected.and_then(|(link, gate, accept)| {
             if let Some(why) = refuse {
                 link.lose(why);
-                return Err(why.to_string());
+                return Err(ProtectError::Refused(why.to_string()));
             }
             let mut primary = Primary::new(link.clone(), gate, p.hooks.writes.clone(), &p.settings);
             match primary.start(vm, accept.disk_digests, SYNC_CHUNK) {
@@ -201,7 +218,7 @@ impl Pending {
                 }
                 Err(e) => {
                     link.lose(&e.to_string());
-                    Err(format!("starting the initial sync: {e}"))
+                    Err(e.into())
                 }
             }
         });
