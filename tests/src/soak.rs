@@ -207,7 +207,7 @@ dump() {{
   echo '== look'; {look} 2>&1
   echo '== log'; tail -60 sk.log; echo '== console'; tail -60 sk.console; }}
 if ! $a --wait 60 ping >/dev/null; then echo '== no boot'; dump; end; exit 3; fi
-$a mem-start {WORKLOAD_MIB} {WORKLOAD_PAGES_PER_SEC} >/dev/null || {{ echo '== no workload'; dump; end; exit 4; }}
+timeout 60 $a mem-start {WORKLOAD_MIB} {WORKLOAD_PAGES_PER_SEC} >/dev/null || {{ echo '== no workload'; dump; end; exit 4; }}
 echo '== pauses'
 {late}
 echo '== verify'

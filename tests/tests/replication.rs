@@ -17,6 +17,9 @@ fn failover_after_the_primary_is_killed_keeps_every_acknowledged_write() {
          wait_protected fo
          agent fo mem-start 16 2000
          agent fo records vda 1 50
+         # The self-check rides on the primary's own epochs: the dirty sets the
+         # checkpoints are made of miss no page.
+         echo '== selfcheck'; ./mcvmm ctl --api-sock fo.sock selfcheck 40 20
          echo '== verify'; ./mcvmm ctl --api-sock fo.sock verify
          # The digests ride on the next checkpoint; under the memory workload an epoch
          # can take a while to commit. Wait for the comparison (20 s at most).
@@ -44,6 +47,11 @@ fn failover_after_the_primary_is_killed_keeps_every_acknowledged_write() {
          ./agentctl check-records fb2.img 2 $acked
          ip netns del fo",
     );
+    let check = report(&out, "selfcheck");
+    assert_eq!(check["on"], "replicating primary", "{check:#}");
+    assert_eq!(check["epochs"], 40, "{check:#}");
+    assert_eq!(check["mismatching_pages"], 0, "{check:#}");
+    assert!(check["error"].is_null(), "{check:#}");
     let primary = report(&out, "primary");
     assert_eq!(primary["role"], "primary", "{primary:#}");
     assert_eq!(primary["protected"], true, "{primary:#}");

@@ -3,8 +3,9 @@
 //! Requests: `status`, `stop`, `pause`, `resume` (vCPUs out of KVM_RUN and the devices
 //! parked, and back), `snapshot DIR [incremental]` (see `snapshot`),
 //! `selfcheck EPOCHS INTERVAL_MS [guest-only]` and `epochs EPOCHS INTERVAL_MS` (see
-//! `epochs`); on a replicating primary `verify` (digests with the next checkpoint) and
-//! `failover` (planned switch, see `primary`); on an unprotected guest
+//! `epochs`); on a replicating primary `verify` (digests with the next checkpoint),
+//! `selfcheck` (on its own checkpoints) and `failover` (planned switch, see `primary`);
+//! on an unprotected guest
 //! `protect HOST:PORT [GENERATION]` (a new secondary, see `protect`). A secondary answers
 //! `status`, `failover`
 //! and `stop` (see `secondary`). `vcpus` tells where each vCPU executes and what its

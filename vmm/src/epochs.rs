@@ -22,11 +22,13 @@
 use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
-use mcvmm_checkpoint::dirty::{DirtyError, DirtyTracker, LogArm, LogMode, Sources};
-use mcvmm_checkpoint::shadow::{Shadow, ShadowError};
+use mcvmm_checkpoint::dirty::{DirtyError, DirtySet, DirtyTracker, LogArm, LogMode, Sources};
+use mcvmm_checkpoint::shadow::ShadowError;
 use mcvmm_checkpoint::staging::Staged;
+use mcvmm_checkpoint::GuestMemory;
 use serde_json::{json, Value};
 
+use crate::cycle::{Ahead, Cycle, CycleError, Pages, Steps, Verifier};
 use crate::vcpu::PauseError;
 use crate::vm::Vm;
 
@@ -71,9 +73,6 @@ pub enum StartCopyError {
     Dirty(#[from] DirtyError),
 }
 
-/// Mismatching pages named in the report (the count is always complete).
-const EXAMPLES: usize = 16;
-
 #[derive(Debug, thiserror::Error)]
 pub enum EpochError {
     #[error("usage: {0} EPOCHS INTERVAL_MS (EPOCHS 1..=100000, INTERVAL_MS 1..=60000)")]
@@ -85,10 +84,13 @@ pub enum EpochError {
     #[error(transparent)]
     Shadow(#[from] ShadowError),
     #[error(transparent)]
+    Cycle(#[from] CycleError),
+    #[error(transparent)]
     State(#[from] crate::snapshot::StateError),
 }
 
 /// What each epoch does at its pause.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
     Check(Sources),
     Stage,
@@ -129,34 +131,26 @@ impl Request {
     }
 }
 
+/// Where `ctl epochs` copies an epoch's pages; the self-check copies none, its verifier
+/// keeps its own copy.
 enum Work {
-    Check {
-        sources: Sources,
-        shadow: Shadow,
-        mismatches: u64,
-        examples: Vec<String>,
-    },
-    Stage {
-        staged: Staged,
-    },
+    Stage(Staged),
+    Check(CountOnly),
 }
 
-/// Durations of one pause's steps, in microseconds.
-#[derive(Default, Clone, Copy)]
-struct Steps {
-    stop: u64,
-    dirty: u64,
-    copy: u64,
-    state: u64,
-    resume: u64,
-    pause: u64,
-    /// The epoch's dirty pages (copied ahead or in the pause).
-    pages: u64,
-    /// Pages copied in the pause.
-    pause_pages: u64,
-    /// The copy ahead, dirty log included, with the guest running.
-    ahead: u64,
-    copy_ahead: bool,
+/// Copies nothing; counts the pages of the epoch's sets (a page in both counts twice).
+#[derive(Default)]
+struct CountOnly(u64);
+
+impl Pages for CountOnly {
+    fn ahead(&mut self, set: &DirtySet, _: &GuestMemory) -> Result<(), CycleError> {
+        self.0 += set.pages();
+        Ok(())
+    }
+
+    fn at_pause(&mut self, set: &DirtySet, _: &GuestMemory, _: bool) -> Result<u64, CycleError> {
+        Ok(std::mem::take(&mut self.0) + set.pages())
+    }
 }
 
 /// Epochs in progress: the device loop calls `epoch` when `interval` has gone by since the
@@ -167,6 +161,9 @@ pub struct EpochRun {
     done: u32,
     tracker: DirtyTracker,
     work: Work,
+    /// The self-check's, attached to the cycle.
+    verifier: Option<Verifier>,
+    sources: Sources,
     pub reply_to: UnixStream,
     started: Instant,
     steps: Vec<Steps>,
@@ -192,33 +189,31 @@ impl EpochRun {
     pub fn start(vm: &Vm, req: Request, reply_to: UnixStream) -> Result<EpochRun, EpochError> {
         let memcpy_gbps = memcpy_bandwidth();
         vm.vcpus.pause(PAUSE_LIMIT)?;
+        let sources = match req.mode {
+            Mode::Check(s) => s,
+            Mode::Stage => Sources::GuestAndVmm,
+        };
         let started = (|| {
-            let sources = match req.mode {
-                Mode::Check(s) => s,
-                Mode::Stage => Sources::GuestAndVmm,
-            };
             let tracker = DirtyTracker::start(&vm.vm_fd, &vm.mem, sources, log_mode())?;
-            let work = match req.mode {
-                Mode::Check(sources) => Work::Check {
-                    sources,
-                    shadow: Shadow::new(&vm.mem)?,
-                    mismatches: 0,
-                    examples: Vec::new(),
-                },
-                Mode::Stage => Work::Stage {
-                    staged: Staged::default(),
-                },
+            let (work, verifier) = match req.mode {
+                Mode::Check(_) => (
+                    Work::Check(CountOnly::default()),
+                    Some(Verifier::new(&vm.mem)?),
+                ),
+                Mode::Stage => (Work::Stage(Staged::default()), None),
             };
-            Ok::<_, EpochError>((tracker, work))
+            Ok::<_, EpochError>((tracker, work, verifier))
         })();
         vm.vcpus.resume();
-        let (tracker, work) = started?;
+        let (tracker, work, verifier) = started?;
         Ok(EpochRun {
             interval: req.interval,
             epochs: req.epochs,
             done: 0,
             tracker,
             work,
+            verifier,
+            sources,
             reply_to,
             started: Instant::now(),
             steps: Vec::new(),
@@ -226,85 +221,28 @@ impl EpochRun {
         })
     }
 
-    /// Ends one epoch (copy ahead on every other one, pause, dirty set, the mode's work,
-    /// resume). Returns whether all epochs are done.
+    /// Ends one epoch through the cycle a replicating primary runs (copying ahead on every
+    /// other one). Returns whether all epochs are done.
     pub fn epoch(&mut self, vm: &Vm) -> Result<bool, EpochError> {
-        let mut s = Steps {
-            copy_ahead: self.done % 2 == 1,
-            ..Steps::default()
+        let (pages, capture): (&mut dyn Pages, bool) = match &mut self.work {
+            Work::Stage(staged) => (staged, true),
+            Work::Check(count) => (count, false),
         };
-        if s.copy_ahead {
-            let t = Instant::now();
-            let set = self.tracker.end_epoch(&vm.vm_fd, &vm.mem)?;
-            match &mut self.work {
-                Work::Stage { staged } => staged.stage(&set, &vm.mem)?,
-                Work::Check { shadow, .. } => shadow.apply(&set, &vm.mem)?,
-            }
-            s.pages = set.pages();
-            s.ahead = t.elapsed().as_micros() as u64;
-        }
-        let t0 = Instant::now();
-        // Staging captures the vCPUs as they stop, as a replicating primary does.
-        if matches!(self.work, Work::Stage { .. }) {
-            vm.vcpus.pause_capturing(PAUSE_LIMIT)?;
-        } else {
-            vm.vcpus.pause(PAUSE_LIMIT)?;
-        }
-        s.stop = t0.elapsed().as_micros() as u64;
-        let result = self.at_pause(vm, &mut s);
-        let t = Instant::now();
-        vm.vcpus.resume();
-        s.resume = t.elapsed().as_micros() as u64;
-        s.pause = t0.elapsed().as_micros() as u64;
-        result?;
-        self.steps.push(s);
+        let cycle = Cycle {
+            ahead: if self.done % 2 == 1 {
+                Ahead::Once
+            } else {
+                Ahead::None
+            },
+            capture,
+            resume: true,
+            paused: false,
+        };
+        let ended = cycle.run(vm, &mut self.tracker, pages, self.verifier.as_mut())?;
+        std::hint::black_box(&ended.state);
+        self.steps.push(ended.steps);
         self.done += 1;
         Ok(self.done >= self.epochs)
-    }
-
-    fn at_pause(&mut self, vm: &Vm, s: &mut Steps) -> Result<(), EpochError> {
-        let t = Instant::now();
-        let set = self.tracker.end_epoch(&vm.vm_fd, &vm.mem)?;
-        s.dirty = t.elapsed().as_micros() as u64;
-        s.pause_pages = set.pages();
-        let t = Instant::now();
-        match &mut self.work {
-            Work::Stage { staged } => {
-                if s.copy_ahead {
-                    staged.restage(&set, &vm.mem)?;
-                } else {
-                    staged.stage(&set, &vm.mem)?;
-                }
-                s.pages = staged.addrs.len() as u64;
-                s.copy = t.elapsed().as_micros() as u64;
-                let t = Instant::now();
-                let state = crate::snapshot::machine_state(vm)?;
-                std::hint::black_box(&state);
-                s.state = t.elapsed().as_micros() as u64;
-            }
-            Work::Check {
-                shadow,
-                mismatches,
-                examples,
-                ..
-            } => {
-                // Pages in both sets count once; only the count is off, not the check.
-                s.pages += s.pause_pages;
-                shadow.apply(&set, &vm.mem)?;
-                let bad = shadow.mismatches(&vm.mem)?;
-                *mismatches += bad.len() as u64;
-                let how = if s.copy_ahead { " (copied ahead)" } else { "" };
-                for at in &bad {
-                    if examples.len() < EXAMPLES {
-                        examples.push(format!("epoch {}{how}: {:#x}", self.done + 1, at.0));
-                    }
-                }
-                // Report each miss once: bring the shadow level again.
-                shadow.refresh(&bad, &vm.mem)?;
-                s.copy = t.elapsed().as_micros() as u64;
-            }
-        }
-        Ok(())
     }
 
     /// Stops tracking and gives the report.
@@ -344,22 +282,18 @@ impl EpochRun {
             "dirty_log": dirty_log,
             "error": stopped.err(),
         });
-        match self.work {
-            Work::Check {
-                sources,
-                mismatches,
-                examples,
-                ..
-            } => {
+        match (self.work, self.verifier) {
+            (Work::Check(_), Some(v)) => {
                 report["mode"] = json!("selfcheck");
-                report["sources"] = json!(match sources {
+                report["sources"] = json!(match self.sources {
                     Sources::GuestAndVmm => "guest+vmm",
                     Sources::GuestOnly => "guest-only",
                 });
-                report["mismatching_pages"] = json!(mismatches);
-                report["examples"] = json!(examples);
+                report["mismatching_pages"] = json!(v.mismatches);
+                report["examples"] = json!(v.examples);
             }
-            Work::Stage { staged } => {
+            (Work::Check(_), None) => report["mode"] = json!("selfcheck"),
+            (Work::Stage(staged), _) => {
                 report["mode"] = json!("stage");
                 report["staging_capacity_bytes"] = json!(staged.capacity());
             }

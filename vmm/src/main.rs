@@ -3,6 +3,7 @@
 mod api;
 mod boot;
 mod coalesced;
+mod cycle;
 mod epochs;
 mod event_loop;
 mod irq_line;
@@ -67,7 +68,8 @@ enum Command {
     /// protect HOST:PORT [GENERATION] (replicate the guest to a new secondary from now
     /// on; the generation defaults to this node's).
     /// Primary: verify (digests checked with the next checkpoint) | failover (planned
-    /// switch to the secondary).
+    /// switch to the secondary) | selfcheck EPOCHS INTERVAL_MS (the self-check on the
+    /// primary's next EPOCHS checkpoints, at its own epoch length).
     /// Secondary: status | stop | failover (take over now: only when you know the
     /// primary is dead).
     #[command(verbatim_doc_comment)]

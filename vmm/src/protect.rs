@@ -15,6 +15,8 @@ use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+use vmm_sys_util::eventfd::EventFd;
+
 use mcvmm_checkpoint::seams::OutputGate;
 use mcvmm_checkpoint::state::{VmShape, FORMAT_VERSION};
 use mcvmm_replication::gate::{HeldOutput, Transmit};
@@ -165,6 +167,7 @@ pub fn connect(
     peer: String,
     generation: u64,
     reply_to: UnixStream,
+    done: EventFd,
 ) -> Pending {
     let hello = hello(vm.shape.clone(), generation);
     let gate = p.hooks.fresh_gate();
@@ -174,6 +177,8 @@ pub fn connect(
         "protecting the guest: connecting to a secondary at {peer} (generation {generation})"
     );
     let handle = std::thread::spawn(move || {
+        // The device loop hears of the end however it comes (an error returned early).
+        let _done = Signal(done);
         let (stream, accept) = replication::connect(&to, &hello, s.peer_wait)?;
         let link = replication::start(stream, &to, gate.clone(), s.timeout, s.coding)
             .map_err(|source| ProtectError::Link { peer: to, source })?;
@@ -187,13 +192,19 @@ pub fn connect(
     }
 }
 
-impl Pending {
-    pub fn is_finished(&self) -> bool {
-        self.handle.is_finished()
-    }
+/// Writes its eventfd when dropped.
+struct Signal(EventFd);
 
+impl Drop for Signal {
+    fn drop(&mut self) {
+        let _ = self.0.write(1);
+    }
+}
+
+impl Pending {
     /// The connected secondary as this node's new primary role, its initial sync started.
-    /// Call once [`Pending::is_finished`]; `refuse` is why the guest cannot be protected
+    /// Call once the eventfd given to [`connect`] was written (the thread is ending:
+    /// this waits for it); `refuse` is why the guest cannot be protected
     /// right now (an operator's pause, dirty tracking in other use), checked last.
     pub fn finish(
         self,

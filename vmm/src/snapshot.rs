@@ -4,15 +4,14 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::PoisonError;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use mcvmm_checkpoint::dirty::{DirtyError, DirtyTracker};
-use mcvmm_checkpoint::snapshot::{
-    begin_full, write_incremental, FullSnapshot, Manifest, SnapshotError,
-};
+use mcvmm_checkpoint::snapshot::{begin_full, write_incremental, SnapshotError};
 use mcvmm_checkpoint::state::MachineState;
 use serde_json::{json, Value};
 
+use crate::cycle::{Ahead, Cycle, CycleError, KeepSet, Pages};
 use crate::epochs::{start_for_copy, StartCopyError, PAUSE_LIMIT};
 use crate::vcpu::PauseError;
 use crate::vm::{Vm, VmError};
@@ -42,6 +41,8 @@ pub enum TakeError {
     Files(#[from] SnapshotError),
     #[error(transparent)]
     State(#[from] StateError),
+    #[error(transparent)]
+    Cycle(#[from] CycleError),
     /// What the code around it rules out.
     #[error("internal: {0}")]
     Internal(&'static str),
@@ -152,41 +153,61 @@ fn take_one(
         }
         full = Some(begin_full(dir, &vm.mem, arm.as_mut())?);
     }
+    let tracker = snaps
+        .tracker
+        .as_mut()
+        .ok_or(TakeError::Internal("dirty tracking is not running"))?;
     // What the guest wrote during the copy is copied again while it runs on, round after
     // round, as long as that shrinks the set, so the pause holds only the last few pages.
-    let mut rounds = Vec::new();
-    if let (Some(f), Some(tracker), false) = (full.as_mut(), snaps.tracker.as_mut(), paused) {
-        while rounds.len() < PRECOPY_ROUNDS {
-            let dirty = tracker.end_epoch(&vm.vm_fd, &vm.mem)?;
-            let pages = dirty.pages();
-            f.patch(&dirty, &vm.mem)?;
-            let shrinking = rounds.last().is_none_or(|&last| pages * 4 < last * 3);
-            rounds.push(pages);
-            if pages <= PRECOPY_DONE_PAGES || !shrinking {
-                break;
+    let cycle = Cycle {
+        ahead: match (&full, paused) {
+            (Some(_), false) => Ahead::Shrinking {
+                rounds: PRECOPY_ROUNDS,
+                done_pages: PRECOPY_DONE_PAGES,
+            },
+            _ => Ahead::None,
+        },
+        capture: true,
+        // An incremental snapshot is written in the pause, after the cycle.
+        resume: false,
+        paused,
+    };
+    let before_cycle = started.elapsed();
+    let mut keep = KeepSet::default();
+    let pages: &mut dyn Pages = match full.as_mut() {
+        Some(f) => f,
+        None => &mut keep,
+    };
+    let ended = cycle.run(vm, tracker, pages, None);
+    let t = Instant::now();
+    let written = ended.map_err(TakeError::from).and_then(|ended| {
+        let state = ended
+            .state
+            .ok_or(TakeError::Internal("no state captured"))?;
+        let written = match keep.0.take() {
+            Some(set) => {
+                let parent = snaps.last.as_deref().ok_or(TakeError::NoParent)?;
+                Some(write_incremental(
+                    dir, parent, &set, &vm.mem, &state, &vm.shape,
+                )?)
             }
-        }
-    }
-    let precopy = started.elapsed();
-    let t0 = Instant::now();
-    if !paused {
-        vm.vcpus.pause(PAUSE_LIMIT)?;
-    }
-    let stopped = t0.elapsed();
-    let captured = capture(vm, snaps, dir, full.as_mut());
+            None => None,
+        };
+        Ok((ended.steps, ended.rounds, state, written))
+    });
     if !paused {
         vm.vcpus.resume();
     }
-    let pause = t0.elapsed();
-    let (state, at_pause, state_us) = captured?;
+    let (steps, rounds, state, written) = written?;
+    let pause = Duration::from_micros(steps.pause) + t.elapsed();
     let t = Instant::now();
-    let (manifest, pages) = match (full, at_pause) {
-        (Some(f), AtPause::Patched(pages)) => (f.seal(&state, &vm.shape)?, pages),
-        (_, AtPause::Incremental(m)) => {
+    let (manifest, pages) = match (full, written) {
+        (Some(f), None) => (f.seal(&state, &vm.shape)?, steps.pages),
+        (_, Some(m)) => {
             let pages = m.pages;
             (m, pages)
         }
-        (None, AtPause::Patched(_)) => return Err(TakeError::Internal("full snapshot lost")),
+        (None, None) => return Err(TakeError::Internal("full snapshot lost")),
     };
     snaps.last = Some(dir.to_path_buf());
     Ok(json!({
@@ -196,46 +217,12 @@ fn take_one(
         "pages": manifest.pages,
         "pages_in_pause": pages,
         "pause_ms": pause.as_secs_f64() * 1e3,
-        "vcpu_stop_us": stopped.as_micros() as u64,
-        "state_capture_us": state_us,
+        "vcpu_stop_us": steps.stop,
+        "state_capture_us": steps.state,
         "tracking_on_pause_ms": tracking_on.as_secs_f64() * 1e3,
-        "precopy_ms": precopy.as_secs_f64() * 1e3,
+        "precopy_ms": (before_cycle + Duration::from_micros(steps.ahead)).as_secs_f64() * 1e3,
         "precopy_rounds_pages": rounds,
         "seal_ms": t.elapsed().as_secs_f64() * 1e3,
         "total_ms": started.elapsed().as_secs_f64() * 1e3,
     }))
-}
-
-/// What the pause wrote: pages re-copied into a full snapshot, or a whole incremental one.
-enum AtPause {
-    Patched(u64),
-    Incremental(Manifest),
-}
-
-/// At the pause: the machine state, and the pages written since tracking began (re-copied
-/// into a full snapshot, or written out here as an incremental one).
-fn capture(
-    vm: &Vm,
-    snaps: &mut Snapshots,
-    dir: &Path,
-    full: Option<&mut FullSnapshot>,
-) -> Result<(MachineState, AtPause, u64), TakeError> {
-    let t = Instant::now();
-    let state = machine_state(vm)?;
-    let state_us = t.elapsed().as_micros() as u64;
-    let tracker = snaps
-        .tracker
-        .as_mut()
-        .ok_or(TakeError::Internal("dirty tracking is not running"))?;
-    let dirty = tracker.end_epoch(&vm.vm_fd, &vm.mem)?;
-    let written = match full {
-        Some(f) => AtPause::Patched(f.patch(&dirty, &vm.mem)?),
-        None => {
-            let parent = snaps.last.as_deref().ok_or(TakeError::NoParent)?;
-            AtPause::Incremental(write_incremental(
-                dir, parent, &dirty, &vm.mem, &state, &vm.shape,
-            )?)
-        }
-    };
-    Ok((state, written, state_us))
 }

@@ -4,19 +4,23 @@
 //! guest has output waiting for the checkpoint (and the epoch ran `--epoch-min-ms`), or
 //! as soon as the link is free again for an epoch that had to run on. Ending an epoch:
 //!
-//! 1. read the dirty set so far (KVM log ∪ the VMM's own writes) and copy those pages
-//!    into a buffer of our own, with the guest still running;
-//! 2. pause the vCPUs (the device loop is this thread, so no device runs either), end
-//!    the epoch's dirty set and copy the pages written since step 1;
-//! 3. capture the machine state, take the disk writes forwarded during the epoch, and
-//!    make the gate hold frames from now on for the next epoch;
-//! 4. resume, and hand the checkpoint to the sender thread.
+//! 1. the epoch's cycle (`crate::cycle`): read the dirty set so far (KVM log ∪ the
+//!    VMM's own writes) and copy those pages into a buffer of our own, with the guest
+//!    still running; pause the vCPUs (the device loop is this thread, so no device runs
+//!    either), end the epoch's dirty set, copy the pages written since, capture the
+//!    machine state;
+//! 2. still paused: take the disk writes forwarded during the epoch, and make the gate
+//!    hold frames from now on for the next epoch;
+//! 3. resume, and hand the checkpoint to the sender thread.
 //!
-//! Anything failing in 1–3 makes the dirty set unreliable: the link is dropped (the guest
+//! `ctl selfcheck` on a primary attaches the self-check's verifier to that cycle.
+//!
+//! Anything failing in 1–2 makes the dirty set unreliable: the link is dropped (the guest
 //! goes on unprotected, loudly) rather than letting a checkpoint miss a page.
 
 use std::fs::File;
-use std::os::fd::{AsRawFd, RawFd};
+use std::io::Write;
+use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -28,13 +32,16 @@ use mcvmm_replication::disk::file_digest;
 use mcvmm_replication::gate::HeldOutput;
 use mcvmm_replication::primary::{Capture, ForwardedWrites, Link, SyncSource};
 use serde_json::{json, Value};
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
-use vmm_sys_util::timerfd::TimerFd;
 
+use crate::cycle::{Ahead, Cycle, CycleError, Verifier};
 use crate::epochs::{start_for_copy, PAUSE_LIMIT};
 use crate::protect::Settings;
-use crate::snapshot::machine_state;
 use crate::vm::Vm;
+
+mod clock;
+mod policy;
+pub use clock::EpochClock;
+use policy::{EpochPolicy, LinkView};
 
 /// Why a primary could not start its sync, take a checkpoint or hand over.
 #[derive(Debug, thiserror::Error)]
@@ -48,14 +55,12 @@ pub enum PrimaryError {
     Start(#[from] crate::epochs::StartCopyError),
     #[error("dirty tracking is off")]
     NotTracking,
+    #[error("the epoch's cycle captured no machine state")]
+    NoState,
     #[error(transparent)]
-    Dirty(#[from] mcvmm_checkpoint::dirty::DirtyError),
-    #[error(transparent)]
-    Staging(#[from] mcvmm_checkpoint::shadow::ShadowError),
-    #[error(transparent)]
-    Pause(#[from] crate::vcpu::PauseError),
-    #[error(transparent)]
-    State(#[from] crate::snapshot::StateError),
+    Cycle(#[from] CycleError),
+    #[error("the self-check's copy of memory: {0}")]
+    Check(#[from] mcvmm_checkpoint::shadow::ShadowError),
     #[error("the link to the secondary is gone")]
     LinkGone,
     #[error("not protected: no secondary to hand over to")]
@@ -74,26 +79,51 @@ pub struct Primary {
     pub gate: Arc<HeldOutput>,
     pub writes: Arc<ForwardedWrites>,
     pub epoch_ms: u64,
-    /// An epoch with output waiting ends once it is this old (`--epoch-min-ms`, if set).
-    epoch_min: Option<Duration>,
-    /// When the running epoch began (the end of the previous pause).
-    epoch_began: Instant,
-    /// The running epoch found the link busy when it was due: it ends as soon as the
-    /// link is free.
-    overdue: bool,
-    /// Epochs ended before `epoch_ms` for the guest's output.
-    early_epochs: u64,
+    /// When the running epoch ends (pure rules, see `policy`).
+    policy: EpochPolicy,
     tracker: Option<DirtyTracker>,
     hot_pages: u64,
     /// The epoch now running (its checkpoint is taken at the next pause).
     epoch: u64,
-    stretched: u64,
     pauses_us: Vec<u64>,
     pause_total_us: u64,
     pause_count: u64,
     verify_next: Arc<AtomicBool>,
     unprotected_said: bool,
     started: Instant,
+    check: Option<AttachedCheck>,
+}
+
+/// `ctl selfcheck` on this primary: its verifier rides on the checkpoints' cycle.
+struct AttachedCheck {
+    epochs: u64,
+    /// Made at the first pause after the request (a copy of all of memory, the vCPUs
+    /// paused, where an epoch begins).
+    verifier: Option<Verifier>,
+    reply_to: UnixStream,
+    began: Instant,
+}
+
+impl AttachedCheck {
+    fn report(self, epoch_ms: u64, error: Option<String>) {
+        let (checked, mismatches, examples) = match &self.verifier {
+            Some(v) => (v.epochs(), v.mismatches, v.examples.clone()),
+            None => (0, 0, Vec::new()),
+        };
+        let report = json!({
+            "mode": "selfcheck",
+            "on": "replicating primary",
+            "sources": "guest+vmm",
+            "epochs": checked,
+            "epoch_ms": epoch_ms,
+            "seconds": self.began.elapsed().as_secs_f64(),
+            "mismatching_pages": mismatches,
+            "examples": examples,
+            "error": error,
+        });
+        let mut w = &self.reply_to;
+        let _ = writeln!(w, "{report}");
+    }
 }
 
 impl Primary {
@@ -108,19 +138,19 @@ impl Primary {
             gate,
             writes,
             epoch_ms: settings.epoch_ms,
-            epoch_min: settings.epoch_min_ms.map(Duration::from_millis),
-            epoch_began: Instant::now(),
-            overdue: false,
-            early_epochs: 0,
+            policy: EpochPolicy::new(
+                settings.epoch_min_ms.map(Duration::from_millis),
+                Instant::now(),
+            ),
             tracker: None,
             hot_pages: settings.hot_pages,
             epoch: 1,
-            stretched: 0,
             pauses_us: Vec::new(),
             pause_total_us: 0,
             pause_count: 0,
             verify_next: Arc::new(AtomicBool::new(false)),
             unprotected_said: false,
+            check: None,
             started: Instant::now(),
         }
     }
@@ -184,6 +214,12 @@ impl Primary {
     /// ended before `epoch_ms` for its output. Returns whether it ended.
     pub fn tick(&mut self, vm: &Vm, early: bool) -> bool {
         if self.link.is_lost() {
+            if let Some(c) = self.check.take() {
+                c.report(
+                    self.epoch_ms,
+                    Some("the link to the secondary was lost".into()),
+                );
+            }
             if let Some(t) = self.tracker.take() {
                 let _ = vm
                     .vcpus
@@ -200,23 +236,17 @@ impl Primary {
             }
             return false;
         }
-        if !self.link.is_synced() || self.link.busy() {
-            // The sync or the previous checkpoint is still on its way: the epoch runs on.
-            if self.link.is_synced() && !self.overdue {
-                self.stretched += 1;
-                self.overdue = true;
-            }
+        // The sync or the previous checkpoint still on its way: the epoch runs on.
+        if !self.policy.may_end(&self.link_view()) {
             return false;
         }
-        let for_output = early && !self.overdue;
         match self.checkpoint(vm, false) {
             Ok(_) => {
-                if for_output {
-                    self.early_epochs += 1;
-                }
+                self.policy.ended(Instant::now(), early);
                 true
             }
             Err(why) => {
+                self.policy.failed(Instant::now());
                 self.link
                     .lose(&format!("checkpoint of epoch {}: {why}", self.epoch));
                 false
@@ -224,35 +254,22 @@ impl Primary {
         }
     }
 
+    fn link_view(&self) -> LinkView {
+        LinkView {
+            lost: self.link.is_lost(),
+            synced: self.link.is_synced(),
+            busy: self.link.busy(),
+            acked: self.link.acked(),
+            output_waiting: self.gate.holds_running_epoch(),
+        }
+    }
+
     /// How soon the running epoch should end, if sooner than `epoch_ms` after the last
-    /// pause: at once when it ran on for a busy link that is free now; when the guest has
-    /// output waiting for it and every earlier checkpoint is acknowledged, once it is
-    /// `--epoch-min-ms` old. `None` when the link is busy (its going idle wakes the
-    /// device loop), an ack is awaited (its arrival does), or nothing hurries.
-    ///
-    /// Waiting for the acks bounds the pauses of a guest that sends all the time to one
-    /// per round trip to the secondary (its output could not leave sooner anyway); a
-    /// request/response client finds the previous checkpoint acknowledged, since that is
-    /// what released the previous answer.
+    /// pause (see [`EpochPolicy::end_soon`]).
     pub fn end_soon(&self) -> Option<Duration> {
-        // Called after every round of the device loop's events: the common case (fixed
-        // epochs, nothing overdue) returns before any lock.
-        if !self.overdue && self.epoch_min.is_none() {
-            return None;
-        }
-        if self.tracker.is_none()
-            || self.link.is_lost()
-            || !self.link.is_synced()
-            || self.link.busy()
-        {
-            return None;
-        }
-        if self.overdue {
-            return Some(Duration::ZERO);
-        }
-        let min = self.epoch_min?;
-        (self.gate.holds_running_epoch() && self.link.acked() + 1 >= self.epoch)
-            .then(|| min.saturating_sub(self.epoch_began.elapsed()))
+        self.tracker.as_ref()?;
+        self.policy
+            .end_soon(self.epoch, Instant::now(), || self.link_view())
     }
 
     /// Ends the running epoch and hands its checkpoint to the sender; `keep_paused` leaves
@@ -262,78 +279,110 @@ impl Primary {
             return Err(PrimaryError::NotTracking);
         };
         let epoch = self.epoch;
-        // Most of the epoch's pages are copied ahead, with the guest running; the pause
-        // copies those written since.
         let (addrs, data) = self.link.spare_buffers();
         let mut staged = Staged { addrs, data };
-        let ahead = tracker.end_epoch(&vm.vm_fd, &vm.mem)?;
-        // A set taken from the tracker and not sent must come back to it, or the next
-        // checkpoint would miss its pages.
-        if let Err(e) = staged.stage(&ahead, &vm.mem) {
-            tracker.give_back(ahead);
-            return Err(e.into());
-        }
-        let t0 = Instant::now();
-        if let Err(e) = vm.vcpus.pause_capturing(PAUSE_LIMIT) {
-            tracker.give_back(ahead);
-            return Err(e.into());
-        }
-        let mut dirty = None;
-        let captured = (|| {
-            let dirty = dirty.insert(tracker.end_epoch(&vm.vm_fd, &vm.mem)?);
-            staged.restage(dirty, &vm.mem)?;
-            let state = machine_state(vm)?;
-            let writes = self.writes.take();
-            let (memory_digest, disk_digests) = if self.verify_next.swap(false, Ordering::SeqCst) {
-                let mut digests = Vec::new();
-                for d in &vm.config.disks {
-                    let disk_err = |source| PrimaryError::Disk {
-                        path: d.path.clone(),
-                        source,
-                    };
-                    let f = open_disk(&d.path)?;
-                    let size = f.metadata().map_err(disk_err)?.len();
-                    digests.push(file_digest(&f, size).map_err(disk_err)?);
-                }
-                (Some(memory_digest(&vm.mem)), Some(digests))
-            } else {
-                (None, None)
-            };
-            // Frames sent from now on are the next epoch's.
-            self.gate.hold_from(epoch + 1);
-            Ok::<_, PrimaryError>(Capture {
-                epoch,
-                addrs: staged.addrs,
-                data: staged.data,
-                state,
-                writes,
-                memory_digest,
-                disk_digests,
-                taken: Instant::now(),
-            })
-        })();
-        if !keep_paused {
-            vm.vcpus.resume();
-        }
-        self.epoch_began = Instant::now();
-        self.overdue = false;
-        let pause = t0.elapsed().as_micros() as u64;
-        let capture = match captured {
-            Ok(c) => c,
+        // Most of the epoch's pages are copied ahead, with the guest running; the pause
+        // copies those written since.
+        let cycle = Cycle {
+            ahead: Ahead::Once,
+            capture: true,
+            resume: false,
+            paused: false,
+        };
+        let verifier = self.check.as_mut().and_then(|c| c.verifier.as_mut());
+        let ended = match cycle.run(vm, tracker, &mut staged, verifier) {
+            Ok(ended) => ended,
             Err(e) => {
-                tracker.give_back(ahead);
-                if let Some(d) = dirty {
-                    tracker.give_back(d);
-                }
-                return Err(e);
+                // The cycle gave its sets back and let the vCPUs run again.
+                return Err(self.failed(e.into()));
             }
         };
-        self.record_pause(pause);
+        let t = Instant::now();
+        // Still paused: what else belongs to this epoch's checkpoint.
+        let rest = (|| {
+            let digests = if self.verify_next.swap(false, Ordering::SeqCst) {
+                Some(digests(vm)?)
+            } else {
+                None
+            };
+            if let Some(c) = self.check.as_mut().filter(|c| c.verifier.is_none()) {
+                c.verifier = Some(Verifier::new(&vm.mem)?);
+            }
+            // Last, as nothing after them may fail: the disk writes forwarded during
+            // the epoch, and frames sent from now on are the next epoch's.
+            let writes = self.writes.take();
+            self.gate.hold_from(epoch + 1);
+            Ok::<_, PrimaryError>((digests, writes))
+        })();
+        if !keep_paused || rest.is_err() {
+            vm.vcpus.resume();
+        }
+        let (digests, writes) = match rest {
+            Ok(r) => r,
+            Err(e) => {
+                if let Some(tracker) = self.tracker.as_mut() {
+                    for set in ended.sets {
+                        tracker.give_back(set);
+                    }
+                }
+                return Err(self.failed(e));
+            }
+        };
+        self.record_pause(ended.steps.pause + t.elapsed().as_micros() as u64);
         self.epoch += 1;
+        let (memory_digest, disk_digests) = match digests {
+            Some((m, d)) => (Some(m), Some(d)),
+            None => (None, None),
+        };
+        let capture = Capture {
+            epoch,
+            addrs: staged.addrs,
+            data: staged.data,
+            state: ended.state.ok_or(PrimaryError::NoState)?,
+            writes,
+            memory_digest,
+            disk_digests,
+            taken: Instant::now(),
+        };
+        let checked = self
+            .check
+            .as_ref()
+            .is_some_and(|c| c.verifier.as_ref().is_some_and(|v| v.epochs() >= c.epochs));
+        if checked {
+            if let Some(c) = self.check.take() {
+                c.report(self.epoch_ms, None);
+            }
+        }
         if !self.link.submit(capture) {
             return Err(PrimaryError::LinkGone);
         }
         Ok(epoch)
+    }
+
+    /// Ends an attached self-check with `e`, which it returns.
+    fn failed(&mut self, e: PrimaryError) -> PrimaryError {
+        if let Some(c) = self.check.take() {
+            c.report(self.epoch_ms, Some(e.to_string()));
+        }
+        e
+    }
+
+    /// Runs the self-check on the next `epochs` checkpoints; the report goes to
+    /// `reply_to` when they are done (or the link is lost).
+    pub fn attach_check(&mut self, epochs: u32, reply_to: UnixStream) -> Result<(), &'static str> {
+        if self.check.is_some() {
+            return Err("a self-check is running on this primary already");
+        }
+        if self.tracker.is_none() {
+            return Err("not protected: no checkpoints to check");
+        }
+        self.check = Some(AttachedCheck {
+            epochs: u64::from(epochs),
+            verifier: None,
+            reply_to,
+            began: Instant::now(),
+        });
+        Ok(())
     }
 
     fn record_pause(&mut self, us: u64) {
@@ -370,10 +419,12 @@ impl Primary {
         let epoch = match self.checkpoint(vm, true) {
             Ok(n) => n,
             Err(e) => {
+                self.policy.failed(Instant::now());
                 vm.vcpus.resume();
                 return Err(e);
             }
         };
+        self.policy.ended(Instant::now(), false);
         let t = Instant::now();
         if self.link.takeover(epoch) {
             // The secondary closes the link as soon as it has the takeover: a closed link
@@ -422,12 +473,15 @@ impl Primary {
             "peer": link.peer,
             "epoch": self.epoch,
             "epoch_ms": self.epoch_ms,
-            "epoch_min_ms": self.epoch_min.map_or(self.epoch_ms, |d| d.as_millis() as u64),
-            "early_epochs": self.early_epochs,
+            "epoch_min_ms": self
+                .policy
+                .epoch_min()
+                .map_or(self.epoch_ms, |d| d.as_millis() as u64),
+            "early_epochs": self.policy.early_epochs,
             "last_sent_epoch": link.sent_epoch,
             "last_acked_epoch": link.acked_epoch,
             "last_committed_epoch": link.acked_epoch,
-            "stretched_epochs": self.stretched,
+            "stretched_epochs": self.policy.stretched,
             "pause_us": {
                 "last": self.pauses_us.last().copied().unwrap_or(0),
                 "avg": self.pause_total_us.checked_div(self.pause_count).unwrap_or(0),
@@ -493,104 +547,19 @@ fn pause_histogram(sorted_us: &[u64]) -> Value {
     Value::Object(m)
 }
 
-/// The device loop's clock for a primary's epochs: a timer for `epoch_ms` after each
-/// pause, one for an early end that must wait for `--epoch-min-ms`, and the link's
-/// progress event.
-pub struct EpochClock {
-    every: Duration,
-    regular: TimerFd,
-    early: TimerFd,
-    early_at: Option<Instant>,
-    link_progress: EventFd,
-}
-
-impl EpochClock {
-    pub fn new() -> std::io::Result<EpochClock> {
-        Ok(EpochClock {
-            every: Duration::ZERO,
-            regular: TimerFd::new()?,
-            early: TimerFd::new()?,
-            early_at: None,
-            link_progress: EventFd::new(EFD_NONBLOCK)?,
-        })
-    }
-
-    /// The regular timer, the early timer and the link's progress event (all sent, or
-    /// an ack), for the device loop's epoll.
-    pub fn fds(&self) -> [RawFd; 3] {
-        [
-            self.regular.as_raw_fd(),
-            self.early.as_raw_fd(),
-            self.link_progress.as_raw_fd(),
-        ]
-    }
-
-    /// Starts timing `p`'s epochs; the link wakes the loop whenever it has sent all or
-    /// an ack arrives.
-    pub fn start(&mut self, p: &Primary) -> std::io::Result<()> {
-        let progress = self.link_progress.try_clone()?;
-        p.link.on_progress(Box::new(move || {
-            let _ = progress.write(1);
-        }));
-        self.every = Duration::from_millis(p.epoch_ms);
-        self.regular_from_now()
-    }
-
-    fn regular_from_now(&mut self) -> std::io::Result<()> {
-        Ok(self.regular.reset(self.every, None)?)
-    }
-
-    /// The regular timer fired: the epoch ends if it can, and the next one is due
-    /// `epoch_ms` from now either way (an epoch that could not end ends once the link is
-    /// free, see [`Primary::end_soon`]). `p` is `None` while the operator has the guest
-    /// paused: its epoch runs on.
-    pub fn on_regular(&mut self, p: Option<&mut Primary>, vm: &Vm) -> std::io::Result<()> {
-        if self.regular.is_armed()? {
-            // Re-armed (a new protection) after it fired, in the same round of events:
-            // nothing is due, and a read would wait for the new expiry.
-            return Ok(());
-        }
-        let _ = self.regular.wait();
-        if let Some(p) = p {
-            p.tick(vm, false);
-        }
-        self.regular_from_now()
-    }
-
-    /// The early timer or the link's progress event fired; what it means is looked at in
-    /// [`EpochClock::after_events`].
-    pub fn on_wake(&mut self, early: bool) {
-        if early {
-            if !matches!(self.early.is_armed(), Ok(true)) {
-                let _ = self.early.wait();
-            }
-            self.early_at = None;
-        } else {
-            let _ = self.link_progress.read();
-        }
-    }
-
-    /// After each round of events (a frame the guest sent may be waiting now): ends the
-    /// epoch if it should end now, or arms the early timer for when it should.
-    pub fn after_events(&mut self, p: &mut Primary, vm: &Vm) -> std::io::Result<()> {
-        let Some(d) = p.end_soon() else {
-            return Ok(());
+/// Digests of all of memory and of each disk (vCPUs paused), for `ctl verify`.
+fn digests(vm: &Vm) -> Result<(u64, Vec<u64>), PrimaryError> {
+    let mut disks = Vec::new();
+    for d in &vm.config.disks {
+        let disk_err = |source| PrimaryError::Disk {
+            path: d.path.clone(),
+            source,
         };
-        if d.is_zero() {
-            if p.tick(vm, true) {
-                self.early_at = None;
-                self.early.clear()?;
-                self.regular_from_now()?;
-            }
-            return Ok(());
-        }
-        let at = Instant::now() + d;
-        if self.early_at.is_none_or(|e| e > at) {
-            self.early.reset(d, None)?;
-            self.early_at = Some(at);
-        }
-        Ok(())
+        let f = open_disk(&d.path)?;
+        let size = f.metadata().map_err(disk_err)?.len();
+        disks.push(file_digest(&f, size).map_err(disk_err)?);
     }
+    Ok((memory_digest(&vm.mem), disks))
 }
 
 fn open_disk(path: &std::path::Path) -> Result<File, PrimaryError> {
