@@ -1,0 +1,317 @@
+//! The second step of building a VM: vCPUs created with their CPUID, the kernel loaded or
+//! the state restored, vCPU threads started.
+
+use std::fs::File;
+use std::io::{LineWriter, Write};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Instant;
+
+use kvm_bindings::{CpuId, KVM_MAX_CPUID_ENTRIES};
+use kvm_ioctls::{Kvm, VcpuFd, VmFd};
+use mcvmm_checkpoint::snapshot::{self, Loaded};
+use mcvmm_checkpoint::state::MachineState;
+use mcvmm_devices::bus::Bus;
+use mcvmm_devices::i8042::I8042;
+use mcvmm_devices::serial::{self, Serial};
+use mcvmm_devices::virtio::mmio::MmioTransport;
+use mcvmm_devices::virtio::net::{announce_moved, mac_text, ANNOUNCE_AT_MS};
+use mcvmm_devices::virtio::tap::Tap;
+use mcvmm_devices::GuestMemory;
+
+use super::{kvm_call, ConsoleFile, Continue, Prepared, SerialOut, Vm, VmConfig, VmError};
+use crate::boot;
+use crate::coalesced::CoalescedPort;
+use crate::vcpu::{self, VcpuControl, Vcpus, VmExit};
+use crate::vcpu_state;
+use crate::vm_state::restore_vm_state;
+
+/// Loads the guest into a prepared VM, or restores it there, and starts its vCPUs.
+pub fn finish(p: Prepared, restore: Option<Continue>) -> Result<Vm, VmError> {
+    let Prepared {
+        kvm,
+        config,
+        shape,
+        vm_fd,
+        mem,
+        exit,
+        serial_irq,
+        i8042: i8042_dev,
+        mut pio,
+        mmio,
+        devices,
+        mut cmdline,
+        announce_on,
+        net_started,
+        images,
+        mut steps,
+        started,
+    } = p;
+    let finishing = Instant::now();
+    let mut lap = Instant::now();
+    let mut step = |name: &'static str| {
+        steps.push((name, lap.elapsed().as_secs_f64() * 1e3));
+        lap = Instant::now();
+    };
+    let (restore_state, restore_shape, snapshot_files) = match restore {
+        Some(Continue::Image(state, shape)) => (Some(state), Some(shape), None),
+        Some(Continue::Snapshot(l)) => (Some(&l.state), Some(l.shape()), Some(l)),
+        None => (None, None, None),
+    };
+    if let Some(why) = restore_shape.and_then(|r| r.mismatch(&shape)) {
+        return Err(VmError::Shape(why));
+    }
+    let out = serial_out(&config.serial)?;
+    let serial_dev = Arc::new(Mutex::new(match restore_state {
+        Some(s) => Serial::from_state(&s.serial, serial_irq, out).map_err(VmError::Restore)?,
+        None => Serial::new(serial_irq, out),
+    }));
+    pio.insert(serial::PORT, serial::PORT_LEN, serial_dev.clone())?;
+    if let Some(s) = restore_state {
+        restore_devices(s, &i8042_dev, &devices)?;
+    }
+    if let Some(tap) = announce_on {
+        announce(tap, config.mac)?;
+    }
+    let fds = create_vcpus(&kvm, &vm_fd, &config, restore_state)?;
+    // A guest that boots writes its log to the UART; a restored one has done so.
+    if let (None, Some(vcpu)) = (restore_state, fds.first()) {
+        match CoalescedPort::start(&kvm, &vm_fd, vcpu, serial::PORT) {
+            Ok(Some(port)) => serial_dev
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .hold_writes(Box::new(port)),
+            Ok(None) => {}
+            Err(e) => tracing::warn!("console writes exit one by one: {e}"),
+        }
+    }
+    step("vcpus and devices");
+    let mut load_alongside = None;
+    match (restore_state, images) {
+        (Some(st), _) => {
+            restore_machine(st, snapshot_files, &mem, &fds, &vm_fd, &devices)?;
+            cmdline = st.cmdline.clone();
+        }
+        (None, Some(loading)) => {
+            load_alongside = Some(boot_guest(loading, &mem, &cmdline, &config, &fds)?);
+        }
+        (None, None) => {
+            return Err(VmError::Restore(
+                "nothing to restore from was loaded".into(),
+            ))
+        }
+    }
+    step(if restore_state.is_some() {
+        "state"
+    } else {
+        "kernel wait"
+    });
+    let _ = net_started.set(finishing);
+    let vcpus = start_vcpus(&kvm, fds, pio, mmio, &exit)?;
+    step("threads");
+    if let Some(ms) = load_alongside {
+        steps.push(("kernel load alongside", ms));
+    }
+    log_started(&steps, restore_state.is_some(), started, finishing);
+    Ok(Vm {
+        config,
+        shape,
+        serial: serial_dev,
+        i8042: i8042_dev,
+        vm_fd,
+        mem,
+        devices,
+        vcpus,
+        exit,
+        started: finishing,
+        cmdline,
+    })
+}
+
+/// Waits for the kernel and initrd, writes the boot data, sets the vCPUs up to boot.
+/// Returns how long the load took alongside the VM's building, ms.
+fn boot_guest(
+    loading: boot::Loading,
+    mem: &GuestMemory,
+    cmdline: &str,
+    config: &VmConfig,
+    fds: &[VcpuFd],
+) -> Result<f64, VmError> {
+    let (images, load_ms) = loading.wait()?;
+    let entry = boot::write_boot_data(mem, &images, cmdline, config.vcpus, config.mem_mib << 20)?;
+    for (id, vcpu) in fds.iter().enumerate() {
+        boot::regs::setup_common(vcpu)?;
+        if id == 0 {
+            boot::regs::setup_boot_cpu(vcpu, mem, entry)?;
+        }
+    }
+    Ok(load_ms)
+}
+
+/// How long the VM took to start, and each step.
+fn log_started(steps: &[(&str, f64)], restored: bool, started: Instant, finishing: Instant) {
+    let parts: Vec<String> = steps.iter().map(|(n, ms)| format!("{n} {ms:.1}")).collect();
+    if restored {
+        tracing::info!(
+            "VM started in {:.1} ms from its state ({:.1} ms since it was prepared: {})",
+            finishing.elapsed().as_secs_f64() * 1e3,
+            started.elapsed().as_secs_f64() * 1e3,
+            parts.join(", ")
+        );
+    } else {
+        tracing::info!(
+            "VM started in {:.1} ms ({})",
+            started.elapsed().as_secs_f64() * 1e3,
+            parts.join(", ")
+        );
+    }
+}
+
+/// Where the guest's console goes.
+fn serial_out(to: &SerialOut) -> Result<Box<dyn Write + Send>, VmError> {
+    Ok(match to {
+        SerialOut::Stdout => Box::new(std::io::stdout()),
+        SerialOut::File(p) => Box::new(ConsoleFile(LineWriter::new(File::create(p).map_err(
+            |source| VmError::Serial {
+                path: p.display().to_string(),
+                source,
+            },
+        )?))),
+    })
+}
+
+/// The i8042's and the virtio devices' saved state into the prepared devices.
+fn restore_devices(
+    s: &MachineState,
+    i8042: &Mutex<I8042>,
+    devices: &[Arc<Mutex<MmioTransport>>],
+) -> Result<(), VmError> {
+    i8042
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .restore(&s.i8042);
+    for (i, dev) in devices.iter().enumerate() {
+        let state = s.virtio.get(i).ok_or_else(|| {
+            VmError::Shape(format!(
+                "no state for virtio device {} in the snapshot",
+                i + 1
+            ))
+        })?;
+        dev.lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .restore(state)?;
+    }
+    Ok(())
+}
+
+/// Tells the network the guest's MAC is behind this tap now.
+fn announce(mut tap: Tap, mac: [u8; 6]) -> Result<(), VmError> {
+    // Frames the tap queued while this VM waited are for no one now.
+    let stale = tap.drain();
+    announce_moved(tap.writer()?, mac)?;
+    tracing::info!(
+        "announcing {} on tap {} ({} RARPs over {} ms; {stale} stale frame(s) dropped)",
+        mac_text(mac),
+        tap.name,
+        ANNOUNCE_AT_MS.len(),
+        ANNOUNCE_AT_MS[ANNOUNCE_AT_MS.len() - 1]
+    );
+    Ok(())
+}
+
+/// The vCPUs, each with its CPUID: the saved one for a restored guest.
+fn create_vcpus(
+    kvm: &Kvm,
+    vm_fd: &VmFd,
+    config: &VmConfig,
+    restore_state: Option<&MachineState>,
+) -> Result<Vec<VcpuFd>, VmError> {
+    // vCPUs are created here, not prepared ahead: KVM takes a TSC written within a second
+    // of the value it expects from the last write (a vCPU's creation writes 0) for an
+    // attempt to synchronize, and keeps its own offset instead of the restored TSC. A
+    // secondary's VM prepared at about the time the primary's guest started would fall
+    // into that window.
+    let mut fds = Vec::new();
+    for id in 0..config.vcpus {
+        fds.push(
+            vm_fd
+                .create_vcpu(u64::from(id))
+                .map_err(kvm_call("KVM_CREATE_VCPU"))?,
+        );
+    }
+    let base_cpuid = kvm
+        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+        .map_err(kvm_call("KVM_GET_SUPPORTED_CPUID"))?;
+    let tsc_deadline = kvm.check_extension(kvm_ioctls::Cap::TscDeadlineTimer);
+    for (id, vcpu) in fds.iter().enumerate() {
+        let cpuid = match restore_state {
+            Some(st) => {
+                let s = st.vcpus.get(id).ok_or_else(|| {
+                    VmError::Shape(format!("no state for vCPU {id} in the snapshot"))
+                })?;
+                CpuId::from_entries(&s.cpuid)
+                    .map_err(|e| VmError::Restore(format!("vCPU {id} CPUID: {e:?}")))?
+            }
+            None => vcpu::cpuid_for(&base_cpuid, id as u8, config.vcpus, tsc_deadline),
+        };
+        vcpu.set_cpuid2(&cpuid)
+            .map_err(kvm_call("KVM_SET_CPUID2"))?;
+    }
+    Ok(fds)
+}
+
+/// A restored guest: the snapshot's memory (a replica's is in place already), each
+/// vCPU's state, the in-kernel devices' state; then the interrupts the devices had
+/// raised and the guest had not taken yet are raised again.
+fn restore_machine(
+    st: &MachineState,
+    snapshot_files: Option<&Loaded>,
+    mem: &GuestMemory,
+    fds: &[VcpuFd],
+    vm_fd: &VmFd,
+    devices: &[Arc<Mutex<MmioTransport>>],
+) -> Result<(), VmError> {
+    if let Some(l) = snapshot_files {
+        snapshot::apply(l, mem).map_err(|e| VmError::Restore(e.to_string()))?;
+    }
+    for (vcpu, s) in fds.iter().zip(&st.vcpus) {
+        vcpu_state::restore(vcpu, s)
+            .map_err(|e| VmError::Restore(format!("vCPU {}: {e}", s.id)))?;
+    }
+    restore_vm_state(vm_fd, &st.vm)?;
+    for dev in devices {
+        dev.lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .raise_unacknowledged();
+    }
+    Ok(())
+}
+
+/// A thread per vCPU, running.
+fn start_vcpus(
+    kvm: &Kvm,
+    fds: Vec<VcpuFd>,
+    pio: Bus,
+    mmio: Bus,
+    exit: &Arc<VmExit>,
+) -> Result<Vcpus, VmError> {
+    let msr_indices = kvm
+        .get_msr_index_list()
+        .map_err(kvm_call("KVM_GET_MSR_INDEX_LIST"))?
+        .as_slice()
+        .to_vec();
+    let (pio, mmio) = (Arc::new(pio), Arc::new(mmio));
+    vcpu::install_kick_handler()?;
+    let control = Arc::new(VcpuControl::new(msr_indices));
+    let mut vcpus = Vcpus::new(control.clone());
+    for (id, fd) in fds.into_iter().enumerate() {
+        vcpus.push(vcpu::spawn(
+            id as u8,
+            fd,
+            pio.clone(),
+            mmio.clone(),
+            exit.clone(),
+            control.clone(),
+        )?);
+    }
+    Ok(vcpus)
+}
