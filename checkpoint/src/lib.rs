@@ -5,6 +5,7 @@
 
 pub mod digest;
 pub mod dirty;
+pub mod persist;
 pub mod resident;
 pub mod seams;
 pub mod shadow;

@@ -9,9 +9,12 @@ use kvm_bindings::{
 };
 use serde::{Deserialize, Serialize};
 
+use crate::persist::DeviceState;
+
 /// Version of the state types and of the snapshot layout (2: memory checksums and digests
-/// are taken chunk by chunk).
-pub const FORMAT_VERSION: u32 = 2;
+/// are taken chunk by chunk; 3: devices' states are parts named and versioned by each
+/// device).
+pub const FORMAT_VERSION: u32 = 3;
 
 /// What a VM must look like for a checkpoint to fit it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -111,59 +114,6 @@ pub struct VmState {
     pub clock: kvm_clock_data,
 }
 
-/// A virtqueue's position and layout (mirrors `virtio_queue::QueueState`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct QueueState {
-    pub max_size: u16,
-    pub size: u16,
-    pub ready: bool,
-    pub next_avail: u16,
-    pub next_used: u16,
-    pub event_idx: bool,
-    pub desc_table: u64,
-    pub avail_ring: u64,
-    pub used_ring: u64,
-}
-
-/// A virtio-mmio transport and the negotiation its driver did.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct VirtioMmioState {
-    pub device_type: u32,
-    pub status: u32,
-    pub device_features_sel: u32,
-    pub driver_features_sel: u32,
-    pub acked_features: u64,
-    pub queue_sel: u32,
-    pub config_generation: u32,
-    pub active: bool,
-    pub interrupt_status: u32,
-    pub queues: Vec<QueueState>,
-}
-
-/// The 16550 UART (mirrors `vm_superio::SerialState`).
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct SerialState {
-    pub baud_divisor_low: u8,
-    pub baud_divisor_high: u8,
-    pub interrupt_enable: u8,
-    pub interrupt_identification: u8,
-    pub line_control: u8,
-    pub line_status: u8,
-    pub modem_control: u8,
-    pub modem_status: u8,
-    pub scratch: u8,
-    pub in_buffer: Vec<u8>,
-}
-
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct I8042State {
-    pub status: u8,
-    pub control: u8,
-    pub outport: u8,
-    pub output: Option<u8>,
-    pub pending_write: Option<u8>,
-}
-
 /// All of a VM's state but RAM. (The default, with no vCPUs and every device at zeros,
 /// is no machine that runs; tests use it where only the RAM matters.)
 #[derive(Debug, Default, Serialize, Deserialize)]
@@ -171,7 +121,6 @@ pub struct MachineState {
     pub cmdline: String,
     pub vcpus: Vec<VcpuState>,
     pub vm: VmState,
-    pub serial: SerialState,
-    pub i8042: I8042State,
-    pub virtio: Vec<VirtioMmioState>,
+    /// Every device's state, as each device saves it (see [`crate::persist`]).
+    pub devices: Vec<DeviceState>,
 }

@@ -6,7 +6,8 @@ use std::sync::Arc;
 use vm_superio::serial::NoEvents;
 use vm_superio::{Serial as Uart, Trigger};
 
-use mcvmm_checkpoint::state::SerialState;
+use mcvmm_checkpoint::persist::Persist;
+use serde::{Deserialize, Serialize};
 
 use crate::bus::BusDevice;
 use crate::interrupt::Interrupt;
@@ -45,6 +46,25 @@ const IER_THRI: u8 = 0x02;
 /// Line control's divisor latch bit: with it set, offsets 0 and 1 are the divisor.
 const LCR_DLAB: u8 = 0x80;
 
+/// The UART's registers and receive FIFO (what `vm_superio::SerialState` holds).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SerialState {
+    pub baud_divisor_low: u8,
+    pub baud_divisor_high: u8,
+    pub interrupt_enable: u8,
+    pub interrupt_identification: u8,
+    pub line_control: u8,
+    pub line_status: u8,
+    pub modem_control: u8,
+    pub modem_status: u8,
+    pub scratch: u8,
+    pub in_buffer: Vec<u8>,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("serial state: {0}")]
+pub struct SerialError(String);
+
 pub struct Serial {
     uart: Uart<IrqTrigger, NoEvents, Box<dyn Write + Send>>,
     held: Option<Box<dyn HeldWrites>>,
@@ -81,13 +101,35 @@ impl Serial {
             });
         }
     }
+}
 
-    /// A UART that continues from `state` (a restore).
-    pub fn from_state(
-        state: &SerialState,
-        interrupt: Arc<Interrupt>,
-        out: Box<dyn Write + Send>,
-    ) -> Result<Serial, String> {
+impl Persist for Serial {
+    type State = SerialState;
+    type Error = SerialError;
+    const STATE_VERSION: u32 = 1;
+
+    /// The device's state, held writes included.
+    fn save(&mut self) -> Result<SerialState, SerialError> {
+        self.replay_held();
+        let s = self.uart.state();
+        Ok(SerialState {
+            baud_divisor_low: s.baud_divisor_low,
+            baud_divisor_high: s.baud_divisor_high,
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            in_buffer: s.in_buffer,
+        })
+    }
+
+    /// Continues from `state` with this device's interrupt and console. Writes held
+    /// until now reach the console first: the guest made them before.
+    fn restore(&mut self, state: &SerialState) -> Result<(), SerialError> {
+        self.replay_held();
         let s = vm_superio::serial::SerialState {
             baud_divisor_low: state.baud_divisor_low,
             baud_divisor_high: state.baud_divisor_high,
@@ -100,27 +142,19 @@ impl Serial {
             scratch: state.scratch,
             in_buffer: state.in_buffer.clone(),
         };
-        let uart = Uart::from_state(&s, IrqTrigger(interrupt), NoEvents, out)
-            .map_err(|e| format!("serial state: {e:?}"))?;
-        Ok(Serial { uart, held: None })
-    }
-
-    /// The device's state, held writes included.
-    pub fn save(&mut self) -> SerialState {
-        self.replay_held();
-        let s = self.uart.state();
-        SerialState {
-            baud_divisor_low: s.baud_divisor_low,
-            baud_divisor_high: s.baud_divisor_high,
-            interrupt_enable: s.interrupt_enable,
-            interrupt_identification: s.interrupt_identification,
-            line_control: s.line_control,
-            line_status: s.line_status,
-            modem_control: s.modem_control,
-            modem_status: s.modem_status,
-            scratch: s.scratch,
-            in_buffer: s.in_buffer,
-        }
+        let trigger = IrqTrigger(self.uart.interrupt_evt().0.clone());
+        // Built with a stand-in console, so that a state the UART refuses (a FIFO over
+        // its size) leaves this device and its console as they were.
+        let mut uart = Uart::from_state(
+            &s,
+            trigger,
+            NoEvents,
+            Box::new(std::io::sink()) as Box<dyn Write + Send>,
+        )
+        .map_err(|e| SerialError(format!("{e:?}")))?;
+        std::mem::swap(uart.writer_mut(), self.uart.writer_mut());
+        self.uart = uart;
+        Ok(())
     }
 }
 
@@ -234,7 +268,7 @@ mod tests {
         s.write(0, b"g");
         assert_eq!(console.text(), "boot log");
         ring.guest_writes("!");
-        s.save();
+        s.save().expect("save");
         assert_eq!(console.text(), "boot log!");
         ring.guest_writes("?");
         drop(s);
@@ -276,5 +310,50 @@ mod tests {
         ring.guest_writes("x");
         s.write(0, b"y");
         assert_eq!(console.text(), "xy");
+    }
+
+    /// A UART with its registers set as a driver leaves them: 115200 8N1, FIFO on,
+    /// receive interrupt enabled, a scratch value.
+    fn configured() -> (Serial, Console) {
+        let (mut s, console) = serial(&Ring::default());
+        s.write(3, &[LCR_DLAB | 0x03]);
+        s.write(0, &[0x01]);
+        s.write(1, &[0x00]);
+        s.write(3, &[0x03]);
+        s.write(IER.into(), &[0x01]);
+        s.write(7, &[0x5a]);
+        (s, console)
+    }
+
+    #[test]
+    fn state_restores_into_a_fresh_uart_with_its_own_console() {
+        let (mut s, _) = configured();
+        let mut saved = s.save().expect("save");
+        saved.in_buffer = b"typed".to_vec();
+        let (mut fresh, console) = serial(&Ring::default());
+        fresh.restore(&saved).expect("restore");
+        assert_eq!(fresh.save().expect("save again"), saved);
+        let mut b = [0u8];
+        fresh.read(0, &mut b);
+        assert_eq!(b[0], b't', "the input the guest had not read yet");
+        fresh.write(0, b"k");
+        assert_eq!(
+            console.text(),
+            "k",
+            "output goes to the fresh device's console"
+        );
+    }
+
+    #[test]
+    fn a_state_the_uart_cannot_hold_is_refused_and_changes_nothing() {
+        let (mut s, console) = configured();
+        let before = s.save().expect("save");
+        let mut bad = before.clone();
+        bad.scratch = 0;
+        bad.in_buffer = vec![0; 65];
+        assert!(s.restore(&bad).is_err());
+        assert_eq!(s.save().expect("save"), before);
+        s.write(0, b"z");
+        assert_eq!(console.text(), "z");
     }
 }

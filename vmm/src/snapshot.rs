@@ -7,6 +7,7 @@ use std::sync::PoisonError;
 use std::time::{Duration, Instant};
 
 use mcvmm_checkpoint::dirty::{DirtyError, DirtyTracker};
+use mcvmm_checkpoint::persist::{Persist, PersistError};
 use mcvmm_checkpoint::snapshot::{begin_full, write_incremental, SnapshotError};
 use mcvmm_checkpoint::state::MachineState;
 use serde_json::{json, Value};
@@ -15,7 +16,7 @@ use crate::cycle::{Ahead, Cycle, CycleError, KeepSet, Pages};
 use crate::epochs::{start_for_copy, StartCopyError, PAUSE_LIMIT};
 use crate::vcpu::PauseError;
 use crate::vm::{Vm, VmError};
-use crate::vm_state::save_vm_state;
+use crate::vm_state::InKernel;
 
 /// Why the machine state could not be captured.
 #[derive(Debug, thiserror::Error)]
@@ -24,6 +25,8 @@ pub enum StateError {
     Vcpus(#[from] PauseError),
     #[error("capturing the in-kernel devices: {0}")]
     Vm(#[from] VmError),
+    #[error("capturing the devices: {0}")]
+    Device(#[from] PersistError),
 }
 
 /// Why a snapshot was not taken.
@@ -74,22 +77,16 @@ pub fn machine_state(vm: &Vm) -> Result<MachineState, StateError> {
     Ok(MachineState {
         cmdline: vm.cmdline.clone(),
         vcpus,
-        vm: save_vm_state(&vm.vm_fd)?,
-        serial: vm
-            .serial
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .save(),
-        i8042: vm
-            .i8042
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .save(),
-        virtio: vm
-            .devices
+        vm: InKernel(&vm.vm_fd).save()?,
+        devices: vm
+            .device_parts()
             .iter()
-            .map(|d| d.lock().unwrap_or_else(PoisonError::into_inner).save())
-            .collect(),
+            .map(|(name, d)| {
+                d.lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .save_as(name)
+            })
+            .collect::<Result<_, _>>()?,
     })
 }
 

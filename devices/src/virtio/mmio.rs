@@ -8,7 +8,8 @@ use virtio_queue::{Queue, QueueT};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::{DeviceError, VirtioDevice, VIRTIO_F_VERSION_1};
-use mcvmm_checkpoint::state::{QueueState, VirtioMmioState};
+use mcvmm_checkpoint::persist::{DeviceState, Persist};
+use serde::{Deserialize, Serialize};
 
 use crate::bus::BusDevice;
 use crate::interrupt::{Interrupt, INT_CONFIG};
@@ -35,6 +36,37 @@ const STATUS_DRIVER: u32 = 2;
 const STATUS_DRIVER_OK: u32 = 4;
 const STATUS_FEATURES_OK: u32 = 8;
 const STATUS_FAILED: u32 = 0x80;
+
+/// A virtqueue's position and layout (what `virtio_queue::QueueState` holds).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QueueState {
+    pub max_size: u16,
+    pub size: u16,
+    pub ready: bool,
+    pub next_avail: u16,
+    pub next_used: u16,
+    pub event_idx: bool,
+    pub desc_table: u64,
+    pub avail_ring: u64,
+    pub used_ring: u64,
+}
+
+/// A virtio-mmio transport, the negotiation its driver did, and the device behind it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VirtioMmioState {
+    pub device_type: u32,
+    pub status: u32,
+    pub device_features_sel: u32,
+    pub driver_features_sel: u32,
+    pub acked_features: u64,
+    pub queue_sel: u32,
+    pub config_generation: u32,
+    pub active: bool,
+    pub interrupt_status: u32,
+    pub queues: Vec<QueueState>,
+    /// The device's own state, as it saves it.
+    pub device: DeviceState,
+}
 
 pub struct MmioTransport {
     device: Box<dyn VirtioDevice>,
@@ -127,85 +159,6 @@ impl MmioTransport {
             self.status |= 0x40; // DEVICE_NEEDS_RESET
             self.interrupt.trigger(INT_CONFIG);
         }
-    }
-
-    /// The transport's state and its queues' (device loop parked, vCPUs paused).
-    pub fn save(&self) -> VirtioMmioState {
-        VirtioMmioState {
-            device_type: self.device.device_type(),
-            status: self.status,
-            device_features_sel: self.device_features_sel,
-            driver_features_sel: self.driver_features_sel,
-            acked_features: self.acked_features,
-            queue_sel: self.queue_sel,
-            config_generation: self.config_generation,
-            active: self.active,
-            interrupt_status: self.interrupt.status(),
-            queues: self
-                .queues
-                .iter()
-                .map(|q| {
-                    let s = q.state();
-                    QueueState {
-                        max_size: s.max_size,
-                        size: s.size,
-                        ready: s.ready,
-                        next_avail: s.next_avail,
-                        next_used: s.next_used,
-                        event_idx: s.event_idx_enabled,
-                        desc_table: s.desc_table,
-                        avail_ring: s.avail_ring,
-                        used_ring: s.used_ring,
-                    }
-                })
-                .collect(),
-        }
-    }
-
-    /// Continues from `s` (a restore, before any vCPU runs): the same negotiation, the
-    /// same queue positions, the device active again if it was. A state that does not
-    /// fit this device (another type, other queues, an invalid queue) is refused.
-    pub fn restore(&mut self, s: &VirtioMmioState) -> Result<(), DeviceError> {
-        if s.device_type != self.device.device_type() || s.queues.len() != self.queues.len() {
-            return Err(DeviceError::State(format!(
-                "device type {} with {} queues in the checkpoint, {} with {} here",
-                s.device_type,
-                s.queues.len(),
-                self.device.device_type(),
-                self.queues.len()
-            )));
-        }
-        let mut queues = Vec::new();
-        for (q, live) in s.queues.iter().zip(&self.queues) {
-            if q.max_size != live.max_size() {
-                return Err(DeviceError::State("queue maximum size differs".into()));
-            }
-            let state = virtio_queue::QueueState {
-                max_size: q.max_size,
-                next_avail: q.next_avail,
-                next_used: q.next_used,
-                event_idx_enabled: q.event_idx,
-                size: q.size,
-                ready: q.ready,
-                desc_table: q.desc_table,
-                avail_ring: q.avail_ring,
-                used_ring: q.used_ring,
-            };
-            queues.push(Queue::try_from(state)?);
-        }
-        self.queues = queues;
-        self.status = s.status;
-        self.device_features_sel = s.device_features_sel;
-        self.driver_features_sel = s.driver_features_sel;
-        self.acked_features = s.acked_features;
-        self.queue_sel = s.queue_sel;
-        self.config_generation = s.config_generation;
-        self.interrupt.set_status(s.interrupt_status);
-        if s.active {
-            self.device.activate(self.acked_features)?;
-            self.active = true;
-        }
-        Ok(())
     }
 
     /// Raises again an interrupt the driver had not acknowledged when the state was
@@ -403,6 +356,93 @@ impl MmioTransport {
     }
 }
 
+impl Persist for MmioTransport {
+    type State = VirtioMmioState;
+    type Error = DeviceError;
+    const STATE_VERSION: u32 = 1;
+
+    /// The transport's state and its queues' (device loop parked, vCPUs paused).
+    fn save(&mut self) -> Result<VirtioMmioState, DeviceError> {
+        Ok(VirtioMmioState {
+            device_type: self.device.device_type(),
+            status: self.status,
+            device_features_sel: self.device_features_sel,
+            driver_features_sel: self.driver_features_sel,
+            acked_features: self.acked_features,
+            queue_sel: self.queue_sel,
+            config_generation: self.config_generation,
+            active: self.active,
+            interrupt_status: self.interrupt.status(),
+            queues: self
+                .queues
+                .iter()
+                .map(|q| {
+                    let s = q.state();
+                    QueueState {
+                        max_size: s.max_size,
+                        size: s.size,
+                        ready: s.ready,
+                        next_avail: s.next_avail,
+                        next_used: s.next_used,
+                        event_idx: s.event_idx_enabled,
+                        desc_table: s.desc_table,
+                        avail_ring: s.avail_ring,
+                        used_ring: s.used_ring,
+                    }
+                })
+                .collect(),
+            device: self.device.save_state()?,
+        })
+    }
+
+    /// Continues from `s` (a restore, before any vCPU runs): the same negotiation, the
+    /// same queue positions, the device active again if it was. A state that does not
+    /// fit this device (another type, other queues, an invalid queue) is refused.
+    fn restore(&mut self, s: &VirtioMmioState) -> Result<(), DeviceError> {
+        if s.device_type != self.device.device_type() || s.queues.len() != self.queues.len() {
+            return Err(DeviceError::State(format!(
+                "device type {} with {} queues in the checkpoint, {} with {} here",
+                s.device_type,
+                s.queues.len(),
+                self.device.device_type(),
+                self.queues.len()
+            )));
+        }
+        let mut queues = Vec::new();
+        for (q, live) in s.queues.iter().zip(&self.queues) {
+            if q.max_size != live.max_size() {
+                return Err(DeviceError::State("queue maximum size differs".into()));
+            }
+            let state = virtio_queue::QueueState {
+                max_size: q.max_size,
+                next_avail: q.next_avail,
+                next_used: q.next_used,
+                event_idx_enabled: q.event_idx,
+                size: q.size,
+                ready: q.ready,
+                desc_table: q.desc_table,
+                avail_ring: q.avail_ring,
+                used_ring: q.used_ring,
+            };
+            queues.push(Queue::try_from(state)?);
+        }
+        self.device.restore_state(&s.device)?;
+        self.queues = queues;
+        self.status = s.status;
+        self.device_features_sel = s.device_features_sel;
+        self.driver_features_sel = s.driver_features_sel;
+        self.acked_features = s.acked_features;
+        self.queue_sel = s.queue_sel;
+        self.config_generation = s.config_generation;
+        self.interrupt.set_status(s.interrupt_status);
+        if s.active {
+            self.device.activate(self.acked_features)?;
+            self.active = true;
+        }
+        Ok(())
+    }
+}
+
 impl BusDevice for MmioTransport {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
         if offset >= 0x100 {
@@ -476,5 +516,98 @@ impl BusDevice for MmioBusFront {
             Ok(v) if offset == INTERRUPT_ACK => self.interrupt.ack(u32::from_le_bytes(v)),
             _ => self.transport().write(offset, data),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::interrupt::CountingLine;
+    use crate::virtio::block::Block;
+    use vm_memory::GuestAddress;
+
+    fn transport(disk: &tempfile::NamedTempFile) -> MmioTransport {
+        let mem = GuestMemory::from_ranges(&[(GuestAddress(0), 1 << 20)]).expect("memory");
+        let file = disk.reopen().expect("disk");
+        let block = Block::new(file, "disk".into(), false, "d").expect("block");
+        let interrupt = Arc::new(Interrupt::new(5, Arc::new(CountingLine::default())));
+        MmioTransport::new(Box::new(block), mem, interrupt).expect("transport")
+    }
+
+    fn reg(t: &mut MmioTransport, offset: u64, v: u32) {
+        t.write(offset, &v.to_le_bytes());
+    }
+
+    /// What Linux's driver does: acknowledge, accept VERSION_1, set up queue 0, go.
+    fn negotiate(t: &mut MmioTransport) {
+        reg(t, 0x70, 1);
+        reg(t, 0x70, 1 | STATUS_DRIVER);
+        reg(t, 0x24, 1);
+        reg(t, 0x20, 1);
+        reg(t, 0x70, 1 | STATUS_DRIVER | STATUS_FEATURES_OK);
+        reg(t, 0x30, 0);
+        reg(t, 0x38, 16);
+        for (offset, at) in [(0x80, 0x1000), (0x90, 0x2000), (0xa0, 0x3000)] {
+            reg(t, offset, at);
+            reg(t, offset + 4, 0);
+        }
+        reg(t, 0x44, 1);
+        reg(
+            t,
+            0x70,
+            1 | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK,
+        );
+    }
+
+    fn disk() -> tempfile::NamedTempFile {
+        let disk = tempfile::NamedTempFile::new().expect("disk");
+        disk.as_file().set_len(64 * 1024).expect("size");
+        disk
+    }
+
+    #[test]
+    fn a_negotiated_transport_restores_into_a_fresh_one() {
+        let disk = disk();
+        let mut t = transport(&disk);
+        negotiate(&mut t);
+        let saved = t.save().expect("save");
+        assert!(saved.active, "the driver set DRIVER_OK");
+        assert_eq!(saved.queues[0].desc_table, 0x1000);
+        let mut fresh = transport(&disk);
+        fresh.restore(&saved).expect("restore");
+        assert_eq!(fresh.save().expect("save again"), saved);
+        let mut ready = [0u8; 4];
+        fresh.read(0x44, &mut ready);
+        assert_eq!(u32::from_le_bytes(ready), 1, "queue 0 is ready again");
+    }
+
+    #[test]
+    fn state_of_another_device_is_refused_and_changes_nothing() {
+        let disk = disk();
+        let mut t = transport(&disk);
+        negotiate(&mut t);
+        let saved = t.save().expect("save");
+        let mut fresh = transport(&disk);
+        let untouched = fresh.save().expect("save");
+
+        let mut other_type = saved.clone();
+        other_type.device_type = super::super::TYPE_NET;
+        assert!(matches!(
+            fresh.restore(&other_type),
+            Err(DeviceError::State(_))
+        ));
+        let mut other_part = saved.clone();
+        other_part.device.name = "virtio-net".into();
+        assert!(matches!(
+            fresh.restore(&other_part),
+            Err(DeviceError::Persist(_))
+        ));
+        let mut bad_queue = saved;
+        bad_queue.queues[0].size = 3;
+        assert!(
+            fresh.restore(&bad_queue).is_err(),
+            "a size no ring can have"
+        );
+        assert_eq!(fresh.save().expect("save"), untouched);
     }
 }

@@ -8,6 +8,7 @@ pub mod tap;
 
 use std::sync::Arc;
 
+use mcvmm_checkpoint::persist::{DeviceState, PersistError};
 use virtio_queue::{DescriptorChain, Queue, QueueT};
 
 use crate::interrupt::Interrupt;
@@ -88,6 +89,11 @@ pub trait VirtioDevice: Send {
     }
     /// Counters for `status`.
     fn stats(&self) -> serde_json::Value;
+    /// The device's own state for a checkpoint (the transport saves the queues): its
+    /// [`mcvmm_checkpoint::persist::Persist`] state as a part.
+    fn save_state(&mut self) -> Result<DeviceState, PersistError>;
+    /// Continues from a part [`VirtioDevice::save_state`] made, before activation.
+    fn restore_state(&mut self, state: &DeviceState) -> Result<(), PersistError>;
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -100,6 +106,8 @@ pub enum DeviceError {
     Legacy,
     #[error("checkpointed state does not fit: {0}")]
     State(String),
+    #[error(transparent)]
+    Persist(#[from] PersistError),
 }
 
 /// Reads `data.len()` bytes of a config space at `offset`; bytes past its end read as 0

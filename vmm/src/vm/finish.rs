@@ -8,22 +8,25 @@ use std::time::Instant;
 
 use kvm_bindings::{CpuId, KVM_MAX_CPUID_ENTRIES};
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
+use mcvmm_checkpoint::persist::{find_part, Persist};
 use mcvmm_checkpoint::snapshot::{self, Loaded};
 use mcvmm_checkpoint::state::MachineState;
 use mcvmm_devices::bus::Bus;
-use mcvmm_devices::i8042::I8042;
 use mcvmm_devices::serial::{self, Serial};
 use mcvmm_devices::virtio::mmio::MmioTransport;
 use mcvmm_devices::virtio::net::{announce_moved, mac_text, ANNOUNCE_AT_MS};
 use mcvmm_devices::virtio::tap::Tap;
 use mcvmm_devices::GuestMemory;
 
-use super::{kvm_call, ConsoleFile, Continue, Prepared, SerialOut, Vm, VmConfig, VmError};
+use super::{
+    device_parts, kvm_call, ConsoleFile, Continue, Prepared, SerialOut, SharedPart, Vm, VmConfig,
+    VmError,
+};
 use crate::boot;
 use crate::coalesced::CoalescedPort;
 use crate::vcpu::{self, VcpuControl, Vcpus, VmExit};
 use crate::vcpu_state;
-use crate::vm_state::restore_vm_state;
+use crate::vm_state::InKernel;
 
 /// Loads the guest into a prepared VM, or restores it there, and starts its vCPUs.
 pub fn finish(p: Prepared, restore: Option<Continue>) -> Result<Vm, VmError> {
@@ -61,13 +64,10 @@ pub fn finish(p: Prepared, restore: Option<Continue>) -> Result<Vm, VmError> {
         return Err(VmError::Shape(why));
     }
     let out = serial_out(&config.serial)?;
-    let serial_dev = Arc::new(Mutex::new(match restore_state {
-        Some(s) => Serial::from_state(&s.serial, serial_irq, out).map_err(VmError::Restore)?,
-        None => Serial::new(serial_irq, out),
-    }));
+    let serial_dev = Arc::new(Mutex::new(Serial::new(serial_irq, out)));
     pio.insert(serial::PORT, serial::PORT_LEN, serial_dev.clone())?;
     if let Some(s) = restore_state {
-        restore_devices(s, &i8042_dev, &devices)?;
+        restore_devices(s, &device_parts(&serial_dev, &i8042_dev, &devices))?;
     }
     if let Some(tap) = announce_on {
         announce(tap, config.mac)?;
@@ -179,26 +179,24 @@ fn serial_out(to: &SerialOut) -> Result<Box<dyn Write + Send>, VmError> {
     })
 }
 
-/// The i8042's and the virtio devices' saved state into the prepared devices.
-fn restore_devices(
-    s: &MachineState,
-    i8042: &Mutex<I8042>,
-    devices: &[Arc<Mutex<MmioTransport>>],
-) -> Result<(), VmError> {
-    i8042
-        .lock()
-        .unwrap_or_else(PoisonError::into_inner)
-        .restore(&s.i8042);
-    for (i, dev) in devices.iter().enumerate() {
-        let state = s.virtio.get(i).ok_or_else(|| {
-            VmError::Shape(format!(
-                "no state for virtio device {} in the snapshot",
-                i + 1
-            ))
-        })?;
+/// Every device's saved state into the prepared devices. A checkpoint with a part that
+/// no device here takes came from a VM with other devices, and is refused.
+fn restore_devices(s: &MachineState, parts: &[(String, SharedPart)]) -> Result<(), VmError> {
+    if let Some(extra) = s
+        .devices
+        .iter()
+        .find(|p| !parts.iter().any(|(name, _)| *name == p.name))
+    {
+        return Err(VmError::Shape(format!(
+            "it has state for {}, a device this VM does not have",
+            extra.name
+        )));
+    }
+    for (name, dev) in parts {
+        let part = find_part(&s.devices, name)?;
         dev.lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .restore(state)?;
+            .restore_from(name, part)?;
     }
     Ok(())
 }
@@ -277,7 +275,7 @@ fn restore_machine(
         vcpu_state::restore(vcpu, s)
             .map_err(|e| VmError::Restore(format!("vCPU {}: {e}", s.id)))?;
     }
-    restore_vm_state(vm_fd, &st.vm)?;
+    InKernel(vm_fd).restore(&st.vm)?;
     for dev in devices {
         dev.lock()
             .unwrap_or_else(PoisonError::into_inner)
@@ -314,4 +312,55 @@ fn start_vcpus(
         )?);
     }
     Ok(vcpus)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use mcvmm_devices::i8042::{ResetLine, I8042};
+    use mcvmm_devices::interrupt::{CountingLine, Interrupt};
+    use std::sync::atomic::AtomicBool;
+    use vmm_sys_util::eventfd::EventFd;
+
+    /// A UART and a keyboard controller, fresh, as their parts.
+    fn parts() -> Vec<(String, SharedPart)> {
+        let irq = Arc::new(Interrupt::new(
+            serial::IRQ,
+            Arc::new(CountingLine::default()),
+        ));
+        let serial = Arc::new(Mutex::new(Serial::new(irq, Box::new(std::io::sink()))));
+        let i8042 = Arc::new(Mutex::new(I8042::new(ResetLine {
+            requested: Arc::new(AtomicBool::new(false)),
+            wake: EventFd::new(libc::EFD_NONBLOCK).expect("eventfd"),
+        })));
+        device_parts(&serial, &i8042, &[])
+    }
+
+    fn saved(parts: &[(String, SharedPart)]) -> MachineState {
+        MachineState {
+            devices: parts
+                .iter()
+                .map(|(name, d)| d.lock().expect("device").save_as(name).expect("save"))
+                .collect(),
+            ..MachineState::default()
+        }
+    }
+
+    #[test]
+    fn every_part_goes_to_its_device_and_no_other() {
+        let state = saved(&parts());
+        restore_devices(&state, &parts()).expect("the same devices");
+
+        let mut extra = saved(&parts());
+        let mut nic = extra.devices[0].clone();
+        nic.name = "virtio-mmio.0".into();
+        extra.devices.push(nic);
+        let e = restore_devices(&extra, &parts()).expect_err("a device this VM lacks");
+        assert!(e.to_string().contains("virtio-mmio.0"), "{e}");
+
+        let mut missing = saved(&parts());
+        missing.devices.retain(|p| p.name != "i8042");
+        let e = restore_devices(&missing, &parts()).expect_err("no keyboard controller");
+        assert!(e.to_string().contains("no state for i8042"), "{e}");
+    }
 }

@@ -12,6 +12,7 @@ use std::time::Instant;
 
 use kvm_ioctls::{Kvm, VmFd};
 use mcvmm_checkpoint::dirty::DirtyError;
+use mcvmm_checkpoint::persist::{Part, PersistError};
 use mcvmm_checkpoint::seams::{DiskWriteSink, OutputGate};
 use mcvmm_checkpoint::snapshot::Loaded;
 use mcvmm_checkpoint::state::{MachineState, VmShape};
@@ -154,8 +155,32 @@ pub enum VmError {
     Restore(String),
     #[error("restore: the snapshot does not fit this VM: {0}")]
     Shape(String),
+    #[error("restore: {0}")]
+    Persist(#[from] PersistError),
     #[error("{0}")]
     Io(#[from] std::io::Error),
+}
+
+/// A device whose state a checkpoint carries, shared with the bus it is on.
+pub type SharedPart = Arc<Mutex<dyn Part + Send>>;
+
+/// Every device whose state a checkpoint carries, each with the name of its part, in
+/// the order they are restored: the UART, the keyboard controller, each virtio transport.
+/// (A device left out of this list would be restored at power-on state: every device
+/// implements `Persist`, and one added to the VM is added here.)
+pub fn device_parts(
+    serial: &Arc<Mutex<Serial>>,
+    i8042: &Arc<Mutex<I8042>>,
+    devices: &[Arc<Mutex<MmioTransport>>],
+) -> Vec<(String, SharedPart)> {
+    let mut parts: Vec<(String, SharedPart)> = vec![
+        ("serial".into(), serial.clone()),
+        ("i8042".into(), i8042.clone()),
+    ];
+    for (i, d) in devices.iter().enumerate() {
+        parts.push((format!("virtio-mmio.{i}"), d.clone()));
+    }
+    parts
 }
 
 pub(crate) fn kvm_call(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
@@ -174,6 +199,13 @@ pub struct Vm {
     pub exit: Arc<VmExit>,
     pub started: Instant,
     pub cmdline: String,
+}
+
+impl Vm {
+    /// [`device_parts`] of this VM.
+    pub fn device_parts(&self) -> Vec<(String, SharedPart)> {
+        device_parts(&self.serial, &self.i8042, &self.devices)
+    }
 }
 
 /// What a VM is before its guest is loaded or restored: KVM, memory slots, in-kernel
