@@ -60,6 +60,33 @@ pub enum Request {
     Invalid(String),
 }
 
+impl Request {
+    /// The request's first word, as a client writes it.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Request::Status => "status",
+            Request::Stop => "stop",
+            Request::Pause => "pause",
+            Request::Resume => "resume",
+            Request::Epochs(r) => match r.mode {
+                epochs::Mode::Check(_) => "selfcheck",
+                epochs::Mode::Stage => "epochs",
+            },
+            Request::Snapshot { .. } => "snapshot",
+            Request::Verify => "verify",
+            Request::Failover => "failover",
+            Request::Vcpus => "vcpus",
+            Request::Protect { .. } => "protect",
+            Request::Invalid(_) => "an invalid request",
+        }
+    }
+}
+
+/// Writes the one-line JSON reply of a request.
+pub fn reply(mut stream: &UnixStream, value: &Value) {
+    let _ = writeln!(stream, "{value}");
+}
+
 const KNOWN: &str = "status, stop, pause, resume, snapshot DIR [incremental], \
                      selfcheck EPOCHS INTERVAL_MS [guest-only], epochs EPOCHS INTERVAL_MS, \
                      verify, failover, vcpus, protect HOST:PORT [GENERATION]";
@@ -169,4 +196,50 @@ pub fn request(sock: &Path, req: &str) -> Result<Value, ApiError> {
     let mut line = String::new();
     BufReader::new(&stream).read_line(&mut line)?;
     serde_json::from_str(&line).map_err(|_| ApiError::NotJson(line))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::net::UnixStream;
+
+    /// What the control socket makes of `line`.
+    fn parse(line: &str) -> Request {
+        let (client, server) = UnixStream::pair().expect("socket pair");
+        let mut w = &client;
+        writeln!(w, "{line}").expect("write");
+        read_request(&server)
+    }
+
+    #[test]
+    fn requests_parse_with_their_arguments() {
+        assert!(matches!(parse("status"), Request::Status));
+        assert!(matches!(
+            parse("protect 10.0.0.2:7777 5"),
+            Request::Protect { peer, generation: Some(5) } if peer == "10.0.0.2:7777"
+        ));
+        assert!(matches!(
+            parse("snapshot /tmp/s incremental"),
+            Request::Snapshot {
+                incremental: true,
+                ..
+            }
+        ));
+        assert_eq!(parse("selfcheck 10 20").name(), "selfcheck");
+        assert_eq!(parse("epochs 10 20").name(), "epochs");
+    }
+
+    #[test]
+    fn bad_requests_say_why() {
+        let why = |line: &str| match parse(line) {
+            Request::Invalid(why) => why,
+            other => panic!("{line:?} parsed as {}", other.name()),
+        };
+        assert!(why("protect a:1 many").contains("not a number"));
+        assert!(why("snapshot").starts_with("usage: snapshot"));
+        assert!(why("frobnicate").contains("known: status"));
+        let (client, server) = UnixStream::pair().expect("socket pair");
+        drop(client);
+        assert!(matches!(read_request(&server), Request::Invalid(_)));
+    }
 }

@@ -278,32 +278,23 @@ fn bind_api(path: Option<&PathBuf>) -> anyhow::Result<Option<std::os::unix::net:
     }
 }
 
-/// What a primary sets up before its VM is built.
-struct PrimaryLink {
-    peer: String,
-    stream: std::net::TcpStream,
-    disk_digests: Vec<Vec<u64>>,
-    shape: VmShape,
-}
-
-/// Connects to the secondary and agrees on the VM.
-fn connect_primary(args: &RunArgs, cfg: &VmConfig) -> anyhow::Result<PrimaryLink> {
+/// Connects to the secondary and agrees on the VM, before the VM is built: the first
+/// half of becoming a primary, as `ctl protect` does it.
+fn connect_primary(
+    args: &RunArgs,
+    cfg: &VmConfig,
+    hooks: &protect::Hooks,
+    settings: &protect::Settings,
+) -> anyhow::Result<protect::Connection> {
     let peer = args.peer.clone().context("--primary needs --peer")?;
-    let shape = shape_of(cfg)?;
-    let hello = protect::hello(shape.clone(), args.generation);
+    let hello = protect::hello(shape_of(cfg)?, args.generation);
     tracing::info!("primary: connecting to the secondary at {peer}");
-    let (stream, accept) =
-        replication::connect(&peer, &hello, Duration::from_secs(args.peer_wait_s))?;
+    let connection = protect::open(&peer, &hello, hooks.fresh_gate(), settings)?;
     tracing::info!(
         "secondary {peer} accepted the VM (generation {})",
         args.generation
     );
-    Ok(PrimaryLink {
-        peer,
-        stream,
-        disk_digests: accept.disk_digests,
-        shape,
-    })
+    Ok(connection)
 }
 
 /// How this node replicates when it protects a guest (at start or later).
@@ -345,20 +336,8 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     let signals = event_loop::SignalFd::block_and_open().context("setting up signal handling")?;
     // Every VM can be protected later (`ctl protect`).
     let hooks = protect::Hooks::new();
-    let link = if is_primary {
-        let l = connect_primary(&args, &cfg)?;
-        // The link's threads start now, so the secondary hears heartbeats while the VM
-        // is being built (its silence timer runs from the handshake).
-        let gate = hooks.fresh_gate();
-        let link = replication::start(
-            l.stream,
-            &l.peer,
-            gate.clone(),
-            settings.timeout,
-            settings.coding,
-        )
-        .context("starting replication")?;
-        Some((link, gate, l.shape, l.disk_digests))
+    let connection = if is_primary {
+        Some(connect_primary(&args, &cfg, &hooks, &settings)?)
     } else {
         None
     };
@@ -374,16 +353,8 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         }
     };
     drop(snapshot);
-    let role = match link {
-        Some((link, gate, shape, disk_digests)) => {
-            if vm.shape != shape {
-                bail!("the VM built differs from the shape agreed with the secondary");
-            }
-            let mut p = primary::Primary::new(link, gate, hooks.writes.clone(), &settings);
-            p.start(&vm, disk_digests, protect::SYNC_CHUNK)
-                .map_err(|e| anyhow::anyhow!("starting the initial sync: {e}"))?;
-            Role::Primary(Box::new(p))
-        }
+    let role = match connection {
+        Some(c) => Role::Primary(Box::new(c.into_primary(&vm, &hooks, &settings, None)?)),
         None => Role::Standalone,
     };
     let protectable = protect::Protectable {

@@ -130,8 +130,6 @@ pub fn hello(shape: VmShape, generation: u64) -> Hello {
     }
 }
 
-type Connected = Result<(Arc<Link>, Arc<HeldOutput>, Accept), ProtectError>;
-
 /// Why the guest could not be protected by a new secondary.
 #[derive(Debug, thiserror::Error)]
 pub enum ProtectError {
@@ -146,8 +144,76 @@ pub enum ProtectError {
     Panicked,
     #[error("{0}")]
     Refused(String),
+    #[error("the VM built differs from the shape agreed with the secondary")]
+    Shape,
     #[error("starting the initial sync: {0}")]
     Sync(#[from] crate::primary::PrimaryError),
+}
+
+/// A secondary that accepted the VM, its link running: the first half of becoming a
+/// primary, the same at `run --primary` (before the VM is built) and at `ctl protect`
+/// (off the device loop). [`Connection::into_primary`] is the second.
+pub struct Connection {
+    shape: VmShape,
+    link: Arc<Link>,
+    gate: Arc<HeldOutput>,
+    accept: Accept,
+}
+
+/// Connects to the secondary at `peer`, agrees on the VM `hello` describes, and starts
+/// the link's threads at once, so that the secondary hears heartbeats from the handshake
+/// on (its silence timer runs from then) while the VM is built or the device loop is busy.
+/// `gate` is the protection's output gate ([`Hooks::fresh_gate`]).
+pub fn open(
+    peer: &str,
+    hello: &Hello,
+    gate: Arc<HeldOutput>,
+    s: &Settings,
+) -> Result<Connection, ProtectError> {
+    let (stream, accept) = replication::connect(peer, hello, s.peer_wait)?;
+    let link =
+        replication::start(stream, peer, gate.clone(), s.timeout, s.coding).map_err(|source| {
+            ProtectError::Link {
+                peer: peer.to_string(),
+                source,
+            }
+        })?;
+    Ok(Connection {
+        shape: hello.shape.clone(),
+        link,
+        gate,
+        accept,
+    })
+}
+
+impl Connection {
+    /// The VM's primary role, its initial sync started. `refuse` is why the guest cannot
+    /// be protected right now (an operator's pause, dirty tracking in other use): the
+    /// secondary is told, as it is of any failure here.
+    pub fn into_primary(
+        self,
+        vm: &Vm,
+        hooks: &Hooks,
+        s: &Settings,
+        refuse: Option<&str>,
+    ) -> Result<Primary, ProtectError> {
+        let refused = match refuse {
+            Some(why) => Some(ProtectError::Refused(why.to_string())),
+            None => (vm.shape != self.shape).then_some(ProtectError::Shape),
+        };
+        if let Some(e) = refused {
+            self.link.lose(&e.to_string());
+            return Err(e);
+        }
+        let mut primary = Primary::new(self.link.clone(), self.gate, hooks.writes.clone(), s);
+        match primary.start(vm, self.accept.disk_digests, SYNC_CHUNK) {
+            Ok(()) => Ok(primary),
+            Err(e) => {
+                self.link.lose(&e.to_string());
+                Err(e.into())
+            }
+        }
+    }
 }
 
 /// A connection to a new secondary being made off the device loop.
@@ -155,12 +221,11 @@ pub struct Pending {
     pub peer: String,
     pub generation: u64,
     pub reply_to: UnixStream,
-    handle: JoinHandle<Connected>,
+    handle: JoinHandle<Result<Connection, ProtectError>>,
 }
 
-/// Starts connecting to the secondary at `peer`. The link's threads start as soon as the
-/// handshake is done, so the secondary hears heartbeats before the device loop picks
-/// the connection up.
+/// Starts connecting to the secondary at `peer` for `ctl protect`; the eventfd `done` is
+/// written when the attempt ends, however it ends.
 pub fn connect(
     vm: &Vm,
     p: &Protectable,
@@ -179,10 +244,7 @@ pub fn connect(
     let handle = std::thread::spawn(move || {
         // The device loop hears of the end however it comes (an error returned early).
         let _done = Signal(done);
-        let (stream, accept) = replication::connect(&to, &hello, s.peer_wait)?;
-        let link = replication::start(stream, &to, gate.clone(), s.timeout, s.coding)
-            .map_err(|source| ProtectError::Link { peer: to, source })?;
-        Ok((link, gate, accept))
+        open(&to, &hello, gate, &s)
     });
     Pending {
         peer,
@@ -212,27 +274,14 @@ impl Pending {
         p: &mut Protectable,
         refuse: Option<&str>,
     ) -> (Result<Primary, ProtectError>, UnixStream) {
-        let connected = self
+        let result = self
             .handle
             .join()
-            .unwrap_or_else(|_| Err(ProtectError::Panicked));
-        let result = connected.and_then(|(link, gate, accept)| {
-            if let Some(why) = refuse {
-                link.lose(why);
-                return Err(ProtectError::Refused(why.to_string()));
-            }
-            let mut primary = Primary::new(link.clone(), gate, p.hooks.writes.clone(), &p.settings);
-            match primary.start(vm, accept.disk_digests, SYNC_CHUNK) {
-                Ok(()) => {
-                    p.generation = self.generation;
-                    Ok(primary)
-                }
-                Err(e) => {
-                    link.lose(&e.to_string());
-                    Err(e.into())
-                }
-            }
-        });
+            .unwrap_or_else(|_| Err(ProtectError::Panicked))
+            .and_then(|c| c.into_primary(vm, &p.hooks, &p.settings, refuse));
+        if result.is_ok() {
+            p.generation = self.generation;
+        }
         match &result {
             Ok(_) => tracing::info!(
                 "secondary {} accepted the VM (generation {}); initial sync started",

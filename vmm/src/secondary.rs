@@ -7,8 +7,8 @@
 //! A primary that sends something malformed is dropped with the reason and the secondary
 //! waits for a new one: it does not take over, since a primary that talks is alive.
 
-use std::io::{BufRead, BufReader, Write};
-use std::net::{Shutdown, TcpListener, TcpStream};
+use std::io::{BufReader, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::os::unix::net::UnixListener;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -16,18 +16,20 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context};
 use mcvmm_checkpoint::state::MachineState;
-use mcvmm_replication::disk::{Disks, Replica};
+use mcvmm_replication::disk::{DiskError, Disks, Replica};
 use mcvmm_replication::messages::{self, Hello};
 use mcvmm_replication::secondary::{self, check_hello, Ended, Expect, Progress, Receiver};
-use mcvmm_replication::wire::{self, Kind};
+use mcvmm_replication::wire::{self, Kind, WireError};
 use serde_json::{json, Value};
 
-use mcvmm_devices::virtio::tap::Tap;
+use mcvmm_devices::virtio::tap::{Tap, TapError};
 
+use crate::api::{self, Request};
 use crate::protect::Hooks;
-use crate::vm::{self, Continue, DiskConfig, Prepared, Seams, SerialOut, Source, Vm, VmConfig};
+use crate::vm::{
+    self, Continue, DiskConfig, Prepared, Seams, SerialOut, Source, Vm, VmConfig, VmError,
+};
 use mcvmm_devices::GuestMemory;
 
 pub struct SecondaryConfig {
@@ -40,6 +42,61 @@ pub struct SecondaryConfig {
     pub generation: u64,
 }
 
+/// Why the secondary ended without a guest to run, or could not start it.
+#[derive(Debug, thiserror::Error)]
+pub enum SecondaryError {
+    #[error("secondary disks: {0}")]
+    Disks(DiskError),
+    #[error("--tap {name}: {source}")]
+    Tap { name: String, source: TapError },
+    #[error("listening on {addr}: {source}")]
+    Listen {
+        addr: String,
+        source: std::io::Error,
+    },
+    #[error("control socket {path}: {source}")]
+    ControlSocket {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("accepting a primary: {0}")]
+    Accept(std::io::Error),
+    #[error("the connection to primary {peer}: {source}")]
+    Connection {
+        peer: String,
+        source: std::io::Error,
+    },
+    #[error("guest memory for the replica: {0}")]
+    Memory(VmError),
+    #[error(
+        "{why}, before the first checkpoint committed: no consistent guest to run, not taking over"
+    )]
+    NothingCommitted { why: String },
+    #[error("the committed checkpoint has no machine state")]
+    NoState,
+    #[error("syncing the replicas: {0}")]
+    SyncReplicas(DiskError),
+    #[error("preparing the VM: a second handle on the tap: {0}")]
+    PrepareTap(std::io::Error),
+    #[error("preparing the VM: {0}")]
+    Prepare(VmError),
+    #[error("preparing the VM: the thread panicked")]
+    PreparePanicked,
+    #[error("starting the VM from the committed checkpoint: {0}")]
+    Start(VmError),
+}
+
+/// Why a connection was not a primary's Hello.
+#[derive(Debug, thiserror::Error)]
+pub enum HelloError {
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    #[error("{0}")]
+    Wire(#[from] WireError),
+    #[error("expected Hello, got {0:?}")]
+    NotHello(Kind),
+}
+
 /// What the control socket sees of the secondary while it receives.
 struct Shared {
     progress: Arc<Mutex<Progress>>,
@@ -48,6 +105,33 @@ struct Shared {
     operator_takeover: AtomicBool,
     receiving: AtomicBool,
     started: Instant,
+}
+
+impl Shared {
+    fn new(generation: u64) -> Shared {
+        Shared {
+            progress: Arc::new(Mutex::new(Progress {
+                phase: "waiting for a primary",
+                ..Progress::default()
+            })),
+            primary: Mutex::new(None),
+            generation: AtomicU64::new(generation),
+            operator_takeover: AtomicBool::new(false),
+            receiving: AtomicBool::new(true),
+            started: Instant::now(),
+        }
+    }
+
+    fn set_phase(&self, phase: &'static str) {
+        *self.progress.lock().unwrap_or_else(PoisonError::into_inner) = Progress {
+            phase,
+            ..Progress::default()
+        };
+    }
+
+    fn set_primary(&self, primary: Option<(String, TcpStream)>) {
+        *self.primary.lock().unwrap_or_else(PoisonError::into_inner) = primary;
+    }
 }
 
 /// A VM built from the committed checkpoint, ready for the device loop.
@@ -60,44 +144,69 @@ pub struct TookOver {
     pub generation: u64,
 }
 
-fn refuse(stream: &mut TcpStream, why: &str) {
-    let _ = wire::write_frame(stream, Kind::Refuse, 0, &[why.as_bytes()]);
+fn refuse(mut stream: &TcpStream, why: &str) {
+    let _ = wire::write_frame(&mut stream, Kind::Refuse, 0, &[why.as_bytes()]);
     let _ = stream.flush();
     let _ = stream.shutdown(Shutdown::Both);
 }
 
 /// Reads a primary's Hello (bounded in time).
-fn read_hello(stream: &mut TcpStream) -> Result<Hello, String> {
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .map_err(|e| e.to_string())?;
+fn read_hello(stream: &mut TcpStream) -> Result<Hello, HelloError> {
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
     let mut payload = Vec::new();
-    let h = wire::read_frame(stream, &mut payload).map_err(|e| e.to_string())?;
+    let h = wire::read_frame(stream, &mut payload)?;
     if h.kind != Kind::Hello {
-        return Err(format!("expected Hello, got {:?}", h.kind));
+        return Err(HelloError::NotHello(h.kind));
     }
-    messages::decode(&h, &payload).map_err(|e| e.to_string())
+    Ok(messages::decode(&h, &payload)?)
+}
+
+/// A primary whose Hello was accepted, and the VM being built for it.
+struct Session {
+    stream: TcpStream,
+    peer: String,
+    hello: Hello,
+    mem: GuestMemory,
+    prepared: Preparing,
+    hooks: Hooks,
+}
+
+/// How receiving from one primary ended.
+enum Received {
+    /// The primary was dropped, alive: the disks go back to waiting for the next one.
+    Dropped(Disks),
+    /// The primary is gone (or handed over): take over from what was committed.
+    Gone {
+        why: String,
+        detected: Instant,
+        rx: Box<Receiver>,
+    },
 }
 
 /// Receives from primaries until one is lost after a commit (or hands over); then builds
-/// the VM. Returns `Ok(None)` if stopped (signal or `ctl stop`) before that.
-pub fn run(cfg: SecondaryConfig) -> anyhow::Result<TookOver> {
+/// the VM. A signal or `ctl stop` before that ends the process.
+pub fn run(cfg: SecondaryConfig) -> Result<TookOver, SecondaryError> {
     let replicas = cfg
         .disks
         .iter()
         .map(|d| Replica::open(&d.path))
         .collect::<Result<Vec<_>, _>>()
-        .context("secondary disks")?;
+        .map_err(SecondaryError::Disks)?;
     let mut disks = Disks::new(replicas);
     // Attached now, not at takeover: a tap that comes up at takeover starts in a bridge
     // port that is not yet forwarding, and the guest's first frames and announcements
     // would be lost there. A missing tap is also better told now than at failover.
     let tap = match &cfg.tap {
-        Some(name) => Some(Tap::open(name).with_context(|| format!("--tap {name}"))?),
+        Some(name) => Some(Tap::open(name).map_err(|source| SecondaryError::Tap {
+            name: name.clone(),
+            source,
+        })?),
         None => None,
     };
-    let listener =
-        TcpListener::bind(&cfg.listen).with_context(|| format!("listening on {}", cfg.listen))?;
+    let listener = TcpListener::bind(&cfg.listen).map_err(|source| SecondaryError::Listen {
+        addr: cfg.listen.clone(),
+        source,
+    })?;
     tracing::info!(
         "secondary listening on {} ({} disk(s), {})",
         cfg.listen,
@@ -106,152 +215,169 @@ pub fn run(cfg: SecondaryConfig) -> anyhow::Result<TookOver> {
             .as_deref()
             .map_or("no tap".to_string(), |t| format!("tap {t}"))
     );
-    let shared = Arc::new(Shared {
-        progress: Arc::new(Mutex::new(Progress {
-            phase: "waiting for a primary",
-            ..Progress::default()
-        })),
-        primary: Mutex::new(None),
-        generation: AtomicU64::new(cfg.generation),
-        operator_takeover: AtomicBool::new(false),
-        receiving: AtomicBool::new(true),
-        started: Instant::now(),
-    });
+    let shared = Arc::new(Shared::new(cfg.generation));
     if let Some(path) = &cfg.api_sock {
-        let _ = std::fs::remove_file(path);
-        let l = UnixListener::bind(path)
-            .with_context(|| format!("control socket {}", path.display()))?;
-        let s = shared.clone();
-        std::thread::Builder::new()
-            .name("secondary-api".into())
-            .spawn(move || serve_api(&l, &s))?;
+        start_api(path, &shared)?;
     }
     loop {
-        let (mut stream, addr) = listener.accept().context("accepting a primary")?;
-        let peer = addr.to_string();
-        let hello = match read_hello(&mut stream) {
-            Ok(h) => h,
-            Err(why) => {
-                tracing::warn!("connection from {peer} dropped: {why}");
-                refuse(&mut stream, &why);
-                continue;
-            }
-        };
-        let expect = Expect {
-            disk_sizes: disks.replicas().iter().map(|r| r.size).collect(),
-            has_tap: cfg.tap.is_some(),
-            generation: shared.generation.load(Ordering::SeqCst),
-            disks: &disks,
-        };
-        let accept = match check_hello(&hello, &expect) {
-            Ok(a) => a,
-            Err(why) => {
-                tracing::warn!("refused primary {peer}: {why}");
-                refuse(&mut stream, &why.0);
-                continue;
-            }
-        };
-        let mem = vm::guest_memory(hello.shape.mem_mib)?;
-        // The VM around the replica memory is built now, while the checkpoints come in:
-        // a takeover then only restores the committed state into it.
-        let (prepared, hooks) = prepare_in_background(&cfg, &hello, &peer, &mem, tap.as_ref());
-        if wire::write_frame(&mut stream, Kind::Accept, 0, &[&messages::encode(&accept)])
-            .and_then(|_| stream.flush())
-            .is_err()
-        {
+        let (stream, addr) = listener.accept().map_err(SecondaryError::Accept)?;
+        let Some(session) = welcome(stream, addr, &cfg, &shared, &disks, tap.as_ref())? else {
             continue;
-        }
-        tracing::info!(
-            "primary {peer} accepted: {} MiB, {} vCPU(s), {} disk(s), generation {}",
-            hello.shape.mem_mib,
-            hello.shape.vcpus,
-            hello.shape.disks.len(),
-            hello.generation
-        );
-        *shared
-            .progress
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner) = Progress {
-            phase: "syncing",
-            ..Progress::default()
         };
-        let _ = stream.set_nodelay(true);
-        stream.set_read_timeout(Some(cfg.timeout))?;
-        stream.set_write_timeout(Some(cfg.timeout))?;
-        *shared
-            .primary
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner) = Some((peer.clone(), stream.try_clone()?));
-        let replies = Arc::new(Mutex::new(stream.try_clone()?));
-        let stop_beats = Arc::new(AtomicBool::new(false));
-        let beats = secondary::heartbeats(
-            replies.clone(),
-            mcvmm_replication::primary::HEARTBEAT,
-            stop_beats.clone(),
-        );
-        let mut rx = Receiver::new(mem, disks, shared.progress.clone());
-        let mut reader = BufReader::with_capacity(1 << 20, stream.try_clone()?);
-        let ended = rx.run(&mut reader, &replies, cfg.timeout);
-        let detected = Instant::now();
-        stop_beats.store(true, Ordering::SeqCst);
-        shared
-            .primary
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .take();
-        let why = match &ended {
-            Ended::Refused(e) => {
-                tracing::warn!(
-                    "dropped primary {peer}: {e}; not taking over (it is alive); waiting for a primary"
-                );
-                refuse(&mut stream, &e.to_string());
-                let _ = beats.join();
-                let Receiver { disks: d, .. } = rx;
+        match receive(&session, &cfg, &shared, disks)? {
+            Received::Dropped(d) => {
                 disks = d;
-                drop(prepared.join());
-                continue;
+                drop(session.prepared.join());
             }
-            Ended::Lost(e) if shared.operator_takeover.load(Ordering::SeqCst) => {
-                format!("operator asked for failover ({e})")
+            Received::Gone { why, detected, rx } => {
+                shared.receiving.store(false, Ordering::SeqCst);
+                return take_over(&cfg, session, &why, detected, *rx, listener);
             }
-            Ended::Lost(e) => format!("primary lost: {e}"),
-            Ended::Takeover(n) => format!("planned switch at epoch {n}"),
-        };
-        let _ = stream.shutdown(Shutdown::Both);
-        // Not joined: it may be asleep until its next beat, and it ends by itself.
-        drop(beats);
-        let epoch = rx.committed();
-        if epoch == 0 {
-            bail!(
-                "{why}, before the first checkpoint committed: no consistent guest to run, not taking over"
-            );
         }
-        shared.receiving.store(false, Ordering::SeqCst);
-        tracing::warn!("{why}; taking over from committed epoch {epoch}");
-        let generation = hello.generation + 1;
-        let state = rx
-            .take_state()
-            .context("the committed checkpoint has no machine state")?;
-        let took = take_over(&cfg, &hello, &peer, epoch, &state, rx, prepared)?;
-        let ms = detected.elapsed().as_secs_f64() * 1e3;
-        tracing::warn!(
-            "TOOK OVER at epoch {epoch} in {ms:.1} ms; this is now an unprotected primary (generation {generation})"
-        );
-        let info = json!({
-            "from_primary": peer,
-            "epoch": epoch,
-            "why": why,
-            "build_ms": ms,
-            "generation": generation,
-        });
-        return Ok(TookOver {
-            vm: took,
-            hooks,
-            info,
-            listener,
-            generation,
-        });
     }
+}
+
+fn start_api(path: &PathBuf, shared: &Arc<Shared>) -> Result<(), SecondaryError> {
+    let socket_error = |source| SecondaryError::ControlSocket {
+        path: path.display().to_string(),
+        source,
+    };
+    let _ = std::fs::remove_file(path);
+    let l = UnixListener::bind(path).map_err(socket_error)?;
+    let s = shared.clone();
+    std::thread::Builder::new()
+        .name("secondary-api".into())
+        .spawn(move || serve_api(&l, &s))
+        .map_err(socket_error)?;
+    Ok(())
+}
+
+/// Reads a new connection's Hello and accepts the primary if it fits; starts building
+/// its VM. `None`: the connection was refused or went away, wait for the next.
+fn welcome(
+    mut stream: TcpStream,
+    addr: SocketAddr,
+    cfg: &SecondaryConfig,
+    shared: &Shared,
+    disks: &Disks,
+    tap: Option<&Tap>,
+) -> Result<Option<Session>, SecondaryError> {
+    let peer = addr.to_string();
+    let hello = match read_hello(&mut stream) {
+        Ok(h) => h,
+        Err(why) => {
+            tracing::warn!("connection from {peer} dropped: {why}");
+            refuse(&stream, &why.to_string());
+            return Ok(None);
+        }
+    };
+    let expect = Expect {
+        disk_sizes: disks.replicas().iter().map(|r| r.size).collect(),
+        has_tap: cfg.tap.is_some(),
+        generation: shared.generation.load(Ordering::SeqCst),
+        disks,
+    };
+    let accept = match check_hello(&hello, &expect) {
+        Ok(a) => a,
+        Err(why) => {
+            tracing::warn!("refused primary {peer}: {why}");
+            refuse(&stream, &why.0);
+            return Ok(None);
+        }
+    };
+    let mem = vm::guest_memory(hello.shape.mem_mib).map_err(SecondaryError::Memory)?;
+    // The VM around the replica memory is built now, while the checkpoints come in:
+    // a takeover then only restores the committed state into it.
+    let (prepared, hooks) = prepare_in_background(cfg, &hello, &peer, &mem, tap);
+    if wire::write_frame(&mut stream, Kind::Accept, 0, &[&messages::encode(&accept)])
+        .and_then(|_| stream.flush())
+        .is_err()
+    {
+        drop(prepared.join());
+        return Ok(None);
+    }
+    tracing::info!(
+        "primary {peer} accepted: {} MiB, {} vCPU(s), {} disk(s), generation {}",
+        hello.shape.mem_mib,
+        hello.shape.vcpus,
+        hello.shape.disks.len(),
+        hello.generation
+    );
+    Ok(Some(Session {
+        stream,
+        peer,
+        hello,
+        mem,
+        prepared,
+        hooks,
+    }))
+}
+
+/// Receives the sync and the checkpoints of an accepted primary, answering with
+/// heartbeats, until the primary is dropped, lost, or hands over.
+fn receive(
+    session: &Session,
+    cfg: &SecondaryConfig,
+    shared: &Shared,
+    disks: Disks,
+) -> Result<Received, SecondaryError> {
+    let Session {
+        stream, peer, mem, ..
+    } = session;
+    let connection = |source| SecondaryError::Connection {
+        peer: peer.clone(),
+        source,
+    };
+    shared.set_phase("syncing");
+    let _ = stream.set_nodelay(true);
+    stream
+        .set_read_timeout(Some(cfg.timeout))
+        .map_err(connection)?;
+    stream
+        .set_write_timeout(Some(cfg.timeout))
+        .map_err(connection)?;
+    shared.set_primary(Some((
+        peer.clone(),
+        stream.try_clone().map_err(connection)?,
+    )));
+    let replies = Arc::new(Mutex::new(stream.try_clone().map_err(connection)?));
+    let stop_beats = Arc::new(AtomicBool::new(false));
+    let beats = secondary::heartbeats(
+        replies.clone(),
+        mcvmm_replication::primary::HEARTBEAT,
+        stop_beats.clone(),
+    );
+    let mut rx = Receiver::new(mem.clone(), disks, shared.progress.clone());
+    let mut reader = BufReader::with_capacity(1 << 20, stream.try_clone().map_err(connection)?);
+    let ended = rx.run(&mut reader, &replies, cfg.timeout);
+    let detected = Instant::now();
+    stop_beats.store(true, Ordering::SeqCst);
+    shared.set_primary(None);
+    let why = match &ended {
+        Ended::Refused(e) => {
+            tracing::warn!(
+                "dropped primary {peer}: {e}; not taking over (it is alive); waiting for a primary"
+            );
+            refuse(stream, &e.to_string());
+            let _ = beats.join();
+            let Receiver { disks, .. } = rx;
+            shared.set_phase("waiting for a primary");
+            return Ok(Received::Dropped(disks));
+        }
+        Ended::Lost(e) if shared.operator_takeover.load(Ordering::SeqCst) => {
+            format!("operator asked for failover ({e})")
+        }
+        Ended::Lost(e) => format!("primary lost: {e}"),
+        Ended::Takeover(n) => format!("planned switch at epoch {n}"),
+    };
+    let _ = stream.shutdown(Shutdown::Both);
+    // Not joined: it may be asleep until its next beat, and it ends by itself.
+    drop(beats);
+    Ok(Received::Gone {
+        why,
+        detected,
+        rx: Box::new(rx),
+    })
 }
 
 /// The VM a takeover would run, for the primary `hello` describes.
@@ -279,7 +405,7 @@ fn replica_config(cfg: &SecondaryConfig, hello: &Hello, peer: &str, epoch: u64) 
     }
 }
 
-type Preparing = JoinHandle<Result<Prepared, String>>;
+type Preparing = JoinHandle<Result<Prepared, SecondaryError>>;
 
 /// Starts building the VM over `mem` on a thread of its own. It shares the tap the
 /// secondary holds (a second handle), so a VM that is never used leaves the tap's bridge
@@ -301,16 +427,14 @@ fn prepare_in_background(
     let mem = mem.clone();
     let preparing = std::thread::spawn(move || {
         let t = Instant::now();
-        let prepared = tap
-            .map_err(|e| format!("a second handle on the tap: {e}"))
-            .and_then(|tap| {
-                let seams = Seams {
-                    tap,
-                    announce: true,
-                    ..hook_seams
-                };
-                vm::prepare(config, mem, seams).map_err(|e| e.to_string())
-            });
+        let prepared = tap.map_err(SecondaryError::PrepareTap).and_then(|tap| {
+            let seams = Seams {
+                tap,
+                announce: true,
+                ..hook_seams
+            };
+            vm::prepare(config, mem, seams).map_err(SecondaryError::Prepare)
+        });
         // Said now, not only at a takeover that would then fail.
         match &prepared {
             Ok(_) => tracing::info!(
@@ -324,20 +448,65 @@ fn prepare_in_background(
     (preparing, hooks)
 }
 
+/// Runs the guest from the last committed checkpoint of the primary that is gone.
 fn take_over(
+    cfg: &SecondaryConfig,
+    session: Session,
+    why: &str,
+    detected: Instant,
+    rx: Receiver,
+    listener: TcpListener,
+) -> Result<TookOver, SecondaryError> {
+    let epoch = rx.committed();
+    if epoch == 0 {
+        return Err(SecondaryError::NothingCommitted { why: why.into() });
+    }
+    tracing::warn!("{why}; taking over from committed epoch {epoch}");
+    let Session {
+        hello,
+        peer,
+        prepared,
+        hooks,
+        ..
+    } = session;
+    let generation = hello.generation + 1;
+    let vm = start_vm(cfg, &hello, &peer, epoch, rx, prepared)?;
+    let ms = detected.elapsed().as_secs_f64() * 1e3;
+    tracing::warn!(
+        "TOOK OVER at epoch {epoch} in {ms:.1} ms; this is now an unprotected primary (generation {generation})"
+    );
+    let info = json!({
+        "from_primary": peer,
+        "epoch": epoch,
+        "why": why,
+        "build_ms": ms,
+        "generation": generation,
+    });
+    Ok(TookOver {
+        vm,
+        hooks,
+        info,
+        listener,
+        generation,
+    })
+}
+
+/// The prepared VM, with the committed machine state restored into it and the replicas
+/// on disk.
+fn start_vm(
     cfg: &SecondaryConfig,
     hello: &Hello,
     peer: &str,
     epoch: u64,
-    state: &MachineState,
-    rx: Receiver,
+    mut rx: Receiver,
     prepared: Preparing,
-) -> anyhow::Result<Vm> {
+) -> Result<Vm, SecondaryError> {
+    let state: MachineState = rx.take_state().ok_or(SecondaryError::NoState)?;
     let Receiver { disks, .. } = rx;
     // Committed writes are in the replicas (not yet synced, see `Disks::commit`); the
     // VM's disks are other handles on the same files.
     let t = Instant::now();
-    disks.sync().context("syncing the replicas")?;
+    disks.sync().map_err(SecondaryError::SyncReplicas)?;
     drop(disks);
     tracing::info!(
         "replicas synced in {:.1} ms",
@@ -345,10 +514,9 @@ fn take_over(
     );
     let prepared = prepared
         .join()
-        .map_err(|_| anyhow::anyhow!("preparing the VM: the thread panicked"))?
-        .map_err(|e| anyhow::anyhow!("preparing the VM: {e}"))?;
-    let mut vm = vm::finish(prepared, Some(Continue::Image(state, &hello.shape)))
-        .context("starting the VM from the committed checkpoint")?;
+        .map_err(|_| SecondaryError::PreparePanicked)??;
+    let mut vm = vm::finish(prepared, Some(Continue::Image(&state, &hello.shape)))
+        .map_err(SecondaryError::Start)?;
     vm.config = replica_config(cfg, hello, peer, epoch);
     Ok(vm)
 }
@@ -369,14 +537,17 @@ pub fn refuse_stale_primaries(listener: TcpListener, generation: u64) {
                         "stale primary: generation {} but this node took over and runs the guest at generation {generation}",
                         h.generation
                     ),
-                    Err(e) => e,
+                    Err(e) => e.to_string(),
                 };
                 tracing::warn!("refused {peer}: {why}");
-                refuse(&mut stream, &why);
+                refuse(&stream, &why);
             }
         });
 }
 
+/// The secondary's control socket, with the parser every role uses: `status`,
+/// `failover` and `stop` are answered here; any other request is refused, since no guest
+/// runs here yet.
 fn serve_api(listener: &UnixListener, shared: &Shared) {
     for conn in listener.incoming() {
         if !shared.receiving.load(Ordering::SeqCst) {
@@ -384,67 +555,100 @@ fn serve_api(listener: &UnixListener, shared: &Shared) {
             return;
         }
         let Ok(stream) = conn else { continue };
-        let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
-        let mut line = String::new();
-        if BufReader::new(&stream).read_line(&mut line).is_err() {
-            continue;
-        }
-        let reply = match line.trim() {
-            "status" => {
-                let p = shared
-                    .progress
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .clone();
-                let primary = shared
-                    .primary
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .as_ref()
-                    .map(|p| p.0.clone());
-                json!({
-                    "role": "secondary",
-                    "state": "receiving",
-                    "pid": std::process::id(),
-                    "protected": p.committed_epoch > 0 && primary.is_some(),
-                    "primary": primary,
-                    "generation": shared.generation.load(Ordering::SeqCst),
-                    "last_committed_epoch": p.committed_epoch,
-                    "uptime_ms": shared.started.elapsed().as_millis() as u64,
-                    "progress": p,
-                })
-            }
-            "failover" => {
-                let committed = shared
-                    .progress
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .committed_epoch;
-                let primary = shared
-                    .primary
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner);
-                match (&*primary, committed) {
-                    (Some((_, s)), c) if c > 0 => {
-                        shared.operator_takeover.store(true, Ordering::SeqCst);
-                        let _ = s.shutdown(Shutdown::Both);
-                        json!({"ok": true, "taking_over_from_epoch": c})
-                    }
-                    (None, _) => json!({"error": "no primary connected"}),
-                    _ => json!({"error": "no checkpoint committed yet: nothing consistent to run"}),
-                }
-            }
-            "stop" => {
-                let mut w = &stream;
-                let _ = writeln!(w, "{}", json!({"ok": true}));
+        let reply = match api::read_request(&stream) {
+            Request::Status => status(shared),
+            Request::Failover => operator_failover(shared),
+            Request::Stop => {
+                api::reply(&stream, &json!({"ok": true}));
                 tracing::info!("stopped (secondary)");
                 std::process::exit(0);
             }
+            Request::Invalid(why) => json!({ "error": why }),
             other => json!({"error": format!(
-                "{other:?}: this is a secondary, no guest runs here yet; known: status, failover, stop"
+                "{}: this is a secondary, no guest runs here yet; known: status, failover, stop",
+                other.name()
             )}),
         };
-        let mut w = &stream;
-        let _ = writeln!(w, "{reply}");
+        api::reply(&stream, &reply);
+    }
+}
+
+fn status(shared: &Shared) -> Value {
+    let p = shared
+        .progress
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .clone();
+    let primary = shared
+        .primary
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .as_ref()
+        .map(|p| p.0.clone());
+    json!({
+        "role": "secondary",
+        "state": "receiving",
+        "pid": std::process::id(),
+        "protected": p.committed_epoch > 0 && primary.is_some(),
+        "primary": primary,
+        "generation": shared.generation.load(Ordering::SeqCst),
+        "last_committed_epoch": p.committed_epoch,
+        "uptime_ms": shared.started.elapsed().as_millis() as u64,
+        "progress": p,
+    })
+}
+
+/// `ctl failover` on a secondary: the operator says the primary is dead; the connection
+/// to it is cut, and the receiver's end takes over from the last commit.
+fn operator_failover(shared: &Shared) -> Value {
+    let committed = shared
+        .progress
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .committed_epoch;
+    let primary = shared
+        .primary
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner);
+    match (&*primary, committed) {
+        (Some((_, s)), c) if c > 0 => {
+            shared.operator_takeover.store(true, Ordering::SeqCst);
+            let _ = s.shutdown(Shutdown::Both);
+            json!({"ok": true, "taking_over_from_epoch": c})
+        }
+        (None, _) => json!({"error": "no primary connected"}),
+        _ => json!({"error": "no checkpoint committed yet: nothing consistent to run"}),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A secondary's control socket with no primary connected yet.
+    fn control_socket(dir: &tempfile::TempDir) -> PathBuf {
+        let path = dir.path().join("s.sock");
+        let listener = UnixListener::bind(&path).expect("bind");
+        let shared = Arc::new(Shared::new(4));
+        std::thread::spawn(move || serve_api(&listener, &shared));
+        path
+    }
+
+    #[test]
+    fn the_control_socket_answers_what_a_secondary_can_do_and_refuses_the_rest() {
+        let dir = tempfile::tempdir().expect("dir");
+        let sock = control_socket(&dir);
+        let status = api::request(&sock, "status").expect("status");
+        assert_eq!(status["role"], "secondary");
+        assert_eq!(status["generation"], 4);
+        assert_eq!(status["protected"], false);
+        let failover = api::request(&sock, "failover").expect("failover");
+        assert_eq!(failover["error"], "no primary connected");
+        let pause = api::request(&sock, "pause").expect("pause");
+        let why = pause["error"].as_str().expect("an error");
+        assert!(why.starts_with("pause: this is a secondary"), "{why}");
+        let unknown = api::request(&sock, "reboot now").expect("unknown");
+        let why = unknown["error"].as_str().expect("an error");
+        assert!(why.contains("unknown request \"reboot now\""), "{why}");
     }
 }

@@ -3,9 +3,8 @@
 //! is one change — the control socket, the epoch timer, the VM's exit event and
 //! SIGTERM/SIGINT.
 
-use std::io::Write;
 use std::os::fd::{AsRawFd, RawFd};
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::net::UnixListener;
 use std::time::Duration;
 
 use mcvmm_devices::virtio::mmio::MmioTransport;
@@ -16,6 +15,7 @@ use vmm_sys_util::timerfd::TimerFd;
 
 mod requests;
 
+use crate::api::reply;
 use crate::epochs::{EpochRun, PAUSE_LIMIT};
 use crate::primary::{EpochClock, Primary};
 use crate::protect::{Pending, Protectable};
@@ -145,11 +145,6 @@ fn park_devices(epoll: &Epoll, devices: &Epoll, parked: bool) -> std::io::Result
         devices.as_raw_fd(),
         EpollEvent::new(set, TOKEN_DEVICES),
     )
-}
-
-fn reply(stream: &UnixStream, value: &serde_json::Value) {
-    let mut w = stream;
-    let _ = writeln!(w, "{value}");
 }
 
 /// What this VMM is to its guest's protection.

@@ -7,7 +7,8 @@ use std::time::Instant;
 use mcvmm_checkpoint::dirty::Sources;
 use serde_json::json;
 
-use super::{cannot_protect, reply, vcpu_summaries, DeviceLoop, LogOwner, Role};
+use super::{cannot_protect, vcpu_summaries, DeviceLoop, LogOwner, Role};
+use crate::api::reply;
 use crate::api::{self, Request};
 use crate::epochs::{self, EpochRun, Mode, PAUSE_LIMIT};
 use crate::protect;
