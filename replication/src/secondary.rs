@@ -274,48 +274,7 @@ impl Receiver {
     fn handle(&mut self, h: &Header, p: &[u8]) -> Result<Option<Reply>, ReceiveError> {
         match h.kind {
             Kind::Heartbeat => {}
-            Kind::Pages => {
-                let run = messages::parse_pages(h, p)?;
-                let len = u64::from(run.count) * PAGE_SIZE;
-                self.check_pages(run.gpa, len)?;
-                let bytes = if run.encoding == PageEncoding::Delta {
-                    if h.epoch == 0 {
-                        return Err(Self::order(h, "a delta run in the initial sync"));
-                    }
-                    if self.stage.as_ref().is_none_or(|s| s.epoch != h.epoch) {
-                        return Err(Self::order(h, "no checkpoint of that epoch is open"));
-                    }
-                    // The committed image changes only at a commit, and a checkpoint
-                    // names each page once: it is the base the primary encoded against.
-                    self.base.resize(len as usize, 0);
-                    self.mem
-                        .read_slice(&mut self.base, GuestAddress(run.gpa))
-                        .map_err(|e| ReceiveError::Memory(e.to_string()))?;
-                    run.rebuild(h, &self.base, &mut self.scratch)?
-                } else {
-                    run.bytes(h, &mut self.scratch)?
-                };
-                if h.epoch == 0 {
-                    if self.synced {
-                        return Err(Self::order(h, "initial sync pages after the sync ended"));
-                    }
-                    self.mem
-                        .write_slice(bytes, GuestAddress(run.gpa))
-                        .map_err(|e| ReceiveError::Memory(e.to_string()))?;
-                    let mut pr = self.progress();
-                    pr.sync_pages += u64::from(run.count);
-                    pr.sync_bytes += len;
-                } else {
-                    let stage = match &mut self.stage {
-                        Some(s) if s.epoch == h.epoch => s,
-                        _ => return Err(Self::order(h, "no checkpoint of that epoch is open")),
-                    };
-                    for i in 0..u64::from(run.count) {
-                        stage.addrs.push(run.gpa + i * PAGE_SIZE);
-                    }
-                    stage.data.extend_from_slice(bytes);
-                }
-            }
+            Kind::Pages => self.pages(h, p)?,
             Kind::DiskChunk => {
                 if self.synced || h.epoch != 0 {
                     return Err(Self::order(h, "disk chunks belong to the initial sync"));
@@ -340,26 +299,7 @@ impl Receiver {
                 self.synced = true;
                 self.progress().phase = "synced";
             }
-            Kind::Begin => {
-                if !self.synced {
-                    return Err(Self::order(h, "a checkpoint before the initial sync ended"));
-                }
-                if self.stage.is_some() {
-                    return Err(Self::order(h, "the previous checkpoint did not end"));
-                }
-                if h.epoch != self.committed + 1 {
-                    return Err(Self::order(
-                        h,
-                        format!("expected epoch {}", self.committed + 1),
-                    ));
-                }
-                self.stage = Some(Stage {
-                    epoch: h.epoch,
-                    addrs: Vec::new(),
-                    data: Vec::new(),
-                    state: None,
-                });
-            }
+            Kind::Begin => self.begin(h)?,
             Kind::State => {
                 let state: MachineState = messages::decode(h, p)?;
                 match &mut self.stage {
@@ -400,6 +340,76 @@ impl Receiver {
             }
         }
         Ok(None)
+    }
+
+    /// A run of pages: into the replica's memory during the initial sync, into the open
+    /// checkpoint's stage after it.
+    fn pages(&mut self, h: &Header, p: &[u8]) -> Result<(), ReceiveError> {
+        let run = messages::parse_pages(h, p)?;
+        let len = u64::from(run.count) * PAGE_SIZE;
+        self.check_pages(run.gpa, len)?;
+        let bytes = if run.encoding == PageEncoding::Delta {
+            if h.epoch == 0 {
+                return Err(Self::order(h, "a delta run in the initial sync"));
+            }
+            if self.stage.as_ref().is_none_or(|s| s.epoch != h.epoch) {
+                return Err(Self::order(h, "no checkpoint of that epoch is open"));
+            }
+            // The committed image changes only at a commit, and a checkpoint
+            // names each page once: it is the base the primary encoded against.
+            self.base.resize(len as usize, 0);
+            self.mem
+                .read_slice(&mut self.base, GuestAddress(run.gpa))
+                .map_err(|e| ReceiveError::Memory(e.to_string()))?;
+            run.rebuild(h, &self.base, &mut self.scratch)?
+        } else {
+            run.bytes(h, &mut self.scratch)?
+        };
+        if h.epoch == 0 {
+            if self.synced {
+                return Err(Self::order(h, "initial sync pages after the sync ended"));
+            }
+            self.mem
+                .write_slice(bytes, GuestAddress(run.gpa))
+                .map_err(|e| ReceiveError::Memory(e.to_string()))?;
+            let mut pr = self.progress();
+            pr.sync_pages += u64::from(run.count);
+            pr.sync_bytes += len;
+        } else {
+            let stage = match &mut self.stage {
+                Some(s) if s.epoch == h.epoch => s,
+                _ => return Err(Self::order(h, "no checkpoint of that epoch is open")),
+            };
+            for i in 0..u64::from(run.count) {
+                stage.addrs.push(run.gpa + i * PAGE_SIZE);
+            }
+            stage.data.extend_from_slice(bytes);
+        }
+        Ok(())
+    }
+
+    /// A checkpoint opens: only after the sync, one at a time, epochs in order.
+    fn begin(&mut self, h: &Header) -> Result<(), ReceiveError> {
+        if !self.synced {
+            return Err(Self::order(h, "a checkpoint before the initial sync ended"));
+        }
+        if self.stage.is_some() {
+            return Err(Self::order(h, "the previous checkpoint did not end"));
+        }
+        if h.epoch != self.committed + 1 {
+            return Err(Self::order(
+                h,
+                format!("expected epoch {}", self.committed + 1),
+            ));
+        }
+        self.stage = Some(Stage {
+            epoch: h.epoch,
+            addrs: Vec::new(),
+            data: Vec::new(),
+            state: None,
+        });
+
+        Ok(())
     }
 
     /// Applies a complete checkpoint: nothing of it is applied unless all of it arrived.

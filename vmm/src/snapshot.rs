@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use mcvmm_checkpoint::dirty::{DirtyError, DirtyTracker};
 use mcvmm_checkpoint::persist::{Persist, PersistError};
-use mcvmm_checkpoint::snapshot::{begin_full, write_incremental, SnapshotError};
+use mcvmm_checkpoint::snapshot::{begin_full, write_incremental, FullSnapshot, SnapshotError};
 use mcvmm_checkpoint::state::MachineState;
 use serde_json::{json, Value};
 
@@ -90,6 +90,32 @@ pub fn machine_state(vm: &Vm) -> Result<MachineState, StateError> {
     })
 }
 
+/// Starts a full snapshot's copy of memory: tracking is on (or a new epoch of it started)
+/// before the copy, so that what the guest writes from here on is copied again at the
+/// pause. Also returns how long turning the log on paused the vCPUs: briefly with every
+/// page starting dirty; the old way for as long as write-protecting all of RAM takes.
+fn begin_copy(
+    vm: &Vm,
+    snaps: &mut Snapshots,
+    dir: &Path,
+    paused: bool,
+) -> Result<(FullSnapshot, Duration), TakeError> {
+    let mut arm = None;
+    let mut tracking_on = Duration::ZERO;
+    match &mut snaps.tracker {
+        Some(t) => {
+            t.end_epoch(&vm.vm_fd, &vm.mem)?;
+        }
+        None => {
+            let (tracker, a, pause) = start_for_copy(vm, paused)?;
+            arm = a;
+            tracking_on = pause;
+            snaps.tracker = Some(tracker);
+        }
+    }
+    Ok((begin_full(dir, &vm.mem, arm.as_mut())?, tracking_on))
+}
+
 /// Takes a snapshot into `dir`. `paused`: the VM is paused already (by `ctl pause`) and
 /// stays so; otherwise it is paused for the capture only. A full snapshot copies memory
 /// while the guest runs and, at the pause, only what was written meanwhile.
@@ -129,27 +155,12 @@ fn take_one(
         return Err(TakeError::NoParent);
     }
     let started = Instant::now();
-    // Tracking on (or a new epoch started) before the copy: what the guest writes from
-    // here on is copied again at the pause.
-    let mut full = None;
-    // Turning the log on pauses the vCPUs: briefly with every page starting dirty; the
-    // old way for as long as write-protecting all of RAM takes.
-    let mut tracking_on = std::time::Duration::ZERO;
-    if !incremental {
-        let mut arm = None;
-        match &mut snaps.tracker {
-            Some(t) => {
-                t.end_epoch(&vm.vm_fd, &vm.mem)?;
-            }
-            None => {
-                let (tracker, a, pause) = start_for_copy(vm, paused)?;
-                arm = a;
-                tracking_on = pause;
-                snaps.tracker = Some(tracker);
-            }
-        }
-        full = Some(begin_full(dir, &vm.mem, arm.as_mut())?);
-    }
+    let (mut full, tracking_on) = if incremental {
+        (None, Duration::ZERO)
+    } else {
+        let (f, pause) = begin_copy(vm, snaps, dir, paused)?;
+        (Some(f), pause)
+    };
     let tracker = snaps
         .tracker
         .as_mut()

@@ -442,6 +442,29 @@ pub fn spawn(
     Ok(VcpuThread { handle })
 }
 
+/// Says where a vCPU that triple-faulted stands, as far as KVM still knows.
+fn log_triple_fault(id: u8, vcpu: &VcpuFd) {
+    if let (Ok(r), Ok(s)) = (vcpu.get_regs(), vcpu.get_sregs()) {
+        // On AMD, KVM reinitializes the vCPU when it sees the shutdown, so what is read
+        // here is the reset state, not where the guest was.
+        let reset = r.rip == 0xfff0 && s.cr0 & 1 == 0;
+        tracing::error!(
+            "vCPU {id} triple fault at rip {:#x} rsp {:#x} cr0 {:#x} cr3 {:#x} cr4 {:#x} efer {:#x}{}",
+            r.rip,
+            r.rsp,
+            s.cr0,
+            s.cr3,
+            s.cr4,
+            s.efer,
+            if reset {
+                " (the reset state: KVM reinitialized the vCPU at the shutdown, as it does on AMD; where the guest faulted is not known)"
+            } else {
+                ""
+            }
+        );
+    }
+}
+
 fn run(
     id: u8,
     vcpu: &mut VcpuFd,
@@ -480,25 +503,7 @@ fn run(
             }
             Ok(VcpuExit::Hlt) => {}
             Ok(VcpuExit::Shutdown) => {
-                if let (Ok(r), Ok(s)) = (vcpu.get_regs(), vcpu.get_sregs()) {
-                    // On AMD, KVM reinitializes the vCPU when it sees the shutdown, so
-                    // what is read here is the reset state, not where the guest was.
-                    let reset = r.rip == 0xfff0 && s.cr0 & 1 == 0;
-                    tracing::error!(
-                        "vCPU {id} triple fault at rip {:#x} rsp {:#x} cr0 {:#x} cr3 {:#x} cr4 {:#x} efer {:#x}{}",
-                        r.rip,
-                        r.rsp,
-                        s.cr0,
-                        s.cr3,
-                        s.cr4,
-                        s.efer,
-                        if reset {
-                            " (the reset state: KVM reinitialized the vCPU at the shutdown, as it does on AMD; where the guest faulted is not known)"
-                        } else {
-                            ""
-                        }
-                    );
-                }
+                log_triple_fault(id, vcpu);
                 return ExitReason::TripleFault { vcpu: id };
             }
             Ok(VcpuExit::SystemEvent(KVM_SYSTEM_EVENT_RESET, _)) => {

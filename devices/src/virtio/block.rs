@@ -249,45 +249,8 @@ impl Block {
         let data = &descs[1..descs.len() - 1];
         match rtype {
             T_IN | T_OUT => {
-                let want_write_only = rtype == T_IN;
-                if data.iter().any(|d| d.2 != want_write_only) {
-                    return (0, status_at, S_IOERR);
-                }
-                if rtype == T_OUT && self.read_only {
-                    return (0, status_at, S_IOERR);
-                }
-                let total: u64 = data.iter().map(|d| u64::from(d.1)).sum();
-                let start = sector.checked_mul(SECTOR_SIZE);
-                let in_range = start
-                    .and_then(|s| s.checked_add(total))
-                    .is_some_and(|end| end <= self.size_bytes());
-                if !in_range || !total.is_multiple_of(SECTOR_SIZE) || total > MAX_REQUEST_BYTES {
-                    return (0, status_at, S_IOERR);
-                }
-                let start = start.unwrap_or(0);
-                // A sink that is not recording (a guest not protected now) gets nothing:
-                // the write goes the direct way.
-                let forwarding = self.sink.as_ref().is_some_and(|(_, s)| s.recording());
-                if rtype == T_OUT && forwarding {
-                    if !self.write_forwarded(data, start, total, mem) {
-                        return (0, status_at, S_IOERR);
-                    }
-                    self.stats.writes += 1;
-                    self.stats.write_bytes += total;
-                    return (1, status_at, S_OK);
-                }
-                if transfer(&self.file, data, start, rtype == T_IN, mem).is_err() {
-                    return (0, status_at, S_IOERR);
-                }
-                if rtype == T_IN {
-                    self.stats.reads += 1;
-                    self.stats.read_bytes += total;
-                    ((total as u32).saturating_add(1), status_at, S_OK)
-                } else {
-                    self.stats.writes += 1;
-                    self.stats.write_bytes += total;
-                    (1, status_at, S_OK)
-                }
+                let (used, status) = self.read_write(rtype == T_IN, sector, data, mem);
+                (used, status_at, status)
             }
             T_FLUSH => {
                 self.stats.flushes += 1;
@@ -307,6 +270,56 @@ impl Block {
                 (n as u32 + 1, status_at, S_OK)
             }
             _ => (1, status_at, S_UNSUPP),
+        }
+    }
+
+    /// A read (`read`) or a write of `data` at `sector`: the bytes the device wrote into
+    /// the chain (the status byte included) and the status.
+    fn read_write(
+        &mut self,
+        read: bool,
+        sector: u64,
+        data: &[(GuestAddress, u32, bool)],
+        mem: &GuestMemory,
+    ) -> (u32, u8) {
+        // A read's buffers are all device-writable, a write's none.
+        if data.iter().any(|d| d.2 != read) {
+            return (0, S_IOERR);
+        }
+        if !read && self.read_only {
+            return (0, S_IOERR);
+        }
+        let total: u64 = data.iter().map(|d| u64::from(d.1)).sum();
+        let start = sector.checked_mul(SECTOR_SIZE);
+        let in_range = start
+            .and_then(|s| s.checked_add(total))
+            .is_some_and(|end| end <= self.size_bytes());
+        if !in_range || !total.is_multiple_of(SECTOR_SIZE) || total > MAX_REQUEST_BYTES {
+            return (0, S_IOERR);
+        }
+        let start = start.unwrap_or(0);
+        // A sink that is not recording (a guest not protected now) gets nothing:
+        // the write goes the direct way.
+        let forwarding = self.sink.as_ref().is_some_and(|(_, s)| s.recording());
+        if !read && forwarding {
+            if !self.write_forwarded(data, start, total, mem) {
+                return (0, S_IOERR);
+            }
+            self.stats.writes += 1;
+            self.stats.write_bytes += total;
+            return (1, S_OK);
+        }
+        if transfer(&self.file, data, start, read, mem).is_err() {
+            return (0, S_IOERR);
+        }
+        if read {
+            self.stats.reads += 1;
+            self.stats.read_bytes += total;
+            ((total as u32).saturating_add(1), S_OK)
+        } else {
+            self.stats.writes += 1;
+            self.stats.write_bytes += total;
+            (1, S_OK)
         }
     }
 }

@@ -61,13 +61,14 @@ pub(super) fn sender(
     }
 }
 
+/// The initial sync: all of RAM that is not zeros, then the disk chunks whose digest
+/// differs from the secondary's, then `SyncDone`.
 fn sync(
     link: &Link,
     src: &mut SyncSource,
     w: &mut BufWriter<TcpStream>,
     coder: &mut Coder,
 ) -> std::io::Result<()> {
-    let started = Instant::now();
     let ram: u64 = src.mem.iter().map(|r| r.len()).sum();
     let disks: Vec<u64> = src
         .disks
@@ -76,18 +77,88 @@ fn sync(
         .collect::<std::io::Result<_>>()?;
     let total = ram + disks.iter().sum::<u64>();
     link.stats().sync_total_bytes = total;
-    let mut done = 0u64;
-    let mut last_report = Instant::now();
-    let mut report = |link: &Link, done: u64, force: bool| {
-        let secs = started.elapsed().as_secs_f64().max(1e-3);
+    let mut progress = SyncProgress::new(link, total);
+    send_ram(src, w, coder, &mut progress)?;
+    send_disks(src, &disks, w, &mut progress)?;
+    let sent = wire::write_frame(w, Kind::SyncDone, 0, &[])?;
+    w.flush()?;
+    progress.report(true);
+    let mut s = link.stats();
+    s.bytes_sent += sent as u64;
+    s.sync_skipped_bytes = progress.skipped;
+    s.sync_ms = progress.started.elapsed().as_millis() as u64;
+    s.synced = true;
+    tracing::info!(
+        "initial sync done in {} ms ({} MiB on the wire, {} MiB skipped: zero pages and disk chunks the secondary had)",
+        s.sync_ms,
+        s.bytes_sent >> 20,
+        progress.skipped >> 20
+    );
+    Ok(())
+}
+
+/// How far the sync is: the link's counters for `status`, a log line a second, and the
+/// heartbeat the secondary must hear at least every [`HEARTBEAT`].
+struct SyncProgress<'a> {
+    link: &'a Link,
+    started: Instant,
+    total: u64,
+    done: u64,
+    skipped: u64,
+    last_report: Instant,
+    last_flush: Instant,
+}
+
+impl<'a> SyncProgress<'a> {
+    fn new(link: &'a Link, total: u64) -> SyncProgress<'a> {
+        let now = Instant::now();
+        SyncProgress {
+            link,
+            started: now,
+            total,
+            done: 0,
+            skipped: 0,
+            last_report: now,
+            last_flush: now,
+        }
+    }
+
+    /// `n` more bytes of RAM or disk gone through; `sent`: a frame was written for them.
+    fn advance(&mut self, w: &mut BufWriter<TcpStream>, n: u64, sent: bool) -> std::io::Result<()> {
+        self.alive(w, sent)?;
+        self.done += n;
+        self.report(false);
+        Ok(())
+    }
+
+    /// Long stretches of zero pages send nothing, and frames that were sent may still sit
+    /// in the buffer (a mostly-zero guest fills 1 MiB slowly): a heartbeat, or a flush,
+    /// keeps the secondary from taking the silence for a lost primary.
+    fn alive(&mut self, w: &mut BufWriter<TcpStream>, sent: bool) -> std::io::Result<()> {
+        if self.link.is_lost() {
+            return Err(std::io::Error::other("the secondary is gone"));
+        }
+        if self.last_flush.elapsed() >= HEARTBEAT {
+            if !sent {
+                wire::write_frame(w, Kind::Heartbeat, 0, &[])?;
+            }
+            w.flush()?;
+            self.last_flush = Instant::now();
+        }
+        Ok(())
+    }
+
+    fn report(&mut self, force: bool) {
+        let (done, total) = (self.done, self.total);
+        let secs = self.started.elapsed().as_secs_f64().max(1e-3);
         let rate = done as f64 / secs;
-        let mut s = link.stats();
+        let mut s = self.link.stats();
         s.sync_sent_bytes = done;
         s.sync_percent = 100.0 * done as f64 / total.max(1) as f64;
         s.sync_rate_mib_s = rate / (1 << 20) as f64;
         s.sync_eta_s = (total - done) as f64 / rate.max(1.0);
-        if force || last_report.elapsed() >= Duration::from_secs(1) {
-            last_report = Instant::now();
+        if force || self.last_report.elapsed() >= Duration::from_secs(1) {
+            self.last_report = Instant::now();
             tracing::info!(
                 "sync {:.0}% ({} of {} MiB, {:.0} MiB/s, ETA {:.1} s)",
                 s.sync_percent,
@@ -97,29 +168,18 @@ fn sync(
                 s.sync_eta_s
             );
         }
-    };
-    // RAM: runs of non-zero pages (the secondary's image starts zeroed).
+    }
+}
+
+/// RAM: runs of non-zero pages (the secondary's image starts zeroed).
+fn send_ram(
+    src: &mut SyncSource,
+    w: &mut BufWriter<TcpStream>,
+    coder: &mut Coder,
+    progress: &mut SyncProgress,
+) -> std::io::Result<()> {
     let batch = MAX_RUN_PAGES as usize * PAGE_SIZE as usize;
     let mut buf = vec![0u8; batch];
-    let mut skipped = 0u64;
-    // The secondary must hear from us at least every HEARTBEAT: long stretches of zero
-    // pages send nothing, and frames that were sent may still sit in the buffer (a
-    // mostly-zero guest fills 1 MiB slowly: a secondary once gave up after 500 ms of
-    // silence in the middle of a sync that was sending).
-    let mut last_flush = Instant::now();
-    let mut alive = |w: &mut BufWriter<TcpStream>, sent: bool| -> std::io::Result<()> {
-        if link.is_lost() {
-            return Err(std::io::Error::other("the secondary is gone"));
-        }
-        if last_flush.elapsed() >= HEARTBEAT {
-            if !sent {
-                wire::write_frame(w, Kind::Heartbeat, 0, &[])?;
-            }
-            w.flush()?;
-            last_flush = Instant::now();
-        }
-        Ok(())
-    };
     let mut pagemap = Pagemap::open();
     let mut arm = src.arm.take();
     for region in src.mem.iter() {
@@ -140,44 +200,61 @@ fn sync(
                 .as_mut()
                 .is_some_and(|p| !p.touched(host.wrapping_add(at as usize), n))
             {
-                skipped += n as u64;
-                alive(w, false)?;
+                progress.skipped += n as u64;
+                progress.advance(w, n as u64, false)?;
                 at += n as u64;
-                done += n as u64;
-                report(link, done, false);
                 continue;
             }
             src.mem
                 .read_slice(&mut buf[..n], GuestAddress(start + at))
                 .map_err(|e| std::io::Error::other(format!("reading guest memory: {e}")))?;
-            let pages: Vec<bool> = buf[..n]
-                .chunks_exact(PAGE_SIZE as usize)
-                .map(|p| !is_zero(p))
-                .collect();
-            let mut any = false;
-            let mut i = 0;
-            while i < pages.len() {
-                if !pages[i] {
-                    skipped += PAGE_SIZE;
-                    i += 1;
-                    continue;
-                }
-                let j = (i..pages.len()).find(|&k| !pages[k]).unwrap_or(pages.len());
-                let bytes = &buf[i * PAGE_SIZE as usize..j * PAGE_SIZE as usize];
-                let sent = page_run(w, 0, start + at + i as u64 * PAGE_SIZE, bytes, coder)?;
-                link.stats().bytes_sent += sent as u64;
-                any = true;
-                i = j;
-            }
-            alive(w, any)?;
+            let any = send_runs(&buf[..n], start + at, w, coder, progress)?;
+            progress.advance(w, n as u64, any)?;
             at += n as u64;
-            done += n as u64;
-            report(link, done, false);
         }
     }
-    // Disks: only the chunks whose digest differs from the secondary's.
+    Ok(())
+}
+
+/// The non-zero pages of `buf` (guest memory from `gpa`) as runs; whether any was sent.
+fn send_runs(
+    buf: &[u8],
+    gpa: u64,
+    w: &mut BufWriter<TcpStream>,
+    coder: &mut Coder,
+    progress: &mut SyncProgress,
+) -> std::io::Result<bool> {
+    let pages: Vec<bool> = buf
+        .chunks_exact(PAGE_SIZE as usize)
+        .map(|p| !is_zero(p))
+        .collect();
+    let mut any = false;
+    let mut i = 0;
+    while i < pages.len() {
+        if !pages[i] {
+            progress.skipped += PAGE_SIZE;
+            i += 1;
+            continue;
+        }
+        let j = (i..pages.len()).find(|&k| !pages[k]).unwrap_or(pages.len());
+        let bytes = &buf[i * PAGE_SIZE as usize..j * PAGE_SIZE as usize];
+        let sent = page_run(w, 0, gpa + i as u64 * PAGE_SIZE, bytes, coder)?;
+        progress.link.stats().bytes_sent += sent as u64;
+        any = true;
+        i = j;
+    }
+    Ok(any)
+}
+
+/// Disks: only the chunks whose digest differs from the secondary's.
+fn send_disks(
+    src: &SyncSource,
+    sizes: &[u64],
+    w: &mut BufWriter<TcpStream>,
+    progress: &mut SyncProgress,
+) -> std::io::Result<()> {
     let mut chunk = vec![0u8; src.chunk as usize];
-    for (d, (file, size)) in src.disks.iter().zip(&disks).enumerate() {
+    for (d, (file, size)) in src.disks.iter().zip(sizes).enumerate() {
         let theirs = src.theirs.get(d);
         let mut offset = 0u64;
         let mut i = 0;
@@ -186,33 +263,17 @@ fn sync(
             file.read_exact_at(&mut chunk[..n], offset)?;
             let same = theirs.and_then(|t| t.get(i)) == Some(&digest::of(&chunk[..n]));
             if same {
-                skipped += n as u64;
+                progress.skipped += n as u64;
             } else {
                 let h = messages::disk_header(d as u32, offset);
                 let sent = wire::write_frame(w, Kind::DiskChunk, 0, &[&h, &chunk[..n]])?;
-                link.stats().bytes_sent += sent as u64;
+                progress.link.stats().bytes_sent += sent as u64;
             }
-            alive(w, !same)?;
+            progress.advance(w, n as u64, !same)?;
             offset += n as u64;
             i += 1;
-            done += n as u64;
-            report(link, done, false);
         }
     }
-    let sent = wire::write_frame(w, Kind::SyncDone, 0, &[])?;
-    w.flush()?;
-    report(link, done, true);
-    let mut s = link.stats();
-    s.bytes_sent += sent as u64;
-    s.sync_skipped_bytes = skipped;
-    s.sync_ms = started.elapsed().as_millis() as u64;
-    s.synced = true;
-    tracing::info!(
-        "initial sync done in {} ms ({} MiB on the wire, {} MiB skipped: zero pages and disk chunks the secondary had)",
-        s.sync_ms,
-        s.bytes_sent >> 20,
-        skipped >> 20
-    );
     Ok(())
 }
 

@@ -75,14 +75,7 @@ pub fn finish(p: Prepared, restore: Option<Continue>) -> Result<Vm, VmError> {
     let fds = create_vcpus(&kvm, &vm_fd, &config, restore_state)?;
     // A guest that boots writes its log to the UART; a restored one has done so.
     if let (None, Some(vcpu)) = (restore_state, fds.first()) {
-        match CoalescedPort::start(&kvm, &vm_fd, vcpu, serial::PORT) {
-            Ok(Some(port)) => serial_dev
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .hold_writes(Box::new(port)),
-            Ok(None) => {}
-            Err(e) => tracing::warn!("console writes exit one by one: {e}"),
-        }
+        hold_console_writes(&kvm, &vm_fd, vcpu, &serial_dev);
     }
     step("vcpus and devices");
     let mut load_alongside = None;
@@ -125,6 +118,19 @@ pub fn finish(p: Prepared, restore: Option<Continue>) -> Result<Vm, VmError> {
         started: finishing,
         cmdline,
     })
+}
+
+/// Lets KVM hold the guest's writes to the UART's data port without an exit, where it
+/// can (see `Serial::hold_writes`).
+fn hold_console_writes(kvm: &Kvm, vm_fd: &Arc<VmFd>, vcpu: &VcpuFd, serial_dev: &Mutex<Serial>) {
+    match CoalescedPort::start(kvm, vm_fd, vcpu, serial::PORT) {
+        Ok(Some(port)) => serial_dev
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .hold_writes(Box::new(port)),
+        Ok(None) => {}
+        Err(e) => tracing::warn!("console writes exit one by one: {e}"),
+    }
 }
 
 /// Waits for the kernel and initrd, writes the boot data, sets the vCPUs up to boot.
