@@ -7,7 +7,7 @@
 #   agent NAME ARGS...                                       mcvmm-agentctl against it
 #   kill_guest NAME                                          SIGKILL to its mcvmm
 #   restore_guest NAME DIR [mcvmm args...]                   continues it from a snapshot
-#   stop_guest NAME                                          SHUTDOWN; waits; prints rc
+#   stop_guest NAME                                          SHUTDOWN; waits; prints rc; fails unless 0
 #   start_pair NAME MEM_MIB PRIMARY_DISKS SECONDARY_DISKS [mcvmm args...]
 #                          a replicating primary and its secondary (see below)
 #   wait_protected NAME    until the primary reports the guest protected
@@ -123,12 +123,19 @@ wait_exit() {
     echo "mcvmm exit status $rc"
 }
 
-# Asks the guest to end, waits for mcvmm, prints its status and log.
+# Asks the guest to end, waits for mcvmm, prints its status and log. A guest that does not
+# end cleanly fails the script, so that its console is kept as evidence and the retry
+# policy reads how it ended.
 stop_guest() {
     name=$1
     agent "$name" shutdown || return 1
     wait_exit "$name"
     cat "$name.log"
+    if [ "$rc" != 0 ]; then
+        echo "$name did not end cleanly; the end of its console:"
+        tail -20 "$name.console"
+        return 1
+    fi
     ip netns del "$name"
 }
 
