@@ -140,10 +140,15 @@ fn soak(o: &Opts) -> Result<(), String> {
         let mut batch = done.iter().map(|r| r.batch + 1).max().unwrap_or(0);
         let started = Instant::now();
         loop {
-            // The emulator with the fewest runs goes next, so that both advance alike.
+            // The emulator with the fewest runs of the chosen cases goes next, so that
+            // both advance alike; runs of other cases in the file do not count.
             let records = read_records(&o.out);
-            let count =
-                |e: Emulator| records.iter().filter(|r| r.emulator == e.name()).count() as u32;
+            let count = |e: Emulator| {
+                records
+                    .iter()
+                    .filter(|r| r.emulator == e.name() && o.cases.contains(&r.case))
+                    .count() as u32
+            };
             let Some(&emulator) = o
                 .emulators
                 .iter()
