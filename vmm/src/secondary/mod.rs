@@ -25,7 +25,8 @@ use serde_json::{json, Value};
 
 use mcvmm_devices::virtio::tap::{Tap, TapError};
 
-use crate::api::{self, Request};
+mod control;
+
 use crate::protect::Hooks;
 use crate::vm::{
     self, Continue, DiskConfig, Prepared, Seams, SerialOut, Source, Vm, VmConfig, VmError,
@@ -247,7 +248,7 @@ fn start_api(path: &PathBuf, shared: &Arc<Shared>) -> Result<(), SecondaryError>
     let s = shared.clone();
     std::thread::Builder::new()
         .name("secondary-api".into())
-        .spawn(move || serve_api(&l, &s))
+        .spawn(move || control::serve(&l, &s))
         .map_err(socket_error)?;
     Ok(())
 }
@@ -543,112 +544,4 @@ pub fn refuse_stale_primaries(listener: TcpListener, generation: u64) {
                 refuse(&stream, &why);
             }
         });
-}
-
-/// The secondary's control socket, with the parser every role uses: `status`,
-/// `failover` and `stop` are answered here; any other request is refused, since no guest
-/// runs here yet.
-fn serve_api(listener: &UnixListener, shared: &Shared) {
-    for conn in listener.incoming() {
-        if !shared.receiving.load(Ordering::SeqCst) {
-            // The device loop's socket takes over (same path, bound anew).
-            return;
-        }
-        let Ok(stream) = conn else { continue };
-        let reply = match api::read_request(&stream) {
-            Request::Status => status(shared),
-            Request::Failover => operator_failover(shared),
-            Request::Stop => {
-                api::reply(&stream, &json!({"ok": true}));
-                tracing::info!("stopped (secondary)");
-                std::process::exit(0);
-            }
-            Request::Invalid(why) => json!({ "error": why }),
-            other => json!({"error": format!(
-                "{}: this is a secondary, no guest runs here yet; known: status, failover, stop",
-                other.name()
-            )}),
-        };
-        api::reply(&stream, &reply);
-    }
-}
-
-fn status(shared: &Shared) -> Value {
-    let p = shared
-        .progress
-        .lock()
-        .unwrap_or_else(PoisonError::into_inner)
-        .clone();
-    let primary = shared
-        .primary
-        .lock()
-        .unwrap_or_else(PoisonError::into_inner)
-        .as_ref()
-        .map(|p| p.0.clone());
-    json!({
-        "role": "secondary",
-        "state": "receiving",
-        "pid": std::process::id(),
-        "protected": p.committed_epoch > 0 && primary.is_some(),
-        "primary": primary,
-        "generation": shared.generation.load(Ordering::SeqCst),
-        "last_committed_epoch": p.committed_epoch,
-        "uptime_ms": shared.started.elapsed().as_millis() as u64,
-        "progress": p,
-    })
-}
-
-/// `ctl failover` on a secondary: the operator says the primary is dead; the connection
-/// to it is cut, and the receiver's end takes over from the last commit.
-fn operator_failover(shared: &Shared) -> Value {
-    let committed = shared
-        .progress
-        .lock()
-        .unwrap_or_else(PoisonError::into_inner)
-        .committed_epoch;
-    let primary = shared
-        .primary
-        .lock()
-        .unwrap_or_else(PoisonError::into_inner);
-    match (&*primary, committed) {
-        (Some((_, s)), c) if c > 0 => {
-            shared.operator_takeover.store(true, Ordering::SeqCst);
-            let _ = s.shutdown(Shutdown::Both);
-            json!({"ok": true, "taking_over_from_epoch": c})
-        }
-        (None, _) => json!({"error": "no primary connected"}),
-        _ => json!({"error": "no checkpoint committed yet: nothing consistent to run"}),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// A secondary's control socket with no primary connected yet.
-    fn control_socket(dir: &tempfile::TempDir) -> PathBuf {
-        let path = dir.path().join("s.sock");
-        let listener = UnixListener::bind(&path).expect("bind");
-        let shared = Arc::new(Shared::new(4));
-        std::thread::spawn(move || serve_api(&listener, &shared));
-        path
-    }
-
-    #[test]
-    fn the_control_socket_answers_what_a_secondary_can_do_and_refuses_the_rest() {
-        let dir = tempfile::tempdir().expect("dir");
-        let sock = control_socket(&dir);
-        let status = api::request(&sock, "status").expect("status");
-        assert_eq!(status["role"], "secondary");
-        assert_eq!(status["generation"], 4);
-        assert_eq!(status["protected"], false);
-        let failover = api::request(&sock, "failover").expect("failover");
-        assert_eq!(failover["error"], "no primary connected");
-        let pause = api::request(&sock, "pause").expect("pause");
-        let why = pause["error"].as_str().expect("an error");
-        assert!(why.starts_with("pause: this is a secondary"), "{why}");
-        let unknown = api::request(&sock, "reboot now").expect("unknown");
-        let why = unknown["error"].as_str().expect("an error");
-        assert!(why.contains("unknown request \"reboot now\""), "{why}");
-    }
 }
