@@ -30,7 +30,7 @@ use mcvmm_checkpoint::snapshot::memory_digest;
 use mcvmm_checkpoint::staging::Staged;
 use mcvmm_replication::disk::file_digest;
 use mcvmm_replication::gate::HeldOutput;
-use mcvmm_replication::primary::{Capture, ForwardedWrites, Link, SyncSource};
+use mcvmm_replication::primary::{Capture, Forwarded, ForwardedWrites, Link, SyncSource};
 use serde_json::{json, Value};
 
 use crate::cycle::{Ahead, Cycle, CycleError, Verifier};
@@ -298,22 +298,7 @@ impl Primary {
             }
         };
         let t = Instant::now();
-        // Still paused: what else belongs to this epoch's checkpoint.
-        let rest = (|| {
-            let digests = if self.verify_next.swap(false, Ordering::SeqCst) {
-                Some(digests(vm)?)
-            } else {
-                None
-            };
-            if let Some(c) = self.check.as_mut().filter(|c| c.verifier.is_none()) {
-                c.verifier = Some(Verifier::new(&vm.mem)?);
-            }
-            // Last, as nothing after them may fail: the disk writes forwarded during
-            // the epoch, and frames sent from now on are the next epoch's.
-            let writes = self.writes.take();
-            self.gate.hold_from(epoch + 1);
-            Ok::<_, PrimaryError>((digests, writes))
-        })();
+        let rest = self.in_pause(vm, epoch);
         if !keep_paused || rest.is_err() {
             vm.vcpus.resume();
         }
@@ -344,6 +329,37 @@ impl Primary {
             disk_digests,
             taken: Instant::now(),
         };
+        self.end_check_if_done();
+        if !self.link.submit(capture) {
+            return Err(PrimaryError::LinkGone);
+        }
+        Ok(epoch)
+    }
+
+    /// What else belongs to this epoch's checkpoint, taken while the guest is still
+    /// paused: the digests asked for, a self-check's verifier, and last (as nothing after
+    /// them may fail) the disk writes forwarded during the epoch; frames sent from now
+    /// on are the next epoch's.
+    fn in_pause(
+        &mut self,
+        vm: &Vm,
+        epoch: u64,
+    ) -> Result<(Option<Digests>, Vec<Forwarded>), PrimaryError> {
+        let digests = if self.verify_next.swap(false, Ordering::SeqCst) {
+            Some(digests(vm)?)
+        } else {
+            None
+        };
+        if let Some(c) = self.check.as_mut().filter(|c| c.verifier.is_none()) {
+            c.verifier = Some(Verifier::new(&vm.mem)?);
+        }
+        let writes = self.writes.take();
+        self.gate.hold_from(epoch + 1);
+        Ok((digests, writes))
+    }
+
+    /// Reports an attached self-check once it has verified the epochs it was asked for.
+    fn end_check_if_done(&mut self) {
         let checked = self
             .check
             .as_ref()
@@ -353,10 +369,6 @@ impl Primary {
                 c.report(self.epoch_ms, None);
             }
         }
-        if !self.link.submit(capture) {
-            return Err(PrimaryError::LinkGone);
-        }
-        Ok(epoch)
     }
 
     /// Ends an attached self-check with `e`, which it returns.
@@ -547,8 +559,11 @@ fn pause_histogram(sorted_us: &[u64]) -> Value {
     Value::Object(m)
 }
 
+/// The digest of all guest memory, and each disk's chunk digests.
+type Digests = (u64, Vec<u64>);
+
 /// Digests of all of memory and of each disk (vCPUs paused), for `ctl verify`.
-fn digests(vm: &Vm) -> Result<(u64, Vec<u64>), PrimaryError> {
+fn digests(vm: &Vm) -> Result<Digests, PrimaryError> {
     let mut disks = Vec::new();
     for d in &vm.config.disks {
         let disk_err = |source| PrimaryError::Disk {
