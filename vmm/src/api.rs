@@ -150,11 +150,7 @@ pub fn status(vm: &Vm) -> Value {
         .iter()
         .map(|d| {
             let t = d.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-            let kind = match t.device().device_type() {
-                mcvmm_devices::virtio::TYPE_BLOCK => "virtio-blk",
-                mcvmm_devices::virtio::TYPE_NET => "virtio-net",
-                _ => "virtio",
-            };
+            let kind = mcvmm_devices::virtio::type_name(t.device().device_type());
             json!({
                 "type": kind,
                 "active": t.is_active(),

@@ -10,7 +10,7 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 
-use mcvmm_checkpoint::persist::{restore_part, save_part, DeviceState, Persist, PersistError};
+use mcvmm_checkpoint::persist::Persist;
 use mcvmm_checkpoint::seams::DiskWriteSink;
 use serde::{Deserialize, Serialize};
 
@@ -345,9 +345,6 @@ impl Persist for Block {
     }
 }
 
-/// The name of a virtio-blk's part within its transport's state.
-const BLOCK_PART: &str = "virtio-blk";
-
 impl VirtioDevice for Block {
     fn device_type(&self) -> u32 {
         TYPE_BLOCK
@@ -428,20 +425,13 @@ impl VirtioDevice for Block {
             "io": self.stats,
         })
     }
-
-    fn save_state(&mut self) -> Result<DeviceState, PersistError> {
-        save_part(BLOCK_PART, self)
-    }
-
-    fn restore_state(&mut self, state: &DeviceState) -> Result<(), PersistError> {
-        restore_part(BLOCK_PART, self, state)
-    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::interrupt::CountingLine;
+    use mcvmm_checkpoint::persist::Part;
     use std::sync::mpsc;
     use std::time::Duration;
 
@@ -563,12 +553,12 @@ mod tests {
 
     #[test]
     fn state_restores_into_a_fresh_disk_device() {
-        let part = disk(4096).save_state().expect("save");
+        let part = disk(4096).save_as("virtio-blk").expect("save");
         let mut fresh = disk(4096);
-        fresh.restore_state(&part).expect("restore");
-        assert_eq!(fresh.save_state().expect("save again"), part);
+        fresh.restore_from("virtio-blk", &part).expect("restore");
+        assert_eq!(fresh.save_as("virtio-blk").expect("save again"), part);
         let mut newer = part;
         newer.version += 1;
-        assert!(fresh.restore_state(&newer).is_err());
+        assert!(fresh.restore_from("virtio-blk", &newer).is_err());
     }
 }

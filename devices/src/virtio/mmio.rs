@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use virtio_queue::{Queue, QueueT};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::{DeviceError, VirtioDevice, VIRTIO_F_VERSION_1};
+use super::{type_name, DeviceError, VirtioDevice, VIRTIO_F_VERSION_1};
 use mcvmm_checkpoint::persist::{DeviceState, Persist};
 use serde::{Deserialize, Serialize};
 
@@ -391,7 +391,7 @@ impl Persist for MmioTransport {
                     }
                 })
                 .collect(),
-            device: self.device.save_state()?,
+            device: self.device.save_as(type_name(self.device.device_type()))?,
         })
     }
 
@@ -426,7 +426,8 @@ impl Persist for MmioTransport {
             };
             queues.push(Queue::try_from(state)?);
         }
-        self.device.restore_state(&s.device)?;
+        self.device
+            .restore_from(type_name(self.device.device_type()), &s.device)?;
         self.queues = queues;
         self.status = s.status;
         self.device_features_sel = s.device_features_sel;

@@ -8,7 +8,7 @@ pub mod tap;
 
 use std::sync::Arc;
 
-use mcvmm_checkpoint::persist::{DeviceState, PersistError};
+use mcvmm_checkpoint::persist::{Part, PersistError};
 use virtio_queue::{DescriptorChain, Queue, QueueT};
 
 use crate::interrupt::Interrupt;
@@ -47,8 +47,20 @@ pub fn drain_queue(
 pub const TYPE_NET: u32 = 1;
 pub const TYPE_BLOCK: u32 = 2;
 
+/// A device type's name, as `status` shows it and as the device's part in a checkpoint
+/// is named.
+pub fn type_name(device_type: u32) -> &'static str {
+    match device_type {
+        TYPE_BLOCK => "virtio-blk",
+        TYPE_NET => "virtio-net",
+        _ => "virtio",
+    }
+}
+
 /// The device half of a virtio device; the transport owns queues and registers.
-pub trait VirtioDevice: Send {
+/// Every device implements [`mcvmm_checkpoint::persist::Persist`] (so it is a [`Part`]):
+/// the transport saves and restores the device's own state with its queues'.
+pub trait VirtioDevice: Send + Part {
     fn device_type(&self) -> u32;
     /// Maximum size of each queue; the number of entries is the number of queues.
     fn queue_max_sizes(&self) -> &[u16];
@@ -89,11 +101,6 @@ pub trait VirtioDevice: Send {
     }
     /// Counters for `status`.
     fn stats(&self) -> serde_json::Value;
-    /// The device's own state for a checkpoint (the transport saves the queues): its
-    /// [`mcvmm_checkpoint::persist::Persist`] state as a part.
-    fn save_state(&mut self) -> Result<DeviceState, PersistError>;
-    /// Continues from a part [`VirtioDevice::save_state`] made, before activation.
-    fn restore_state(&mut self, state: &DeviceState) -> Result<(), PersistError>;
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -12,7 +12,7 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
-use mcvmm_checkpoint::persist::{restore_part, save_part, DeviceState, Persist, PersistError};
+use mcvmm_checkpoint::persist::Persist;
 use mcvmm_checkpoint::seams::OutputGate;
 use serde::{Deserialize, Serialize};
 
@@ -324,9 +324,6 @@ impl Persist for Net {
     }
 }
 
-/// The name of a virtio-net's part within its transport's state.
-const NET_PART: &str = "virtio-net";
-
 impl VirtioDevice for Net {
     fn device_type(&self) -> u32 {
         TYPE_NET
@@ -396,19 +393,12 @@ impl VirtioDevice for Net {
             "io": self.stats,
         })
     }
-
-    fn save_state(&mut self) -> Result<DeviceState, PersistError> {
-        save_part(NET_PART, self)
-    }
-
-    fn restore_state(&mut self, state: &DeviceState) -> Result<(), PersistError> {
-        restore_part(NET_PART, self, state)
-    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use mcvmm_checkpoint::persist::Part;
 
     #[test]
     fn state_restores_into_a_fresh_nic() {
@@ -416,12 +406,12 @@ mod tests {
             let file = std::fs::File::open("/dev/null").expect("/dev/null");
             Net::new(Tap::from_file(file, "test0"), [2, 0, 0, 0, 0, 1])
         };
-        let part = nic().save_state().expect("save");
+        let part = nic().save_as("virtio-net").expect("save");
         let mut fresh = nic();
-        fresh.restore_state(&part).expect("restore");
-        assert_eq!(fresh.save_state().expect("save again"), part);
+        fresh.restore_from("virtio-net", &part).expect("restore");
+        assert_eq!(fresh.save_as("virtio-net").expect("save again"), part);
         let mut block_part = part;
         block_part.name = "virtio-blk".into();
-        assert!(fresh.restore_state(&block_part).is_err());
+        assert!(fresh.restore_from("virtio-net", &block_part).is_err());
     }
 }
