@@ -83,7 +83,7 @@ fn parse() -> Result<Opts, String> {
                                     .into_iter()
                                     .find(|k| k.short() == c)
                                     .ok_or(format!(
-                                "--cases: {c}? (mcvmm-epochs, qemu-pauses, mcvmm-idle, qemu-idle, mcvmm-copies, qemu-migrations)"
+                                "--cases: {c}? (mcvmm-epochs, qemu-pauses, mcvmm-idle, qemu-idle, mcvmm-copies, qemu-migrations, mcvmm-takeovers, mcvmm-reprotects)"
                             ))
                             })
                             .collect::<Result<_, String>>()?
@@ -103,7 +103,8 @@ fn parse() -> Result<Opts, String> {
 }
 
 const USAGE: &str = "usage: mcvmm-soak [--runs N (30)] [--emulators 7.2,10.0] \
-[--cases mcvmm-epochs,qemu-pauses,mcvmm-idle,qemu-idle,mcvmm-copies,qemu-migrations] [--epochs N (1000)] \
+[--cases mcvmm-epochs,qemu-pauses,mcvmm-idle,qemu-idle,mcvmm-copies,qemu-migrations,\
+mcvmm-takeovers,mcvmm-reprotects] [--epochs N (1000)] \
 [--epoch-ms MS (20)] [--idle-secs S (25)] [--out FILE (target/soak/results.jsonl)] [--resume] [--table]";
 
 fn main() {
@@ -221,7 +222,15 @@ fn run_batch(o: &Opts, emulator: Emulator, batch: u32) -> Result<(), String> {
                     let text = out.stdout_text() + &out.stderr_text();
                     pause_median_us = pause_median_us_of(&text);
                     match classify(case, if out.timed_out { 124 } else { out.status }, &text) {
-                        None => (None, String::new(), true),
+                        // A protected run says how far it went and its last sync.
+                        None => (
+                            None,
+                            mcvmm_tests::soak::protection::last_cycle(&text)
+                                .filter(|_| case.protected())
+                                .unwrap_or_default()
+                                .to_string(),
+                            true,
+                        ),
                         Some((sig, detail)) => {
                             keep_evidence(o, emulator, batch, case, &text, &h.console_tail());
                             (Some(sig), detail, false)

@@ -15,6 +15,8 @@
 
 use serde::{Deserialize, Serialize};
 
+pub mod protection;
+
 /// What a run does to its guest.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum Case {
@@ -32,16 +34,26 @@ pub enum Case {
     /// QEMU, migrations into `cat > /dev/null` back to back from its start, the guest
     /// going on after each (see `mcvmm-qmp-pacer --migrations`).
     QemuMigrations,
+    /// mcvmm, a protected guest whose primary is killed again and again: each time the
+    /// secondary takes over and the guest, now running from a restored checkpoint, is
+    /// protected again with a new secondary (the failover drill's path, on one host).
+    McvmmTakeovers,
+    /// The same cycles with the secondary killed instead: the guest that booted is
+    /// protected again each time, never restored. Against `McvmmTakeovers`, it tells
+    /// what a takeover adds to protecting a running guest.
+    McvmmReprotects,
 }
 
 impl Case {
-    pub const ALL: [Case; 6] = [
+    pub const ALL: [Case; 8] = [
         Case::McvmmEpochs,
         Case::QemuPauses,
         Case::McvmmIdle,
         Case::QemuIdle,
         Case::McvmmCopies,
         Case::QemuMigrations,
+        Case::McvmmTakeovers,
+        Case::McvmmReprotects,
     ];
 
     pub fn name(self) -> &'static str {
@@ -52,6 +64,8 @@ impl Case {
             Case::QemuIdle => "QEMU idle",
             Case::McvmmCopies => "mcvmm full copies",
             Case::QemuMigrations => "QEMU migrations",
+            Case::McvmmTakeovers => "mcvmm takeovers",
+            Case::McvmmReprotects => "mcvmm protected again",
         }
     }
 
@@ -64,6 +78,8 @@ impl Case {
             Case::QemuIdle => "qemu-idle",
             Case::McvmmCopies => "mcvmm-copies",
             Case::QemuMigrations => "qemu-migrations",
+            Case::McvmmTakeovers => "mcvmm-takeovers",
+            Case::McvmmReprotects => "mcvmm-reprotects",
         }
     }
 
@@ -81,6 +97,11 @@ impl Case {
     /// Whether the case's work starts with the VMM, before the guest has booted.
     pub fn from_boot(self) -> bool {
         matches!(self, Case::McvmmCopies | Case::QemuMigrations)
+    }
+
+    /// Whether the case runs a protected pair (see [`protection`]).
+    pub fn protected(self) -> bool {
+        matches!(self, Case::McvmmTakeovers | Case::McvmmReprotects)
     }
 }
 
@@ -168,6 +189,9 @@ pub fn script(case: Case, epochs: u32, epoch_ms: u32, idle_secs: u32) -> String 
             "sh -c 'i=0; until [ -S sk.qmp ]; do i=$((i+1)); [ $i -lt 200 ] || exit 7; sleep 0.05; done
              ./mcvmm-qmp-pacer --qmp sk.qmp --migrations {COPIES}'"
         ),
+        Case::McvmmTakeovers | Case::McvmmReprotects => {
+            return protection::script(case == Case::McvmmTakeovers)
+        }
     };
     let look = if case.is_qemu() {
         "timeout 20 ./mcvmm-qmp-pacer --qmp sk.qmp --look".to_string()
@@ -223,8 +247,18 @@ pub fn pauses_limit_secs(epochs: u32, epoch_ms: u32) -> u64 {
     epochs as u64 * (epoch_ms as u64 + 200) / 1000 + 60
 }
 
-/// What a finished run says about its guest: `None` when it came through.
+/// What a finished run says about its guest: `None` when it came through. A protected
+/// case's detail ends with the cycle it had reached.
 pub fn classify(case: Case, status: i32, stdout: &str) -> Option<(Signature, String)> {
+    let (sig, detail) = classify_run(case, status, stdout)?;
+    if !case.protected() {
+        return Some((sig, detail));
+    }
+    let at = protection::last_cycle(stdout).unwrap_or("before the first cycle");
+    Some((sig, format!("{detail} [{at}]")))
+}
+
+fn classify_run(case: Case, status: i32, stdout: &str) -> Option<(Signature, String)> {
     let section = |name: &str| -> &str {
         let marker = format!("== {name}\n");
         stdout
