@@ -15,6 +15,11 @@
 //! while it runs, as mcvmm's full copies (`ctl snapshot`) and its replication's initial
 //! sync do.
 //!
+//! `--migrate-to FILE` migrates the guest once into FILE at `--mib-per-s` (32: about
+//! what mcvmm's initial sync sends in a test host) and leaves QEMU paused, for a new
+//! QEMU to go on from it (`-incoming "exec:cat FILE"`): a restore, as a secondary's
+//! takeover is one.
+//!
 //! `--look` prints each vCPU's `RIP` three times, 1 s apart, for a guest that stopped
 //! answering. Prints one JSON object; exits 1 if QEMU went away or reported the guest
 //! shut down (a triple fault, or a guest kernel that panicked with `panic=-1`).
@@ -95,6 +100,8 @@ struct Args {
     dirty_every: u32,
     idle_secs: u64,
     migrations: u32,
+    migrate_to: Option<String>,
+    mib_per_s: u64,
     look: bool,
     /// Skip reading the vCPUs' state in the pauses (to measure what it costs).
     no_state: bool,
@@ -108,6 +115,8 @@ fn parse() -> Result<Args, String> {
         dirty_every: 55,
         idle_secs: 0,
         migrations: 0,
+        migrate_to: None,
+        mib_per_s: 32,
         look: false,
         no_state: false,
     };
@@ -130,7 +139,9 @@ fn parse() -> Result<Args, String> {
             "--dirty-every" => a.dirty_every = n()?.max(1) as u32,
             "--idle-secs" => a.idle_secs = n()?,
             "--migrations" => a.migrations = n()? as u32,
-            _ => return Err(format!("unknown flag {flag}; usage: mcvmm-qmp-pacer --qmp SOCK (--pauses N [--run-ms MS] [--dirty-every N] | --idle-secs S | --migrations N | --look)")),
+            "--migrate-to" => a.migrate_to = Some(v.clone()),
+            "--mib-per-s" => a.mib_per_s = n()?.max(1),
+            _ => return Err(format!("unknown flag {flag}; usage: mcvmm-qmp-pacer --qmp SOCK (--pauses N [--run-ms MS] [--dirty-every N] | --idle-secs S | --migrations N | --migrate-to FILE [--mib-per-s N] | --look)")),
         }
     }
     if a.qmp.is_empty() {
@@ -164,6 +175,25 @@ fn run(a: &Args, qmp: &mut Qmp, report: &mut Value) -> Result<(), String> {
             qmp.execute("query-status", json!({}))?;
             std::thread::sleep(Duration::from_millis(500));
         }
+        return Ok(());
+    }
+    if let Some(file) = &a.migrate_to {
+        // (The file name goes to a shell: only plain names.)
+        if !file
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "._-/".contains(c))
+        {
+            return Err(format!(
+                "--migrate-to {file:?}: only letters, digits and ._-/"
+            ));
+        }
+        qmp.execute(
+            "migrate-set-parameters",
+            json!({ "max-bandwidth": a.mib_per_s << 20 }),
+        )?;
+        let t = Instant::now();
+        migrate_once(qmp, &format!("exec:cat > {file}"))?;
+        report["migration_ms"] = json!(t.elapsed().as_millis() as u64);
         return Ok(());
     }
     if a.migrations > 0 {
@@ -209,24 +239,32 @@ fn run(a: &Args, qmp: &mut Qmp, report: &mut Value) -> Result<(), String> {
     Ok(())
 }
 
+/// One migration to `uri`, until QEMU says it completed (the source is paused then).
+fn migrate_once(qmp: &mut Qmp, uri: &str) -> Result<(), String> {
+    qmp.execute("migrate", json!({ "uri": uri }))?;
+    loop {
+        if let Some(ev) = qmp.shutdown_event() {
+            return Err(format!("guest shut down while migrating: {}", ev["data"]));
+        }
+        let status = qmp.execute("query-migrate", json!({}))?;
+        match status["status"].as_str() {
+            Some("completed") => return Ok(()),
+            Some("failed") | Some("cancelled") => return Err(format!("migration: {status}")),
+            _ => std::thread::sleep(Duration::from_millis(100)),
+        }
+    }
+}
+
 /// Migrates the guest `n` times into `cat > /dev/null`, letting it run on after each.
 fn migrate(n: u32, qmp: &mut Qmp, report: &mut Value) -> Result<(), String> {
     let mut total_ms = Vec::new();
     for i in 0..n {
         let t = Instant::now();
-        qmp.execute("migrate", json!({ "uri": "exec:cat > /dev/null" }))?;
-        loop {
-            if qmp.shutdown_event().is_some() {
-                return Ok(());
-            }
-            let status = qmp.execute("query-migrate", json!({}))?;
-            match status["status"].as_str() {
-                Some("completed") => break,
-                Some("failed") | Some("cancelled") => {
-                    return Err(format!("migration {}: {status}", i + 1))
-                }
-                _ => std::thread::sleep(Duration::from_millis(100)),
-            }
+        match migrate_once(qmp, "exec:cat > /dev/null") {
+            Ok(()) => {}
+            // The caller reads the shutdown from the events.
+            Err(_) if qmp.shutdown_event().is_some() => return Ok(()),
+            Err(e) => return Err(format!("migration {}: {e}", i + 1)),
         }
         // A migrated source stays paused; it goes on as if nothing had happened.
         qmp.execute("cont", json!({}))?;

@@ -83,7 +83,7 @@ fn parse() -> Result<Opts, String> {
                                     .into_iter()
                                     .find(|k| k.short() == c)
                                     .ok_or(format!(
-                                "--cases: {c}? (mcvmm-epochs, qemu-pauses, mcvmm-idle, qemu-idle, mcvmm-copies, qemu-migrations, mcvmm-takeovers, mcvmm-reprotects)"
+                                "--cases: {c}? (mcvmm-epochs, qemu-pauses, mcvmm-idle, qemu-idle, mcvmm-copies, qemu-migrations, mcvmm-takeovers, mcvmm-reprotects, qemu-restores)"
                             ))
                             })
                             .collect::<Result<_, String>>()?
@@ -104,7 +104,7 @@ fn parse() -> Result<Opts, String> {
 
 const USAGE: &str = "usage: mcvmm-soak [--runs N (30)] [--emulators 7.2,10.0] \
 [--cases mcvmm-epochs,qemu-pauses,mcvmm-idle,qemu-idle,mcvmm-copies,qemu-migrations,\
-mcvmm-takeovers,mcvmm-reprotects] [--epochs N (1000)] \
+mcvmm-takeovers,mcvmm-reprotects,qemu-restores] [--epochs N (1000)] \
 [--epoch-ms MS (20)] [--idle-secs S (25)] [--out FILE (target/soak/results.jsonl)] [--resume] [--table]";
 
 fn main() {

@@ -42,10 +42,13 @@ pub enum Case {
     /// protected again each time, never restored. Against `McvmmTakeovers`, it tells
     /// what a takeover adds to protecting a running guest.
     McvmmReprotects,
+    /// QEMU, migrated into a file and going on from it in a new QEMU again and again
+    /// (see [`protection`]): QEMU's side of `McvmmTakeovers`.
+    QemuRestores,
 }
 
 impl Case {
-    pub const ALL: [Case; 8] = [
+    pub const ALL: [Case; 9] = [
         Case::McvmmEpochs,
         Case::QemuPauses,
         Case::McvmmIdle,
@@ -54,6 +57,7 @@ impl Case {
         Case::QemuMigrations,
         Case::McvmmTakeovers,
         Case::McvmmReprotects,
+        Case::QemuRestores,
     ];
 
     pub fn name(self) -> &'static str {
@@ -66,6 +70,7 @@ impl Case {
             Case::QemuMigrations => "QEMU migrations",
             Case::McvmmTakeovers => "mcvmm takeovers",
             Case::McvmmReprotects => "mcvmm protected again",
+            Case::QemuRestores => "QEMU restores",
         }
     }
 
@@ -80,13 +85,14 @@ impl Case {
             Case::QemuMigrations => "qemu-migrations",
             Case::McvmmTakeovers => "mcvmm-takeovers",
             Case::McvmmReprotects => "mcvmm-reprotects",
+            Case::QemuRestores => "qemu-restores",
         }
     }
 
     pub fn is_qemu(self) -> bool {
         matches!(
             self,
-            Case::QemuPauses | Case::QemuIdle | Case::QemuMigrations
+            Case::QemuPauses | Case::QemuIdle | Case::QemuMigrations | Case::QemuRestores
         )
     }
 
@@ -101,7 +107,10 @@ impl Case {
 
     /// Whether the case runs a protected pair (see [`protection`]).
     pub fn protected(self) -> bool {
-        matches!(self, Case::McvmmTakeovers | Case::McvmmReprotects)
+        matches!(
+            self,
+            Case::McvmmTakeovers | Case::McvmmReprotects | Case::QemuRestores
+        )
     }
 }
 
@@ -192,6 +201,7 @@ pub fn script(case: Case, epochs: u32, epoch_ms: u32, idle_secs: u32) -> String 
         Case::McvmmTakeovers | Case::McvmmReprotects => {
             return protection::script(case == Case::McvmmTakeovers)
         }
+        Case::QemuRestores => return protection::qemu_script(),
     };
     let look = if case.is_qemu() {
         "timeout 20 ./mcvmm-qmp-pacer --qmp sk.qmp --look".to_string()
