@@ -104,6 +104,9 @@ pub struct KillAt {
 #[derive(Debug)]
 pub enum RoundFailure {
     Start(String),
+    /// Protecting the running guest again failed: it was lost (or the protection failed)
+    /// before it was protected, in its initial sync.
+    Sync(String),
     Check(String),
     /// A check failed and the guest that took over had crashed, or stopped taking
     /// interrupts, by itself (mcvmm on the secondary says so). After a takeover that is
@@ -115,6 +118,7 @@ impl std::fmt::Display for RoundFailure {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             RoundFailure::Start(e) => write!(f, "the protected guest did not get ready: {e}"),
+            RoundFailure::Sync(e) => write!(f, "protecting the running guest again: {e}"),
             RoundFailure::Check(e) => f.write_str(e),
             RoundFailure::GuestCrashed(e) => {
                 write!(f, "the guest that took over crashed or hung by itself: {e}")
@@ -158,7 +162,7 @@ fn prepare(
     run: u64,
     before: u64,
     opts: &Options,
-) -> Result<Prepared, String> {
+) -> Result<Prepared, RoundFailure> {
     let records = || {
         agent(
             ns,
@@ -167,10 +171,9 @@ fn prepare(
     };
     let t = Instant::now();
     if let Some(host) = chain.running_on.take() {
-        let sync = protect_again(lab, host)
-            .map_err(|e| format!("protecting the running guest again: {e}"))?;
+        let sync = protect_again(lab, host).map_err(RoundFailure::Sync)?;
         let protected_ms = t.elapsed().as_millis() as u64;
-        records()?;
+        records().map_err(RoundFailure::Start)?;
         return Ok(Prepared {
             primary: host,
             protected_ms,
@@ -181,11 +184,16 @@ fn prepare(
             ),
         });
     }
-    start_pair(lab, opts.guest_mem_mib, "").map_err(|e| format!("{e}\n{}", console_tails(lab)))?;
-    let protected_ms = t.elapsed().as_millis() as u64;
-    agent(ns, &["--wait", "60", "ping"])?;
-    agent(ns, &["mem-start", "16", "2000"])?;
-    records()?;
+    let start = || -> Result<u64, String> {
+        start_pair(lab, opts.guest_mem_mib, "")
+            .map_err(|e| format!("{e}\n{}", console_tails(lab)))?;
+        let protected_ms = t.elapsed().as_millis() as u64;
+        agent(ns, &["--wait", "60", "ping"])?;
+        agent(ns, &["mem-start", "16", "2000"])?;
+        records()?;
+        Ok(protected_ms)
+    };
+    let protected_ms = start().map_err(RoundFailure::Start)?;
     Ok(Prepared {
         primary: PRIMARY,
         protected_ms,
@@ -237,7 +245,7 @@ pub fn round(
         protected_ms,
         again: protected_again,
         how,
-    } = prepare(lab, ns, chain, run, before, opts).map_err(RoundFailure::Start)?;
+    } = prepare(lab, ns, chain, run, before, opts)?;
     let ready_ms = started.elapsed().as_millis() as u64;
     let (pn, secondary) = (NODE[primary], other(primary));
     let sn = NODE[secondary];
@@ -507,6 +515,7 @@ pub fn run(opts: &Options, log: &mut dyn FnMut(&str)) -> Result<Vec<Round>, Stri
             Ok(r) => r,
             Err(e) => {
                 let phase = match e {
+                    RoundFailure::Sync(_) => Phase::Sync,
                     RoundFailure::Start(_) if !after_takeover => Phase::Boot,
                     _ => Phase::AfterTakeover,
                 };

@@ -10,8 +10,10 @@
 //! * a guest of QEMU (the reference VMM) that was lost: no code of mcvmm's ran;
 //! * a guest lost with a signature that the soak (`mcvmm-soak`, docs/lab-notes.md) shows
 //!   QEMU losing guests with, at a comparable rate, in a comparable phase
-//!   ([`LAB_LOSSES`]). A guest lost after a restore or a takeover has no QEMU
-//!   counterpart in the soak and is never retried on that ground;
+//!   ([`LAB_LOSSES`]). That includes a guest lost in a protection's initial sync, a
+//!   taken-over one too: the soak loses guests there whether they took over or not, and
+//!   QEMU loses restored guests while migrating them. Any other loss after a restore or
+//!   a takeover is never retried on that ground;
 //! * a vCPU found holding the test host's own registers (its `rip` at the host's VMRUN),
 //!   in any phase: the emulated SVM wrote them there, no VMM can.
 
@@ -37,6 +39,9 @@ pub enum Phase {
     Epochs,
     AfterRestore,
     AfterTakeover,
+    /// A protection's initial sync, until the guest is protected: its memory copied
+    /// while it runs with the dirty log on (a guest booted or one that took over).
+    Sync,
     /// The test cannot tell.
     Unknown,
 }
@@ -49,6 +54,7 @@ impl Phase {
             "epochs" | "protected" => Phase::Epochs,
             "after-restore" => Phase::AfterRestore,
             "after-takeover" => Phase::AfterTakeover,
+            "sync" => Phase::Sync,
             _ => Phase::Unknown,
         }
     }
@@ -77,22 +83,28 @@ pub enum Cause {
 /// Guest losses the soak showed under QEMU about as often as under mcvmm, with the
 /// phases they may be retried in (docs/lab-notes.md, "The soak"): a QEMU guest reset
 /// itself (a triple fault: its QEMU reported `guest-reset` with no panic on the console)
-/// while booting, and one under the pause rhythm, as often as mcvmm's guests under
-/// epochs; a QEMU guest never answered at boot. Nothing else has been shown the lab's.
+/// while booting, under the pause rhythm as often as mcvmm's guests under epochs, and
+/// while being migrated, restored or not, as often per copy as mcvmm's guests in the
+/// initial syncs of their protections, taken over or not; a QEMU guest never answered at
+/// boot. Nothing else has been shown the lab's.
 pub const LAB_LOSSES: &[(Signature, &[Phase])] = &[
-    (Signature::TripleFault, &[Phase::Boot, Phase::Epochs]),
+    (
+        Signature::TripleFault,
+        &[Phase::Boot, Phase::Epochs, Phase::Sync],
+    ),
     (Signature::NoBoot, &[Phase::Boot]),
     (Signature::StuckAfterVmrun, &ANY_PHASE),
 ];
 
 /// A vCPU that holds the test host's own registers (`guest::stuck_vcpu`) is the
 /// emulator's whatever the guest was doing: no VMM ever has those registers to write.
-const ANY_PHASE: [Phase; 6] = [
+const ANY_PHASE: [Phase; 7] = [
     Phase::Boot,
     Phase::Running,
     Phase::Epochs,
     Phase::AfterRestore,
     Phase::AfterTakeover,
+    Phase::Sync,
     Phase::Unknown,
 ];
 
@@ -212,6 +224,12 @@ mod tests {
         let lost = |signature, phase| Cause::GuestLost { signature, phase };
         assert!(is_the_labs(&lost(Signature::TripleFault, Phase::Epochs)));
         assert!(!is_the_labs(&lost(Signature::MemoryCorrupt, Phase::Epochs)));
+        // A triple fault in a protection's initial sync is, taken over or not.
+        assert!(is_the_labs(&lost(Signature::TripleFault, Phase::Sync)));
+        assert!(!is_the_labs(&lost(
+            Signature::StoppedAnswering,
+            Phase::Sync
+        )));
         // Guest losses that could be a restore's or a takeover's are never the lab's,
         // but for a vCPU holding the test host's registers, which no VMM can write.
         for (signature, phases) in LAB_LOSSES {

@@ -140,7 +140,9 @@ cycles() {{
 end() {{ kill -9 $(cat sk.pid 2>/dev/null) 2>/dev/null; wait; rm -f sk.state; ip netns del sk; }}
 dump() {{
   echo '== vmm'
-  if kill -0 $(cat sk.pid) 2>/dev/null; then echo vmm_alive=1; else echo vmm_alive=0; fi
+  # A QEMU whose guest reset itself closes its monitor first and exits a moment later.
+  i=0; while kill -0 $(cat sk.pid) 2>/dev/null && [ ! -S sk.qmp ] && [ $i -lt 50 ]; do i=$((i+1)); sleep 0.1; done
+  if kill -0 $(cat sk.pid) 2>/dev/null; then echo vmm_alive=1; else wait $(cat sk.pid); echo \"vmm_alive=0 vmm_status=$?\"; fi
   echo '== look'; timeout 20 ./mcvmm-qmp-pacer --qmp sk.qmp --look 2>&1
   echo '== log'; tail -40 sk.log; echo '== console'; tail -60 sk.console; }}
 qemu || {{ echo '== no boot'; dump; end; exit 3; }}
