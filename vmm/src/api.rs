@@ -16,6 +16,7 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use serde::Serialize;
 use serde_json::{json, Value};
 
 use crate::epochs;
@@ -82,9 +83,111 @@ impl Request {
     }
 }
 
-/// Writes the one-line JSON reply of a request.
-pub fn reply(mut stream: &UnixStream, value: &Value) {
-    let _ = writeln!(stream, "{value}");
+/// `"ok": true` in an answer.
+#[derive(Debug, Clone, Copy)]
+pub struct Yes;
+
+impl Serialize for Yes {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_bool(true)
+    }
+}
+
+/// What a request that succeeded gets back: one JSON object on the wire.
+#[derive(Debug, Serialize)]
+#[serde(untagged)]
+pub enum Answer {
+    /// `stop`, `resume`.
+    Done {
+        ok: Yes,
+    },
+    Paused {
+        ok: Yes,
+        pause_us: u64,
+    },
+    /// `verify`: the checkpoint that will carry the digests.
+    Verifying {
+        ok: Yes,
+        epoch: u64,
+    },
+    /// A primary's planned `failover`.
+    HandedOver {
+        ok: Yes,
+        handed_over_at_epoch: u64,
+    },
+    /// A secondary's `failover`: it takes over from its last commit.
+    TakingOver {
+        ok: Yes,
+        taking_over_from_epoch: u64,
+    },
+    Protecting {
+        ok: Yes,
+        secondary: String,
+        generation: u64,
+        syncing: bool,
+    },
+    Vcpus {
+        vcpus: Vec<Value>,
+    },
+    /// A report its own module builds (`status`, `snapshot`, `epochs`, `selfcheck`).
+    Report(Value),
+}
+
+impl Answer {
+    pub fn done() -> Answer {
+        Answer::Done { ok: Yes }
+    }
+}
+
+/// Why a request was refused or failed; the client gets `{"error": "<this>"}`.
+#[derive(Debug, thiserror::Error)]
+pub enum Refusal {
+    /// Not understood (see [`read_request`]).
+    #[error("{0}")]
+    Invalid(String),
+    #[error("already paused")]
+    AlreadyPaused,
+    #[error("not paused")]
+    NotPaused,
+    #[error("resume the VM first")]
+    ResumeFirst,
+    #[error("not a replicating primary")]
+    NotPrimary,
+    #[error("not a replicating primary: nothing to fail over to")]
+    NothingToFailOverTo,
+    /// Something else holds what the request needs (the dirty log, a connection).
+    #[error("{0}")]
+    Busy(String),
+    #[error(
+        "{request}: this is a secondary, no guest runs here yet; known: status, failover, stop"
+    )]
+    NotOnSecondary { request: &'static str },
+    #[error("no primary connected")]
+    NoPrimary,
+    #[error("no checkpoint committed yet: nothing consistent to run")]
+    NothingCommitted,
+    /// The work was tried and failed; the reason is the work's own error.
+    #[error("{0}")]
+    Failed(String),
+}
+
+impl Refusal {
+    pub fn busy(why: impl Into<String>) -> Refusal {
+        Refusal::Busy(why.into())
+    }
+
+    pub fn failed(e: impl std::fmt::Display) -> Refusal {
+        Refusal::Failed(e.to_string())
+    }
+}
+
+/// Writes the one-line JSON reply of a request: the answer, or `{"error": why}`.
+pub fn answer(mut stream: &UnixStream, result: Result<Answer, Refusal>) {
+    let line = match result {
+        Ok(a) => serde_json::to_value(a).unwrap_or_else(|e| json!({ "error": e.to_string() })),
+        Err(e) => json!({ "error": e.to_string() }),
+    };
+    let _ = writeln!(stream, "{line}");
 }
 
 const KNOWN: &str = "status, stop, pause, resume, snapshot DIR [incremental], \
@@ -223,6 +326,39 @@ mod tests {
         ));
         assert_eq!(parse("selfcheck 10 20").name(), "selfcheck");
         assert_eq!(parse("epochs 10 20").name(), "epochs");
+    }
+
+    /// The line a client reads for `result`.
+    fn answered(result: Result<Answer, Refusal>) -> Value {
+        let (client, server) = UnixStream::pair().expect("socket pair");
+        answer(&server, result);
+        let mut line = String::new();
+        BufReader::new(&client).read_line(&mut line).expect("read");
+        serde_json::from_str(&line).expect("JSON")
+    }
+
+    #[test]
+    fn answers_keep_the_shape_clients_read() {
+        assert_eq!(answered(Ok(Answer::done())), json!({"ok": true}));
+        assert_eq!(
+            answered(Ok(Answer::Paused {
+                ok: Yes,
+                pause_us: 7
+            })),
+            json!({"ok": true, "pause_us": 7})
+        );
+        assert_eq!(
+            answered(Ok(Answer::Report(json!({"state": "running"})))),
+            json!({"state": "running"})
+        );
+        assert_eq!(
+            answered(Err(Refusal::NotOnSecondary { request: "pause" })),
+            json!({"error": "pause: this is a secondary, no guest runs here yet; known: status, failover, stop"})
+        );
+        assert_eq!(
+            answered(Err(Refusal::failed("disk full"))),
+            json!({"error": "disk full"})
+        );
     }
 
     #[test]

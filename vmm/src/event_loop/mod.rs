@@ -15,7 +15,7 @@ use vmm_sys_util::timerfd::TimerFd;
 
 mod requests;
 
-use crate::api::reply;
+use crate::api::{answer, Answer, Refusal, Yes};
 use crate::epochs::{EpochRun, PAUSE_LIMIT};
 use crate::primary::{EpochClock, Primary};
 use crate::protect::{Pending, Protectable};
@@ -376,7 +376,7 @@ impl<'a> DeviceLoop<'a> {
                 report["error"] = json!(e.to_string());
             }
             if let Ok(s) = stream {
-                reply(&s, &report);
+                answer(&s, Ok(Answer::Report(report)));
             }
         }
         Ok(())
@@ -391,17 +391,20 @@ impl<'a> DeviceLoop<'a> {
         let peer = p.peer.clone();
         let refuse = cannot_protect(self.paused, self.log_owner());
         let (result, reply_to) = p.finish(self.vm, self.protectable, refuse);
-        match result {
+        let outcome = match result {
             Ok(primary) => {
                 self.clock.start(&primary)?;
                 *self.role = Role::Primary(Box::new(primary));
-                reply(
-                    &reply_to,
-                    &json!({"ok": true, "secondary": peer, "generation": self.protectable.generation, "syncing": true}),
-                );
+                Ok(Answer::Protecting {
+                    ok: Yes,
+                    secondary: peer,
+                    generation: self.protectable.generation,
+                    syncing: true,
+                })
             }
-            Err(e) => reply(&reply_to, &json!({"error": e.to_string()})),
-        }
+            Err(e) => Err(Refusal::failed(e)),
+        };
+        answer(&reply_to, outcome);
         Ok(())
     }
 

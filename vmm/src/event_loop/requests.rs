@@ -8,8 +8,7 @@ use mcvmm_checkpoint::dirty::Sources;
 use serde_json::json;
 
 use super::{cannot_protect, vcpu_summaries, DeviceLoop, LogOwner, Role};
-use crate::api::reply;
-use crate::api::{self, Request};
+use crate::api::{self, answer, Answer, Refusal, Request, Yes};
 use crate::epochs::{self, EpochRun, Mode, PAUSE_LIMIT};
 use crate::protect;
 use crate::snapshot;
@@ -36,72 +35,88 @@ impl DeviceLoop<'_> {
         request: Request,
         stream: UnixStream,
     ) -> std::io::Result<Option<ExitReason>> {
-        match request {
+        let now = match request {
             Request::Stop => {
-                reply(&stream, &json!({"ok": true}));
+                answer(&stream, Ok(Answer::done()));
                 return Ok(Some(ExitReason::Stopped));
             }
-            Request::Pause => self.pause(&stream)?,
-            Request::Resume => self.resume(&stream)?,
-            Request::Epochs(req) => self.epochs(req, stream)?,
-            Request::Snapshot { dir, incremental } => self.snapshot(&dir, incremental, &stream),
-            Request::Verify => match &*self.role {
-                Role::Primary(p) => {
-                    let epoch = p.verify_next();
-                    reply(&stream, &json!({"ok": true, "epoch": epoch}))
+            Request::Failover => match self.failover() {
+                Ok(epoch) => {
+                    answer(
+                        &stream,
+                        Ok(Answer::HandedOver {
+                            ok: Yes,
+                            handed_over_at_epoch: epoch,
+                        }),
+                    );
+                    return Ok(Some(ExitReason::HandedOver(epoch)));
                 }
-                _ => reply(&stream, &json!({"error": "not a replicating primary"})),
+                Err(e) => Err(e),
             },
-            Request::Failover => return Ok(self.failover(&stream)),
-            Request::Vcpus => {
-                let v = match vcpu_summaries(self.vm, self.paused) {
-                    Ok(v) => json!({"vcpus": v}),
-                    Err(e) => json!({"error": e.to_string()}),
-                };
-                reply(&stream, &v);
+            Request::Pause => self.pause()?,
+            Request::Resume => self.resume()?,
+            Request::Snapshot { dir, incremental } => self.snapshot(&dir, incremental),
+            Request::Verify => match &*self.role {
+                Role::Primary(p) => Ok(Answer::Verifying {
+                    ok: Yes,
+                    epoch: p.verify_next(),
+                }),
+                _ => Err(Refusal::NotPrimary),
+            },
+            Request::Vcpus => vcpu_summaries(self.vm, self.paused)
+                .map(|vcpus| Answer::Vcpus { vcpus })
+                .map_err(Refusal::failed),
+            Request::Status => Ok(Answer::Report(self.status())),
+            Request::Invalid(why) => Err(Refusal::Invalid(why)),
+            // These answer later, when their work is done, unless refused now.
+            Request::Epochs(req) => match self.epochs(req, &stream)? {
+                Some(refused) => Err(refused),
+                None => return Ok(None),
+            },
+            Request::Protect { peer, generation } => {
+                match self.protect(peer, generation, &stream)? {
+                    Some(refused) => Err(refused),
+                    None => return Ok(None),
+                }
             }
-            Request::Status => self.status(&stream),
-            Request::Protect { peer, generation } => self.protect(peer, generation, stream)?,
-            Request::Invalid(why) => reply(&stream, &json!({"error": why})),
-        }
+        };
+        answer(&stream, now);
         Ok(None)
     }
 
-    fn pause(&mut self, stream: &UnixStream) -> std::io::Result<()> {
+    fn pause(&mut self) -> std::io::Result<Result<Answer, Refusal>> {
         if self.paused {
-            reply(stream, &json!({"error": "already paused"}));
-            return Ok(());
+            return Ok(Err(Refusal::AlreadyPaused));
         }
         let t0 = Instant::now();
-        match self.vm.vcpus.pause(PAUSE_LIMIT) {
-            Ok(()) => {
-                self.park_devices(true)?;
-                self.paused = true;
-                reply(
-                    stream,
-                    &json!({"ok": true, "pause_us": t0.elapsed().as_micros() as u64}),
-                );
-            }
-            Err(e) => reply(stream, &json!({"error": e.to_string()})),
+        if let Err(e) = self.vm.vcpus.pause(PAUSE_LIMIT) {
+            return Ok(Err(Refusal::failed(e)));
         }
-        Ok(())
+        self.park_devices(true)?;
+        self.paused = true;
+        Ok(Ok(Answer::Paused {
+            ok: Yes,
+            pause_us: t0.elapsed().as_micros() as u64,
+        }))
     }
 
-    fn resume(&mut self, stream: &UnixStream) -> std::io::Result<()> {
+    fn resume(&mut self) -> std::io::Result<Result<Answer, Refusal>> {
         if !self.paused {
-            reply(stream, &json!({"error": "not paused"}));
-            return Ok(());
+            return Ok(Err(Refusal::NotPaused));
         }
         self.vm.vcpus.resume();
         self.park_devices(false)?;
         self.paused = false;
-        reply(stream, &json!({"ok": true}));
-        Ok(())
+        Ok(Ok(Answer::done()))
     }
 
     /// `epochs` and `selfcheck`: a run of their own, or on a primary the self-check on its
-    /// own checkpoints.
-    fn epochs(&mut self, req: epochs::Request, stream: UnixStream) -> std::io::Result<()> {
+    /// own checkpoints. Returns why not, or nothing: the run answers when it ends.
+    fn epochs(
+        &mut self,
+        req: epochs::Request,
+        stream: &UnixStream,
+    ) -> std::io::Result<Option<Refusal>> {
         let refused = match (self.log_owner(), &mut *self.role) {
             (LogOwner::Replication, Role::Primary(p)) => match req.mode {
                 Mode::Check(Sources::GuestAndVmm) => p.attach_check(req.epochs, stream.try_clone()?).err(),
@@ -115,68 +130,50 @@ impl DeviceLoop<'_> {
                         self.epoch_timer.reset(c.interval, None)?;
                         self.epochs = Some(c);
                     }
-                    Err(e) => reply(&stream, &json!({"error": e.to_string()})),
+                    Err(e) => return Ok(Some(Refusal::failed(e))),
                 }
                 None
             }
             _ => Some("the VM is paused, epochs run already, or snapshots track dirty pages"),
         };
-        if let Some(why) = refused {
-            reply(&stream, &json!({"error": why}));
-        }
-        Ok(())
+        Ok(refused.map(Refusal::busy))
     }
 
-    fn snapshot(&mut self, dir: &Path, incremental: bool, stream: &UnixStream) {
-        let refused = match self.log_owner() {
+    fn snapshot(&mut self, dir: &Path, incremental: bool) -> Result<Answer, Refusal> {
+        match self.log_owner() {
             LogOwner::Replication => {
-                Some("replication owns dirty tracking: no snapshots or epoch runs on a primary")
+                return Err(Refusal::busy(
+                    "replication owns dirty tracking: no snapshots or epoch runs on a primary",
+                ))
             }
-            LogOwner::Epochs => Some("epochs are running; snapshot after them"),
-            LogOwner::Nobody | LogOwner::Snapshots => None,
-        };
-        if let Some(why) = refused {
-            reply(stream, &json!({"error": why}));
-            return;
-        }
-        match snapshot::take(self.vm, &mut self.snaps, dir, incremental, self.paused) {
-            Ok(v) => {
-                tracing::info!(
-                    "snapshot {} ({}, {} pages, pause {:.1} ms)",
-                    dir.display(),
-                    v["kind"],
-                    v["pages"],
-                    v["pause_ms"].as_f64().unwrap_or(0.0)
-                );
-                reply(stream, &v)
+            LogOwner::Epochs => {
+                return Err(Refusal::busy("epochs are running; snapshot after them"))
             }
-            Err(e) => reply(
-                stream,
-                &json!({"error": format!("snapshot {}: {e}", dir.display())}),
-            ),
+            LogOwner::Nobody | LogOwner::Snapshots => {}
         }
+        let v = snapshot::take(self.vm, &mut self.snaps, dir, incremental, self.paused)
+            .map_err(|e| Refusal::Failed(format!("snapshot {}: {e}", dir.display())))?;
+        tracing::info!(
+            "snapshot {} ({}, {} pages, pause {:.1} ms)",
+            dir.display(),
+            v["kind"],
+            v["pages"],
+            v["pause_ms"].as_f64().unwrap_or(0.0)
+        );
+        Ok(Answer::Report(v))
     }
 
-    /// A planned switch; the loop ends when the secondary took the guest over.
-    fn failover(&mut self, stream: &UnixStream) -> Option<ExitReason> {
+    /// A planned switch: the epoch at which the secondary took the guest over (the loop
+    /// ends then).
+    fn failover(&mut self) -> Result<u64, Refusal> {
         match &mut *self.role {
-            Role::Primary(p) if !self.paused => match p.hand_over(self.vm) {
-                Ok(epoch) => {
-                    reply(stream, &json!({"ok": true, "handed_over_at_epoch": epoch}));
-                    return Some(ExitReason::HandedOver(epoch));
-                }
-                Err(e) => reply(stream, &json!({"error": e.to_string()})),
-            },
-            Role::Primary(_) => reply(stream, &json!({"error": "resume the VM first"})),
-            _ => reply(
-                stream,
-                &json!({"error": "not a replicating primary: nothing to fail over to"}),
-            ),
+            Role::Primary(p) if !self.paused => p.hand_over(self.vm).map_err(Refusal::failed),
+            Role::Primary(_) => Err(Refusal::ResumeFirst),
+            _ => Err(Refusal::NothingToFailOverTo),
         }
-        None
     }
 
-    fn status(&self, stream: &UnixStream) {
+    fn status(&self) -> serde_json::Value {
         let mut v = api::status(self.vm);
         v["state"] = json!(if self.paused { "paused" } else { "running" });
         self.role.status(&mut v);
@@ -187,16 +184,17 @@ impl DeviceLoop<'_> {
         if let Some(p) = &self.pending {
             v["connecting_to_secondary"] = json!(p.peer);
         }
-        reply(stream, &v);
+        v
     }
 
-    /// Starts connecting to a new secondary off the loop; `on_connected` finishes.
+    /// Starts connecting to a new secondary off the loop (`on_connected` finishes and
+    /// answers), or says why not.
     fn protect(
         &mut self,
         peer: String,
         generation: Option<u64>,
-        stream: UnixStream,
-    ) -> std::io::Result<()> {
+        stream: &UnixStream,
+    ) -> std::io::Result<Option<Refusal>> {
         let busy = match &*self.role {
             Role::Primary(p) if !p.link.is_lost() => {
                 Some("already protected (`status` names its secondary)".to_string())
@@ -209,20 +207,18 @@ impl DeviceLoop<'_> {
                 .map(|p| format!("already connecting to a secondary at {}", p.peer))
         })
         .or_else(|| cannot_protect(self.paused, self.log_owner()).map(str::to_string));
-        match busy {
-            Some(why) => reply(&stream, &json!({"error": why})),
-            None => {
-                let generation = generation.unwrap_or(self.protectable.generation);
-                self.pending = Some(protect::connect(
-                    self.vm,
-                    self.protectable,
-                    peer,
-                    generation,
-                    stream,
-                    self.connected.try_clone()?,
-                ));
-            }
+        if let Some(why) = busy {
+            return Ok(Some(Refusal::Busy(why)));
         }
-        Ok(())
+        let generation = generation.unwrap_or(self.protectable.generation);
+        self.pending = Some(protect::connect(
+            self.vm,
+            self.protectable,
+            peer,
+            generation,
+            stream.try_clone()?,
+            self.connected.try_clone()?,
+        ));
+        Ok(None)
     }
 }

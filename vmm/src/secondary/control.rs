@@ -8,7 +8,7 @@ use std::sync::PoisonError;
 use serde_json::{json, Value};
 
 use super::Shared;
-use crate::api::{self, Request};
+use crate::api::{self, Answer, Refusal, Request, Yes};
 
 /// The secondary's control socket, with the parser every role uses: `status`,
 /// `failover` and `stop` are answered here; any other request is refused, since no guest
@@ -20,21 +20,20 @@ pub(super) fn serve(listener: &UnixListener, shared: &Shared) {
             return;
         }
         let Ok(stream) = conn else { continue };
-        let reply = match api::read_request(&stream) {
-            Request::Status => status(shared),
+        let outcome = match api::read_request(&stream) {
+            Request::Status => Ok(Answer::Report(status(shared))),
             Request::Failover => operator_failover(shared),
             Request::Stop => {
-                api::reply(&stream, &json!({"ok": true}));
+                api::answer(&stream, Ok(Answer::done()));
                 tracing::info!("stopped (secondary)");
                 std::process::exit(0);
             }
-            Request::Invalid(why) => json!({ "error": why }),
-            other => json!({"error": format!(
-                "{}: this is a secondary, no guest runs here yet; known: status, failover, stop",
-                other.name()
-            )}),
+            Request::Invalid(why) => Err(Refusal::Invalid(why)),
+            other => Err(Refusal::NotOnSecondary {
+                request: other.name(),
+            }),
         };
-        api::reply(&stream, &reply);
+        api::answer(&stream, outcome);
     }
 }
 
@@ -65,7 +64,7 @@ fn status(shared: &Shared) -> Value {
 
 /// `ctl failover` on a secondary: the operator says the primary is dead; the connection
 /// to it is cut, and the receiver's end takes over from the last commit.
-fn operator_failover(shared: &Shared) -> Value {
+fn operator_failover(shared: &Shared) -> Result<Answer, Refusal> {
     let committed = shared
         .progress
         .lock()
@@ -79,10 +78,13 @@ fn operator_failover(shared: &Shared) -> Value {
         (Some((_, s)), c) if c > 0 => {
             shared.operator_takeover.store(true, Ordering::SeqCst);
             let _ = s.shutdown(Shutdown::Both);
-            json!({"ok": true, "taking_over_from_epoch": c})
+            Ok(Answer::TakingOver {
+                ok: Yes,
+                taking_over_from_epoch: c,
+            })
         }
-        (None, _) => json!({"error": "no primary connected"}),
-        _ => json!({"error": "no checkpoint committed yet: nothing consistent to run"}),
+        (None, _) => Err(Refusal::NoPrimary),
+        _ => Err(Refusal::NothingCommitted),
     }
 }
 
