@@ -4,6 +4,7 @@
 //! and the state itself, so this crate never needs to know the devices' types, and a
 //! device whose state type changes says so by its version instead of being misread.
 
+use bincode::Options;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
@@ -34,9 +35,10 @@ pub struct DeviceState {
     pub name: String,
     /// The [`Persist::STATE_VERSION`] it was saved with.
     pub version: u32,
-    /// The device's [`Persist::State`] as JSON: self-describing, so that the binary wire
-    /// codec can carry any device's state without knowing its type.
-    pub data: String,
+    /// The device's [`Persist::State`] encoded on its own (bincode, see [`codec`]), so
+    /// that the checkpoint carries any device's state without knowing its type. Encoding
+    /// runs in every pause: a compact binary codec, not a textual one.
+    pub data: Vec<u8>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -60,12 +62,24 @@ pub enum PersistError {
     #[error("{name}: the checkpoint's state does not decode: {source}")]
     Decode {
         name: String,
-        source: serde_json::Error,
+        source: bincode::Error,
     },
     #[error("the checkpoint has state for {found} where {expected} was expected")]
     Name { expected: String, found: String },
     #[error("the checkpoint has no state for {0}")]
     Missing(String),
+}
+
+/// Largest state a part may decode to: devices keep registers and queue positions, not
+/// data; a part claiming more came from a corrupt or hostile source.
+const PART_LIMIT: u64 = 1 << 20;
+
+/// The codec of a part's data: bincode with a size limit, since parts are read from
+/// files and from the wire, and trailing bytes refused.
+fn codec() -> impl Options {
+    bincode::DefaultOptions::new()
+        .with_limit(PART_LIMIT)
+        .reject_trailing_bytes()
 }
 
 /// Saves `device` as the part named `name`.
@@ -74,7 +88,7 @@ pub fn save_part<P: Persist>(name: &str, device: &mut P) -> Result<DeviceState, 
         name: name.to_string(),
         source: Box::new(e),
     })?;
-    let data = serde_json::to_string(&state).map_err(|e| PersistError::Save {
+    let data = codec().serialize(&state).map_err(|e| PersistError::Save {
         name: name.to_string(),
         source: Box::new(e),
     })?;
@@ -105,10 +119,12 @@ pub fn restore_part<P: Persist>(
             known: P::STATE_VERSION,
         });
     }
-    let state: P::State = serde_json::from_str(&part.data).map_err(|e| PersistError::Decode {
-        name: name.to_string(),
-        source: e,
-    })?;
+    let state: P::State = codec()
+        .deserialize(&part.data)
+        .map_err(|e| PersistError::Decode {
+            name: name.to_string(),
+            source: e,
+        })?;
     device.restore(&state).map_err(|e| PersistError::Restore {
         name: name.to_string(),
         source: Box::new(e),
@@ -215,11 +231,13 @@ mod tests {
     #[test]
     fn state_that_does_not_decode_or_fit_is_refused() {
         let mut part = save_part("counter", &mut counter(7)).expect("save");
-        part.data = "{\"count\": \"seven\"}".into();
+        part.data = vec![0xff];
         let mut fresh = counter(0);
         let e = restore_part("counter", &mut fresh, &part).expect_err("bad data");
         assert!(matches!(e, PersistError::Decode { .. }), "{e}");
-        part.data = "{\"count\": 11}".into();
+        part.data = codec()
+            .serialize(&CounterState { count: 11 })
+            .expect("encode");
         let e = restore_part("counter", &mut fresh, &part).expect_err("over the limit");
         assert!(e.to_string().contains("over the limit"), "{e}");
         assert_eq!(fresh, counter(0));

@@ -13,8 +13,8 @@ use crate::persist::DeviceState;
 
 /// Version of the state types and of the snapshot layout (2: memory checksums and digests
 /// are taken chunk by chunk; 3: devices' states are parts named and versioned by each
-/// device).
-pub const FORMAT_VERSION: u32 = 3;
+/// device; 4: a part's data is bincode, not JSON).
+pub const FORMAT_VERSION: u32 = 4;
 
 /// What a VM must look like for a checkpoint to fit it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -105,11 +105,11 @@ pub fn finish(p: Prepared, restore: Option<Continue>) -> Result<Vm, VmError> {
         steps.push(("kernel load alongside", ms));
     }
     log_started(&steps, restore_state.is_some(), started, finishing);
+    let parts = device_parts(&serial_dev, &i8042_dev, &devices);
     Ok(Vm {
+        parts,
         config,
         shape,
-        serial: serial_dev,
-        i8042: i8042_dev,
         vm_fd,
         mem,
         devices,

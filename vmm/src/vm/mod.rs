@@ -190,8 +190,6 @@ pub(crate) fn kvm_call(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> 
 pub struct Vm {
     pub config: VmConfig,
     pub shape: VmShape,
-    pub serial: Arc<Mutex<Serial>>,
-    pub i8042: Arc<Mutex<I8042>>,
     pub vm_fd: Arc<VmFd>,
     pub mem: GuestMemory,
     pub devices: Vec<Arc<Mutex<MmioTransport>>>,
@@ -199,12 +197,15 @@ pub struct Vm {
     pub exit: Arc<VmExit>,
     pub started: Instant,
     pub cmdline: String,
+    /// [`device_parts`] of this VM, made once: every checkpoint's pause saves them, and
+    /// building the list there costs the guest time.
+    pub parts: Vec<(String, SharedPart)>,
 }
 
 impl Vm {
     /// [`device_parts`] of this VM.
-    pub fn device_parts(&self) -> Vec<(String, SharedPart)> {
-        device_parts(&self.serial, &self.i8042, &self.devices)
+    pub fn device_parts(&self) -> &[(String, SharedPart)] {
+        &self.parts
     }
 }
 
