@@ -66,8 +66,9 @@ pub fn finish(p: Prepared, restore: Option<Continue>) -> Result<Vm, VmError> {
     let out = serial_out(&config.serial)?;
     let serial_dev = Arc::new(Mutex::new(Serial::new(serial_irq, out)));
     pio.insert(serial::PORT, serial::PORT_LEN, serial_dev.clone())?;
+    let parts = device_parts(&serial_dev, &i8042_dev, &devices);
     if let Some(s) = restore_state {
-        restore_devices(s, &device_parts(&serial_dev, &i8042_dev, &devices))?;
+        restore_devices(s, &parts)?;
     }
     if let Some(tap) = announce_on {
         announce(tap, config.mac)?;
@@ -105,7 +106,6 @@ pub fn finish(p: Prepared, restore: Option<Continue>) -> Result<Vm, VmError> {
         steps.push(("kernel load alongside", ms));
     }
     log_started(&steps, restore_state.is_some(), started, finishing);
-    let parts = device_parts(&serial_dev, &i8042_dev, &devices);
     Ok(Vm {
         parts,
         config,

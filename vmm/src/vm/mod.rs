@@ -199,7 +199,7 @@ pub struct Vm {
     pub cmdline: String,
     /// [`device_parts`] of this VM, made once: every checkpoint's pause saves them, and
     /// building the list there costs the guest time.
-    pub parts: Vec<(String, SharedPart)>,
+    parts: Vec<(String, SharedPart)>,
 }
 
 impl Vm {
