@@ -64,6 +64,8 @@ pub enum PersistError {
         name: String,
         source: bincode::Error,
     },
+    #[error("{name}: the checkpoint's state is {len} bytes, over the limit of {PART_LIMIT}")]
+    TooLarge { name: String, len: usize },
     #[error("the checkpoint has state for {found} where {expected} was expected")]
     Name { expected: String, found: String },
     #[error("the checkpoint has no state for {0}")]
@@ -74,8 +76,8 @@ pub enum PersistError {
 /// data; a part claiming more came from a corrupt or hostile source.
 const PART_LIMIT: u64 = 1 << 20;
 
-/// The codec of a part's data: bincode with a size limit, since parts are read from
-/// files and from the wire, and trailing bytes refused.
+/// The codec of a part's data: bincode, trailing bytes refused. The limit bounds what
+/// is saved; a part read back is bounded by [`restore_part`]'s size check.
 fn codec() -> impl Options {
     bincode::DefaultOptions::new()
         .with_limit(PART_LIMIT)
@@ -117,6 +119,13 @@ pub fn restore_part<P: Persist>(
             name: name.to_string(),
             found: part.version,
             known: P::STATE_VERSION,
+        });
+    }
+    // bincode bounds a decode from a slice by the slice alone, not by the codec's limit.
+    if part.data.len() as u64 > PART_LIMIT {
+        return Err(PersistError::TooLarge {
+            name: name.to_string(),
+            len: part.data.len(),
         });
     }
     let state: P::State = codec()
@@ -241,6 +250,56 @@ mod tests {
         let e = restore_part("counter", &mut fresh, &part).expect_err("over the limit");
         assert!(e.to_string().contains("over the limit"), "{e}");
         assert_eq!(fresh, counter(0));
+    }
+
+    #[test]
+    fn trailing_bytes_after_a_state_are_refused() {
+        let mut part = save_part("counter", &mut counter(7)).expect("save");
+        part.data.push(0);
+        let mut fresh = counter(0);
+        let e = restore_part("counter", &mut fresh, &part).expect_err("trailing byte");
+        assert!(matches!(e, PersistError::Decode { .. }), "{e}");
+        assert_eq!(fresh, counter(0));
+    }
+
+    #[test]
+    fn a_state_claiming_more_than_the_limit_is_refused_before_it_is_read() {
+        #[derive(Default)]
+        struct Blob(Vec<u8>);
+        impl Persist for Blob {
+            type State = Vec<u8>;
+            type Error = std::convert::Infallible;
+            const STATE_VERSION: u32 = 1;
+            fn save(&mut self) -> Result<Vec<u8>, Self::Error> {
+                Ok(self.0.clone())
+            }
+            fn restore(&mut self, s: &Vec<u8>) -> Result<(), Self::Error> {
+                self.0 = s.clone();
+                Ok(())
+            }
+        }
+        // A length prefix of 2^40 bytes with nothing after it: refused, without an
+        // allocation of that size.
+        let mut data = vec![253u8];
+        data.extend_from_slice(&(1u64 << 40).to_le_bytes());
+        let part = DeviceState {
+            name: "blob".into(),
+            version: 1,
+            data,
+        };
+        let e = restore_part("blob", &mut Blob::default(), &part).expect_err("huge");
+        assert!(matches!(e, PersistError::Decode { .. }), "{e}");
+        // The same with the bytes there: refused by its size.
+        let over = PART_LIMIT as usize + 1;
+        let mut data = vec![253u8];
+        data.extend_from_slice(&(over as u64).to_le_bytes());
+        data.resize(data.len() + over, 0);
+        let part = DeviceState { data, ..part };
+        let e = restore_part("blob", &mut Blob::default(), &part).expect_err("over");
+        assert!(matches!(e, PersistError::TooLarge { .. }), "{e}");
+        // A state over the limit cannot be saved either: it would not restore.
+        let e = save_part("blob", &mut Blob(vec![0; PART_LIMIT as usize + 1])).expect_err("big");
+        assert!(matches!(e, PersistError::Save { .. }), "{e}");
     }
 
     #[test]
