@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 /// than being skipped without a word.
 pub trait Persist {
     /// The saved state: plain data, versioned by [`Persist::STATE_VERSION`].
-    type State: Serialize + DeserializeOwned;
+    type State: Serialize + DeserializeOwned + Send + 'static;
     type Error: std::error::Error + Send + Sync + 'static;
     /// Changes whenever [`Persist::State`] changes shape or meaning.
     const STATE_VERSION: u32;
@@ -36,8 +36,8 @@ pub struct DeviceState {
     /// The [`Persist::STATE_VERSION`] it was saved with.
     pub version: u32,
     /// The device's [`Persist::State`] encoded on its own (bincode, see [`codec`]), so
-    /// that the checkpoint carries any device's state without knowing its type. Encoding
-    /// runs in every pause: a compact binary codec, not a textual one.
+    /// that the checkpoint carries any device's state without knowing its type. Encoded
+    /// for every checkpoint: a compact binary codec, not a textual one.
     pub data: Vec<u8>,
 }
 
@@ -84,21 +84,53 @@ fn codec() -> impl Options {
         .reject_trailing_bytes()
 }
 
-/// Saves `device` as the part named `name`.
-pub fn save_part<P: Persist>(name: &str, device: &mut P) -> Result<DeviceState, PersistError> {
+/// A device's state as saved in a pause, typed: encoding it into its [`DeviceState`]
+/// waits until the guest runs again, as it costs more than the save itself.
+pub trait Captured: Send {
+    fn encode(self: Box<Self>) -> Result<DeviceState, PersistError>;
+}
+
+struct Typed<S> {
+    name: String,
+    version: u32,
+    state: S,
+}
+
+impl<S: Serialize + Send> Captured for Typed<S> {
+    fn encode(self: Box<Self>) -> Result<DeviceState, PersistError> {
+        let data = codec()
+            .serialize(&self.state)
+            .map_err(|e| PersistError::Save {
+                name: self.name.clone(),
+                source: Box::new(e),
+            })?;
+        Ok(DeviceState {
+            name: self.name,
+            version: self.version,
+            data,
+        })
+    }
+}
+
+/// Saves `device`, the part named `name`, to be encoded later.
+pub fn capture_part<P: Persist>(
+    name: &str,
+    device: &mut P,
+) -> Result<Box<dyn Captured>, PersistError> {
     let state = device.save().map_err(|e| PersistError::Save {
         name: name.to_string(),
         source: Box::new(e),
     })?;
-    let data = codec().serialize(&state).map_err(|e| PersistError::Save {
-        name: name.to_string(),
-        source: Box::new(e),
-    })?;
-    Ok(DeviceState {
+    Ok(Box::new(Typed {
         name: name.to_string(),
         version: P::STATE_VERSION,
-        data,
-    })
+        state,
+    }))
+}
+
+/// Saves `device` as the part named `name`.
+pub fn save_part<P: Persist>(name: &str, device: &mut P) -> Result<DeviceState, PersistError> {
+    capture_part(name, device)?.encode()
 }
 
 /// Restores `device`, named `name`, from `part`: refused, with `device` untouched, when
@@ -145,6 +177,8 @@ pub fn restore_part<P: Persist>(
 pub trait Part {
     /// [`save_part`] of this device.
     fn save_as(&mut self, name: &str) -> Result<DeviceState, PersistError>;
+    /// [`capture_part`] of this device.
+    fn capture_as(&mut self, name: &str) -> Result<Box<dyn Captured>, PersistError>;
     /// [`restore_part`] of this device.
     fn restore_from(&mut self, name: &str, part: &DeviceState) -> Result<(), PersistError>;
 }
@@ -152,6 +186,10 @@ pub trait Part {
 impl<P: Persist> Part for P {
     fn save_as(&mut self, name: &str) -> Result<DeviceState, PersistError> {
         save_part(name, self)
+    }
+
+    fn capture_as(&mut self, name: &str) -> Result<Box<dyn Captured>, PersistError> {
+        capture_part(name, self)
     }
 
     fn restore_from(&mut self, name: &str, part: &DeviceState) -> Result<(), PersistError> {
@@ -216,6 +254,16 @@ mod tests {
         restore_part("counter", &mut fresh, &part).expect("restore");
         assert_eq!(fresh, counter(7));
         assert_eq!(save_part("counter", &mut fresh).expect("save again"), part);
+    }
+
+    #[test]
+    fn a_part_captured_now_and_encoded_later_is_the_state_of_its_capture() {
+        let mut c = counter(7);
+        let captured = c.capture_as("counter").expect("capture");
+        c.count = 9;
+        let part = captured.encode().expect("encode");
+        assert_eq!(part, save_part("counter", &mut counter(7)).expect("save"));
+        assert_ne!(part, save_part("counter", &mut c).expect("save now"));
     }
 
     #[test]

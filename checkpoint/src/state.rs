@@ -9,7 +9,7 @@ use kvm_bindings::{
 };
 use serde::{Deserialize, Serialize};
 
-use crate::persist::DeviceState;
+use crate::persist::{Captured, DeviceState, PersistError};
 
 /// Version of the state types and of the snapshot layout (2: memory checksums and digests
 /// are taken chunk by chunk; 3: devices' states are parts named and versioned by each
@@ -123,4 +123,28 @@ pub struct MachineState {
     pub vm: VmState,
     /// Every device's state, as each device saves it (see [`crate::persist`]).
     pub devices: Vec<DeviceState>,
+}
+
+/// A [`MachineState`] as captured in a pause: the devices' states not yet encoded.
+pub struct CapturedState {
+    pub cmdline: String,
+    pub vcpus: Vec<VcpuState>,
+    pub vm: VmState,
+    pub devices: Vec<Box<dyn Captured>>,
+}
+
+impl CapturedState {
+    /// Encodes the devices' states: after the pause, with the guest running.
+    pub fn encode(self) -> Result<MachineState, PersistError> {
+        Ok(MachineState {
+            cmdline: self.cmdline,
+            vcpus: self.vcpus,
+            vm: self.vm,
+            devices: self
+                .devices
+                .into_iter()
+                .map(|d| d.encode())
+                .collect::<Result<_, _>>()?,
+        })
+    }
 }

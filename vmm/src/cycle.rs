@@ -11,7 +11,7 @@ use mcvmm_checkpoint::dirty::{DirtyError, DirtySet, DirtyTracker};
 use mcvmm_checkpoint::shadow::{Shadow, ShadowError};
 use mcvmm_checkpoint::snapshot::{FullSnapshot, SnapshotError};
 use mcvmm_checkpoint::staging::Staged;
-use mcvmm_checkpoint::state::MachineState;
+use mcvmm_checkpoint::state::CapturedState;
 use mcvmm_checkpoint::GuestMemory;
 
 use crate::epochs::PAUSE_LIMIT;
@@ -208,7 +208,7 @@ pub struct Ended {
     pub steps: Steps,
     /// Pages of each round ahead.
     pub rounds: Vec<u64>,
-    pub state: Option<MachineState>,
+    pub state: Option<CapturedState>,
     /// The sets the epoch was made of, for a job that cannot use them after all to give
     /// back to the tracker ([`DirtyTracker::give_back`]).
     pub sets: Vec<DirtySet>,
@@ -259,7 +259,7 @@ impl Cycle {
         mut verifier: Option<&mut Verifier>,
         (sets, rounds_pages): (&mut Vec<DirtySet>, &mut Vec<u64>),
         s: &mut Steps,
-    ) -> Result<Option<MachineState>, CycleError> {
+    ) -> Result<Option<CapturedState>, CycleError> {
         let t = Instant::now();
         let (rounds, done_pages) = match self.ahead {
             Ahead::None => (0, 0),
@@ -306,7 +306,7 @@ impl Cycle {
             s.copy = t.elapsed().as_micros() as u64;
             let t = Instant::now();
             let state = if self.capture {
-                Some(crate::snapshot::machine_state(vm)?)
+                Some(crate::snapshot::capture_state(vm)?)
             } else {
                 None
             };

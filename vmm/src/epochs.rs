@@ -239,7 +239,10 @@ impl EpochRun {
             paused: false,
         };
         let ended = cycle.run(vm, &mut self.tracker, pages, self.verifier.as_mut())?;
-        std::hint::black_box(&ended.state);
+        // Encoded after the pause, as a primary does.
+        if let Some(state) = ended.state {
+            std::hint::black_box(state.encode().map_err(crate::snapshot::StateError::from)?);
+        }
         self.steps.push(ended.steps);
         self.done += 1;
         Ok(self.done >= self.epochs)

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use mcvmm_checkpoint::dirty::{DirtyError, DirtyTracker};
 use mcvmm_checkpoint::persist::{Persist, PersistError};
 use mcvmm_checkpoint::snapshot::{begin_full, write_incremental, FullSnapshot, SnapshotError};
-use mcvmm_checkpoint::state::MachineState;
+use mcvmm_checkpoint::state::CapturedState;
 use serde_json::{json, Value};
 
 use crate::cycle::{Ahead, Cycle, CycleError, KeepSet, Pages};
@@ -72,9 +72,10 @@ impl Snapshots {
 }
 
 /// Captures all but RAM: vCPUs, in-kernel devices, every device. The vCPUs must be paused.
-pub fn machine_state(vm: &Vm) -> Result<MachineState, StateError> {
+/// The devices' states are encoded later ([`CapturedState::encode`]), once the guest runs.
+pub fn capture_state(vm: &Vm) -> Result<CapturedState, StateError> {
     let vcpus = vm.vcpus.save(PAUSE_LIMIT)?;
-    Ok(MachineState {
+    Ok(CapturedState {
         cmdline: vm.cmdline.clone(),
         vcpus,
         vm: InKernel(&vm.vm_fd).save()?,
@@ -84,7 +85,7 @@ pub fn machine_state(vm: &Vm) -> Result<MachineState, StateError> {
             .map(|(name, d)| {
                 d.lock()
                     .unwrap_or_else(PoisonError::into_inner)
-                    .save_as(name)
+                    .capture_as(name)
             })
             .collect::<Result<_, _>>()?,
     })
@@ -191,7 +192,9 @@ fn take_one(
     let written = ended.map_err(TakeError::from).and_then(|ended| {
         let state = ended
             .state
-            .ok_or(TakeError::Internal("no state captured"))?;
+            .ok_or(TakeError::Internal("no state captured"))?
+            .encode()
+            .map_err(StateError::from)?;
         let written = match keep.0.take() {
             Some(set) => {
                 let parent = snaps.last.as_deref().ok_or(TakeError::NoParent)?;

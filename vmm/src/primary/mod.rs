@@ -57,6 +57,8 @@ pub enum PrimaryError {
     NotTracking,
     #[error("the epoch's cycle captured no machine state")]
     NoState,
+    #[error("encoding the devices' states: {0}")]
+    Encode(#[from] mcvmm_checkpoint::persist::PersistError),
     #[error(transparent)]
     Cycle(#[from] CycleError),
     #[error("the self-check's copy of memory: {0}")]
@@ -302,7 +304,13 @@ impl Primary {
         if !keep_paused || rest.is_err() {
             vm.vcpus.resume();
         }
-        let (digests, writes) = match rest {
+        let pause = ended.steps.pause + t.elapsed().as_micros() as u64;
+        // The devices' states are encoded with the guest running again.
+        let encoded = ended
+            .state
+            .ok_or(PrimaryError::NoState)
+            .and_then(|s| Ok(s.encode()?));
+        let ((digests, writes), state) = match rest.and_then(|r| Ok((r, encoded?))) {
             Ok(r) => r,
             Err(e) => {
                 if let Some(tracker) = self.tracker.as_mut() {
@@ -313,7 +321,7 @@ impl Primary {
                 return Err(self.failed(e));
             }
         };
-        self.record_pause(ended.steps.pause + t.elapsed().as_micros() as u64);
+        self.record_pause(pause);
         self.epoch += 1;
         let (memory_digest, disk_digests) = match digests {
             Some((m, d)) => (Some(m), Some(d)),
@@ -323,7 +331,7 @@ impl Primary {
             epoch,
             addrs: staged.addrs,
             data: staged.data,
-            state: ended.state.ok_or(PrimaryError::NoState)?,
+            state,
             writes,
             memory_digest,
             disk_digests,
