@@ -11,7 +11,7 @@
 //! and `stop` (see `secondary`). `vcpus` tells where each vCPU executes and what its
 //! LAPIC holds: the first look at a guest that stopped answering.
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -194,14 +194,23 @@ const KNOWN: &str = "status, stop, pause, resume, snapshot DIR [incremental], \
                      selfcheck EPOCHS INTERVAL_MS [guest-only], epochs EPOCHS INTERVAL_MS, \
                      verify, failover, vcpus, protect HOST:PORT [GENERATION]";
 
+/// The longest request line read (a snapshot's directory is the longest part).
+const REQUEST_LIMIT: u64 = 4096;
+
 /// Reads the request line of a connection just accepted (short timeouts: the device loop
 /// waits for it).
 pub fn read_request(stream: &UnixStream) -> Request {
     let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
     let _ = stream.set_write_timeout(Some(Duration::from_secs(2)));
     let mut line = String::new();
-    if BufReader::new(stream).read_line(&mut line).is_err() {
+    if BufReader::new(stream.take(REQUEST_LIMIT))
+        .read_line(&mut line)
+        .is_err()
+    {
         return Request::Invalid("no request line within 2 s".into());
+    }
+    if !line.ends_with('\n') && line.len() as u64 == REQUEST_LIMIT {
+        return Request::Invalid(format!("a request line is at most {REQUEST_LIMIT} bytes"));
     }
     let words: Vec<&str> = line.split_whitespace().collect();
     match words.as_slice() {
@@ -308,6 +317,15 @@ mod tests {
         let mut w = &client;
         writeln!(w, "{line}").expect("write");
         read_request(&server)
+    }
+
+    #[test]
+    fn a_request_line_longer_than_the_limit_is_refused_unread() {
+        let long = format!("snapshot /{}", "d".repeat(10_000));
+        match parse(&long) {
+            Request::Invalid(why) => assert!(why.contains("at most 4096 bytes"), "{why}"),
+            other => panic!("{} accepted", other.name()),
+        }
     }
 
     #[test]

@@ -3,6 +3,7 @@
 mod api;
 mod boot;
 mod coalesced;
+mod control;
 mod cycle;
 mod epochs;
 mod event_loop;
@@ -14,6 +15,7 @@ mod primary;
 mod protect;
 mod secondary;
 mod snapshot;
+mod subscriber;
 mod vcpu;
 mod vcpu_state;
 mod vm;
@@ -27,6 +29,7 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand};
 
+use crate::control::ControlServer;
 use crate::event_loop::Role;
 use crate::vcpu::ExitReason;
 use crate::vm::{DiskConfig, SerialOut, Source, VmConfig};
@@ -265,17 +268,8 @@ fn shape_of(cfg: &VmConfig) -> anyhow::Result<VmShape> {
     })
 }
 
-fn bind_api(path: Option<&PathBuf>) -> anyhow::Result<Option<std::os::unix::net::UnixListener>> {
-    match path {
-        Some(p) => {
-            let _ = std::fs::remove_file(p);
-            Ok(Some(
-                std::os::unix::net::UnixListener::bind(p)
-                    .with_context(|| format!("control socket {}", p.display()))?,
-            ))
-        }
-        None => Ok(None),
-    }
+fn bind_control(path: Option<&PathBuf>) -> anyhow::Result<Option<ControlServer>> {
+    Ok(path.map(|p| ControlServer::bind(p)).transpose()?)
 }
 
 /// Connects to the secondary and agrees on the VM, before the VM is built: the first
@@ -341,17 +335,9 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     } else {
         None
     };
-    let api = bind_api(api_sock.as_ref())?;
-    let vm = match vm::build(cfg, snapshot.as_ref(), hooks.seams()) {
-        Ok(vm) => vm,
-        Err(e) => {
-            // Nothing was started: leave no socket that suggests otherwise.
-            if let Some(p) = &api_sock {
-                let _ = std::fs::remove_file(p);
-            }
-            return Err(e.into());
-        }
-    };
+    // Dropped with its socket file if the VM cannot be built: nothing suggests otherwise.
+    let control = bind_control(api_sock.as_ref())?;
+    let vm = vm::build(cfg, snapshot.as_ref(), hooks.seams())?;
     drop(snapshot);
     let role = match connection {
         Some(c) => Role::Primary(Box::new(c.into_primary(&vm, &hooks, &settings, None)?)),
@@ -363,14 +349,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         generation: args.generation,
         took_over: None,
     };
-    finish(
-        &vm,
-        &signals,
-        api.as_ref(),
-        api_sock.as_ref(),
-        role,
-        protectable,
-    )
+    finish(&vm, &signals, control, role, protectable)
 }
 
 fn run_secondary(args: RunArgs) -> anyhow::Result<()> {
@@ -389,19 +368,21 @@ fn run_secondary(args: RunArgs) -> anyhow::Result<()> {
             }
         })
     };
-    let took = secondary::run(secondary::SecondaryConfig {
-        listen: args.listen.clone().context("--secondary needs --listen")?,
-        disks: disk_configs(&args.disk),
-        tap: args.tap.clone(),
-        serial: serial_out(&args.serial),
-        api_sock: args.api_sock.clone(),
-        timeout: Duration::from_millis(args.failover_timeout_ms),
-        generation: args.generation.saturating_sub(1),
-    })?;
+    let control = bind_control(args.api_sock.as_ref())?;
+    let took = secondary::run(
+        secondary::SecondaryConfig {
+            listen: args.listen.clone().context("--secondary needs --listen")?,
+            disks: disk_configs(&args.disk),
+            tap: args.tap.clone(),
+            serial: serial_out(&args.serial),
+            timeout: Duration::from_millis(args.failover_timeout_ms),
+            generation: args.generation.saturating_sub(1),
+        },
+        control,
+    )?;
     running.store(true, std::sync::atomic::Ordering::SeqCst);
     let _ = watcher.join();
     secondary::refuse_stale_primaries(took.listener, took.generation);
-    let api = bind_api(args.api_sock.as_ref())?;
     let protectable = protect::Protectable {
         hooks: took.hooks,
         settings: settings(&args),
@@ -411,8 +392,7 @@ fn run_secondary(args: RunArgs) -> anyhow::Result<()> {
     finish(
         &took.vm,
         &signals,
-        api.as_ref(),
-        args.api_sock.as_ref(),
+        took.control,
         Role::TookOver,
         protectable,
     )
@@ -422,16 +402,13 @@ fn run_secondary(args: RunArgs) -> anyhow::Result<()> {
 fn finish(
     vm: &vm::Vm,
     signals: &event_loop::SignalFd,
-    api: Option<&std::os::unix::net::UnixListener>,
-    api_sock: Option<&PathBuf>,
+    control: Option<ControlServer>,
     mut role: Role,
     mut protectable: protect::Protectable,
 ) -> anyhow::Result<()> {
-    let reason =
-        event_loop::run(vm, signals, api, &mut role, &mut protectable).context("device loop")?;
-    if let Some(p) = api_sock {
-        let _ = std::fs::remove_file(p);
-    }
+    let reason = event_loop::run(vm, signals, control.as_ref(), &mut role, &mut protectable)
+        .context("device loop")?;
+    drop(control);
     use std::io::Write;
     let _ = std::io::stdout().flush();
     match reason {

@@ -17,12 +17,10 @@ use crate::vcpu::ExitReason;
 impl DeviceLoop<'_> {
     /// Serves every connection waiting on the control socket.
     pub(super) fn on_api(&mut self) -> std::io::Result<Option<ExitReason>> {
-        let Some(l) = self.api else {
+        let Some(control) = self.api else {
             return Ok(None);
         };
-        while let Ok((stream, _)) = l.accept() {
-            let _ = stream.set_nonblocking(false);
-            let request = api::read_request(&stream);
+        while let Some((stream, request)) = control.next() {
             if let Some(reason) = self.on_request(request, stream)? {
                 return Ok(Some(reason));
             }

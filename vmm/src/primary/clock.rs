@@ -1,12 +1,13 @@
 //! When a primary's epochs end: the device loop's timers and the link's progress event.
 
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
 
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use vmm_sys_util::timerfd::TimerFd;
 
 use super::Primary;
+use crate::subscriber::{Registry, Source, Subscriber, Wake};
 use crate::vm::Vm;
 
 /// The device loop's clock for a primary's epochs: a timer for `epoch_ms` after each
@@ -20,6 +21,19 @@ pub struct EpochClock {
     link_progress: EventFd,
 }
 
+impl Subscriber for EpochClock {
+    /// The regular timer, the early timer and the link's progress event (all sent, or
+    /// an ack).
+    fn register(&self, r: &Registry) -> std::io::Result<()> {
+        r.watch(self.regular.as_raw_fd(), Source::Clock(Wake::Regular))?;
+        r.watch(self.early.as_raw_fd(), Source::Clock(Wake::Early))?;
+        r.watch(
+            self.link_progress.as_raw_fd(),
+            Source::Clock(Wake::LinkProgress),
+        )
+    }
+}
+
 impl EpochClock {
     pub fn new() -> std::io::Result<EpochClock> {
         Ok(EpochClock {
@@ -29,16 +43,6 @@ impl EpochClock {
             early_at: None,
             link_progress: EventFd::new(EFD_NONBLOCK)?,
         })
-    }
-
-    /// The regular timer, the early timer and the link's progress event (all sent, or
-    /// an ack), for the device loop's epoll.
-    pub fn fds(&self) -> [RawFd; 3] {
-        [
-            self.regular.as_raw_fd(),
-            self.early.as_raw_fd(),
-            self.link_progress.as_raw_fd(),
-        ]
     }
 
     /// Starts timing `p`'s epochs; the link wakes the loop whenever it has sent all or
@@ -75,8 +79,8 @@ impl EpochClock {
 
     /// The early timer or the link's progress event fired; what it means is looked at in
     /// [`EpochClock::after_events`].
-    pub fn on_wake(&mut self, early: bool) {
-        if early {
+    pub fn on_wake(&mut self, wake: Wake) {
+        if wake == Wake::Early {
             if !matches!(self.early.is_armed(), Ok(true)) {
                 let _ = self.early.wait();
             }

@@ -1,7 +1,8 @@
-//! The secondary's control socket while it receives: `status`, `failover`, `stop`.
+//! What the secondary answers on the control socket while it receives and while it
+//! takes over: `status`, `failover`, `stop`.
 
 use std::net::Shutdown;
-use std::os::unix::net::UnixListener;
+use std::os::unix::net::UnixStream;
 use std::sync::atomic::Ordering;
 use std::sync::PoisonError;
 
@@ -10,31 +11,23 @@ use serde_json::{json, Value};
 use super::Shared;
 use crate::api::{self, Answer, Refusal, Request, Yes};
 
-/// The secondary's control socket, with the parser every role uses: `status`,
-/// `failover` and `stop` are answered here; any other request is refused, since no guest
-/// runs here yet.
-pub(super) fn serve(listener: &UnixListener, shared: &Shared) {
-    for conn in listener.incoming() {
-        if !shared.receiving.load(Ordering::SeqCst) {
-            // The device loop's socket takes over (same path, bound anew).
-            return;
+/// Answers one request on the secondary's control socket: `status`, `failover` and
+/// `stop` are answered here; any other request is refused, since no guest runs here yet.
+pub(super) fn handle(shared: &Shared, stream: UnixStream, request: Request) {
+    let outcome = match request {
+        Request::Status => Ok(Answer::Report(status(shared))),
+        Request::Failover => operator_failover(shared),
+        Request::Stop => {
+            api::answer(&stream, Ok(Answer::done()));
+            tracing::info!("stopped (secondary)");
+            std::process::exit(0);
         }
-        let Ok(stream) = conn else { continue };
-        let outcome = match api::read_request(&stream) {
-            Request::Status => Ok(Answer::Report(status(shared))),
-            Request::Failover => operator_failover(shared),
-            Request::Stop => {
-                api::answer(&stream, Ok(Answer::done()));
-                tracing::info!("stopped (secondary)");
-                std::process::exit(0);
-            }
-            Request::Invalid(why) => Err(Refusal::Invalid(why)),
-            other => Err(Refusal::NotOnSecondary {
-                request: other.name(),
-            }),
-        };
-        api::answer(&stream, outcome);
-    }
+        Request::Invalid(why) => Err(Refusal::Invalid(why)),
+        other => Err(Refusal::NotOnSecondary {
+            request: other.name(),
+        }),
+    };
+    api::answer(&stream, outcome);
 }
 
 fn status(shared: &Shared) -> Value {
@@ -51,7 +44,7 @@ fn status(shared: &Shared) -> Value {
         .map(|p| p.0.clone());
     json!({
         "role": "secondary",
-        "state": "receiving",
+        "state": if shared.receiving.load(Ordering::SeqCst) { "receiving" } else { "taking over" },
         "pid": std::process::id(),
         "protected": p.committed_epoch > 0 && primary.is_some(),
         "primary": primary,
@@ -65,6 +58,9 @@ fn status(shared: &Shared) -> Value {
 /// `ctl failover` on a secondary: the operator says the primary is dead; the connection
 /// to it is cut, and the receiver's end takes over from the last commit.
 fn operator_failover(shared: &Shared) -> Result<Answer, Refusal> {
+    if !shared.receiving.load(Ordering::SeqCst) {
+        return Err(Refusal::busy("taking over already"));
+    }
     let committed = shared
         .progress
         .lock()
@@ -94,19 +90,26 @@ mod tests {
     use std::path::PathBuf;
     use std::sync::Arc;
 
+    use crate::control::{ControlServer, Serving};
+
     /// A secondary's control socket with no primary connected yet.
-    fn control_socket(dir: &tempfile::TempDir) -> PathBuf {
+    fn control_socket(dir: &tempfile::TempDir) -> (PathBuf, Arc<Shared>, Serving) {
         let path = dir.path().join("s.sock");
-        let listener = UnixListener::bind(&path).expect("bind");
         let shared = Arc::new(Shared::new(4));
-        std::thread::spawn(move || serve(&listener, &shared));
-        path
+        let s = shared.clone();
+        let serving = ControlServer::bind(&path)
+            .expect("bind")
+            .serve_on_thread("test-secondary-control", move |stream, request| {
+                handle(&s, stream, request)
+            })
+            .expect("serve");
+        (path, shared, serving)
     }
 
     #[test]
     fn the_control_socket_answers_what_a_secondary_can_do_and_refuses_the_rest() {
         let dir = tempfile::tempdir().expect("dir");
-        let sock = control_socket(&dir);
+        let (sock, shared, _serving) = control_socket(&dir);
         let status = api::request(&sock, "status").expect("status");
         assert_eq!(status["role"], "secondary");
         assert_eq!(status["generation"], 4);
@@ -119,5 +122,10 @@ mod tests {
         let unknown = api::request(&sock, "reboot now").expect("unknown");
         let why = unknown["error"].as_str().expect("an error");
         assert!(why.contains("unknown request \"reboot now\""), "{why}");
+        shared.receiving.store(false, Ordering::SeqCst);
+        let status = api::request(&sock, "status").expect("status");
+        assert_eq!(status["state"], "taking over");
+        let failover = api::request(&sock, "failover").expect("failover");
+        assert_eq!(failover["error"], "taking over already");
     }
 }

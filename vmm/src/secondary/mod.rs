@@ -9,8 +9,6 @@
 
 use std::io::{BufReader, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::os::unix::net::UnixListener;
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
@@ -27,6 +25,8 @@ use mcvmm_devices::virtio::tap::{Tap, TapError};
 
 mod control;
 
+use crate::control::{ControlServer, Serving};
+
 use crate::protect::Hooks;
 use crate::vm::{
     self, Continue, DiskConfig, Prepared, Seams, SerialOut, Source, Vm, VmConfig, VmError,
@@ -38,7 +38,6 @@ pub struct SecondaryConfig {
     pub disks: Vec<DiskConfig>,
     pub tap: Option<String>,
     pub serial: SerialOut,
-    pub api_sock: Option<PathBuf>,
     pub timeout: Duration,
     pub generation: u64,
 }
@@ -55,13 +54,10 @@ pub enum SecondaryError {
         addr: String,
         source: std::io::Error,
     },
-    #[error("control socket {path}: {source}")]
-    ControlSocket {
-        path: String,
-        source: std::io::Error,
-    },
     #[error("accepting a primary: {0}")]
     Accept(std::io::Error),
+    #[error("serving the control socket: {0}")]
+    ControlThread(std::io::Error),
     #[error("the connection to primary {peer}: {source}")]
     Connection {
         peer: String,
@@ -143,6 +139,8 @@ pub struct TookOver {
     pub info: Value,
     pub listener: TcpListener,
     pub generation: u64,
+    /// The control socket, served here until the takeover: the device loop's from now.
+    pub control: Option<ControlServer>,
 }
 
 fn refuse(mut stream: &TcpStream, why: &str) {
@@ -185,8 +183,12 @@ enum Received {
 }
 
 /// Receives from primaries until one is lost after a commit (or hands over); then builds
-/// the VM. A signal or `ctl stop` before that ends the process.
-pub fn run(cfg: SecondaryConfig) -> Result<TookOver, SecondaryError> {
+/// the VM. `control` is served meanwhile, and handed on with the VM. A signal or
+/// `ctl stop` before that ends the process.
+pub fn run(
+    cfg: SecondaryConfig,
+    control: Option<ControlServer>,
+) -> Result<TookOver, SecondaryError> {
     let replicas = cfg
         .disks
         .iter()
@@ -217,9 +219,18 @@ pub fn run(cfg: SecondaryConfig) -> Result<TookOver, SecondaryError> {
             .map_or("no tap".to_string(), |t| format!("tap {t}"))
     );
     let shared = Arc::new(Shared::new(cfg.generation));
-    if let Some(path) = &cfg.api_sock {
-        start_api(path, &shared)?;
-    }
+    let serving = match control {
+        Some(c) => {
+            let s = shared.clone();
+            let serving = c
+                .serve_on_thread("secondary-control", move |stream, request| {
+                    control::handle(&s, stream, request)
+                })
+                .map_err(SecondaryError::ControlThread)?;
+            Some(serving)
+        }
+        None => None,
+    };
     loop {
         let (stream, addr) = listener.accept().map_err(SecondaryError::Accept)?;
         let Some(session) = welcome(stream, addr, &cfg, &shared, &disks, tap.as_ref())? else {
@@ -232,25 +243,12 @@ pub fn run(cfg: SecondaryConfig) -> Result<TookOver, SecondaryError> {
             }
             Received::Gone { why, detected, rx } => {
                 shared.receiving.store(false, Ordering::SeqCst);
-                return take_over(&cfg, session, &why, detected, *rx, listener);
+                let mut took = take_over(&cfg, session, &why, detected, *rx, listener)?;
+                took.control = serving.and_then(Serving::hand_over);
+                return Ok(took);
             }
         }
     }
-}
-
-fn start_api(path: &PathBuf, shared: &Arc<Shared>) -> Result<(), SecondaryError> {
-    let socket_error = |source| SecondaryError::ControlSocket {
-        path: path.display().to_string(),
-        source,
-    };
-    let _ = std::fs::remove_file(path);
-    let l = UnixListener::bind(path).map_err(socket_error)?;
-    let s = shared.clone();
-    std::thread::Builder::new()
-        .name("secondary-api".into())
-        .spawn(move || control::serve(&l, &s))
-        .map_err(socket_error)?;
-    Ok(())
 }
 
 /// Reads a new connection's Hello and accepts the primary if it fits; starts building
@@ -489,6 +487,7 @@ fn take_over(
         info,
         listener,
         generation,
+        control: None,
     })
 }
 
