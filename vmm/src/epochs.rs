@@ -255,8 +255,8 @@ impl EpochRun {
         let stopped = vm
             .vcpus
             .paused_for(false, PAUSE_LIMIT, || tracker.stop(&vm.vm_fd, &vm.mem))
-            .map_err(|e| e.to_string())
-            .and_then(|r| r.map_err(|e| e.to_string()));
+            .map_err(EpochError::from)
+            .and_then(|r| r.map_err(EpochError::from));
         let dist_of = |f: fn(&Steps) -> u64, keep: &dyn Fn(&Steps) -> bool| {
             let mut v: Vec<u64> = self.steps.iter().filter(|s| keep(s)).map(f).collect();
             v.sort_unstable();
@@ -283,7 +283,7 @@ impl EpochRun {
             "resume_us": dist(|s| s.resume),
             "memcpy_gbps": self.memcpy_gbps,
             "dirty_log": dirty_log,
-            "error": stopped.err(),
+            "error": stopped.err().map(|e| e.to_string()),
         });
         match (self.work, self.verifier) {
             (Work::Check(_), Some(v)) => {

@@ -11,6 +11,7 @@ mod irq_line;
 mod keeper;
 mod layout;
 mod log;
+mod phase;
 mod primary;
 mod protect;
 mod secondary;

@@ -145,6 +145,26 @@ pub fn take(
     taken
 }
 
+/// The cycle of a snapshot's pause. After a full copy, what the guest wrote during it is
+/// copied again while it runs on, round after round, as long as that shrinks the set, so
+/// the pause holds only the last few pages.
+fn snapshot_cycle(full: bool, paused: bool) -> Cycle {
+    Cycle {
+        ahead: if full && !paused {
+            Ahead::Shrinking {
+                rounds: PRECOPY_ROUNDS,
+                done_pages: PRECOPY_DONE_PAGES,
+            }
+        } else {
+            Ahead::None
+        },
+        capture: true,
+        // An incremental snapshot is written in the pause, after the cycle.
+        resume: false,
+        paused,
+    }
+}
+
 fn take_one(
     vm: &Vm,
     snaps: &mut Snapshots,
@@ -166,21 +186,7 @@ fn take_one(
         .tracker
         .as_mut()
         .ok_or(TakeError::Internal("dirty tracking is not running"))?;
-    // What the guest wrote during the copy is copied again while it runs on, round after
-    // round, as long as that shrinks the set, so the pause holds only the last few pages.
-    let cycle = Cycle {
-        ahead: match (&full, paused) {
-            (Some(_), false) => Ahead::Shrinking {
-                rounds: PRECOPY_ROUNDS,
-                done_pages: PRECOPY_DONE_PAGES,
-            },
-            _ => Ahead::None,
-        },
-        capture: true,
-        // An incremental snapshot is written in the pause, after the cycle.
-        resume: false,
-        paused,
-    };
+    let cycle = snapshot_cycle(full.is_some(), paused);
     let before_cycle = started.elapsed();
     let mut keep = KeepSet::default();
     let pages: &mut dyn Pages = match full.as_mut() {

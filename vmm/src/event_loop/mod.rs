@@ -16,6 +16,7 @@ mod requests;
 use crate::api::{answer, Answer, Refusal, Yes};
 use crate::control::ControlServer;
 use crate::epochs::{EpochRun, PAUSE_LIMIT};
+use crate::phase::Phase;
 use crate::primary::{EpochClock, Primary};
 use crate::protect::{Pending, Protectable};
 use crate::snapshot::Snapshots;
@@ -88,22 +89,22 @@ pub enum Role {
 }
 
 impl Role {
-    fn status(&self, v: &mut serde_json::Value) {
+    /// Where the VM is in its guest's protection.
+    pub fn phase(&self) -> Phase {
         match self {
-            Role::Standalone => {
-                v["role"] = json!("standalone");
-                v["protected"] = json!(false);
-            }
-            Role::Primary(p) => {
-                let r = p.status();
-                v["role"] = json!("primary");
-                v["protected"] = r["protected"].clone();
-                v["replication"] = r;
-            }
-            Role::TookOver => {
-                v["role"] = json!("primary");
-                v["protected"] = json!(false);
-            }
+            Role::Standalone => Phase::Standalone,
+            Role::Primary(p) => p.phase(),
+            Role::TookOver => Phase::TookOver,
+        }
+    }
+
+    fn status(&self, v: &mut serde_json::Value) {
+        let phase = self.phase();
+        v["role"] = json!(phase.role());
+        v["phase"] = json!(phase.name());
+        v["protected"] = json!(phase.guest_protected());
+        if let Role::Primary(p) = self {
+            v["replication"] = p.status();
         }
     }
 }

@@ -35,6 +35,7 @@ use serde_json::{json, Value};
 
 use crate::cycle::{Ahead, Cycle, CycleError, Verifier};
 use crate::epochs::{start_for_copy, PAUSE_LIMIT};
+use crate::phase::Phase;
 use crate::protect::Settings;
 use crate::vm::Vm;
 
@@ -470,6 +471,20 @@ impl Primary {
         Err(PrimaryError::NotTakenOver(epoch))
     }
 
+    /// Where this primary is in its guest's protection.
+    pub fn phase(&self) -> Phase {
+        let link = self.link.snapshot();
+        if link.lost.is_some() {
+            Phase::Unprotected
+        } else if !link.synced {
+            Phase::Syncing
+        } else if link.acked_epoch == 0 {
+            Phase::FirstCheckpoint
+        } else {
+            Phase::Protected
+        }
+    }
+
     /// The `status` fields of the primary role.
     pub fn status(&self) -> Value {
         let link = self.link.snapshot();
@@ -482,14 +497,12 @@ impl Primary {
                 sorted[((sorted.len() - 1) as f64 * p).round() as usize]
             }
         };
-        let protected = link.lost.is_none() && link.acked_epoch > 0;
+        let phase = self.phase();
+        let protected = phase.guest_protected();
         json!({
-            "role": "primary",
+            "role": phase.role(),
             "protected": protected,
-            "phase": if link.lost.is_some() { "unprotected (secondary lost)" }
-                     else if !link.synced { "initial sync" }
-                     else if link.acked_epoch == 0 { "first checkpoint" }
-                     else { "protected" },
+            "phase": phase.name(),
             "peer": link.peer,
             "epoch": self.epoch,
             "epoch_ms": self.epoch_ms,

@@ -10,6 +10,7 @@ use serde_json::{json, Value};
 
 use super::Shared;
 use crate::api::{self, Answer, Refusal, Request, Yes};
+use crate::phase::Phase;
 
 /// Answers one request on the secondary's control socket: `status`, `failover` and
 /// `stop` are answered here; any other request is refused, since no guest runs here yet.
@@ -42,9 +43,15 @@ fn status(shared: &Shared) -> Value {
         .unwrap_or_else(PoisonError::into_inner)
         .as_ref()
         .map(|p| p.0.clone());
+    let phase = if shared.receiving.load(Ordering::SeqCst) {
+        Phase::Receiving
+    } else {
+        Phase::TakingOver
+    };
     json!({
-        "role": "secondary",
-        "state": if shared.receiving.load(Ordering::SeqCst) { "receiving" } else { "taking over" },
+        "role": phase.role(),
+        "state": phase.name(),
+        "phase": phase.name(),
         "pid": std::process::id(),
         "protected": p.committed_epoch > 0 && primary.is_some(),
         "primary": primary,

@@ -42,7 +42,7 @@ pub fn finish(p: Prepared, restore: Option<Continue>) -> Result<Vm, VmError> {
         mut pio,
         mmio,
         devices,
-        mut cmdline,
+        cmdline,
         announce_on,
         net_started,
         images,
@@ -79,21 +79,13 @@ pub fn finish(p: Prepared, restore: Option<Continue>) -> Result<Vm, VmError> {
         hold_console_writes(&kvm, &vm_fd, vcpu, &serial_dev);
     }
     step("vcpus and devices");
-    let mut load_alongside = None;
-    match (restore_state, images) {
-        (Some(st), _) => {
-            restore_machine(st, snapshot_files, &mem, &fds, &vm_fd, &devices)?;
-            cmdline = st.cmdline.clone();
-        }
-        (None, Some(loading)) => {
-            load_alongside = Some(boot_guest(loading, &mem, &cmdline, &config, &fds)?);
-        }
-        (None, None) => {
-            return Err(VmError::Restore(
-                "nothing to restore from was loaded".into(),
-            ))
-        }
-    }
+    let (cmdline, load_alongside) = load_guest(
+        restore_state.map(|st| (st, snapshot_files)),
+        images,
+        (&mem, &fds, &vm_fd, &devices),
+        cmdline,
+        &config,
+    )?;
     step(if restore_state.is_some() {
         "state"
     } else {
@@ -135,6 +127,31 @@ fn hold_console_writes(kvm: &Kvm, vm_fd: &Arc<VmFd>, vcpu: &VcpuFd, serial_dev: 
 
 /// Waits for the kernel and initrd, writes the boot data, sets the vCPUs up to boot.
 /// Returns how long the load took alongside the VM's building, ms.
+/// Puts the guest in place: restored from its state (and a snapshot's files), or its
+/// kernel booted from `images`. Returns the command line it runs with and, for a boot,
+/// how long loading the kernel took alongside the rest.
+fn load_guest(
+    restore: Option<(&MachineState, Option<&Loaded>)>,
+    images: Option<boot::Loading>,
+    (mem, fds, vm_fd, devices): (&GuestMemory, &[VcpuFd], &VmFd, &[Arc<Mutex<MmioTransport>>]),
+    cmdline: String,
+    config: &VmConfig,
+) -> Result<(String, Option<f64>), VmError> {
+    match (restore, images) {
+        (Some((st, files)), _) => {
+            restore_machine(st, files, mem, fds, vm_fd, devices)?;
+            Ok((st.cmdline.clone(), None))
+        }
+        (None, Some(loading)) => {
+            let ms = boot_guest(loading, mem, &cmdline, config, fds)?;
+            Ok((cmdline, Some(ms)))
+        }
+        (None, None) => Err(VmError::Restore(
+            "nothing to restore from was loaded".into(),
+        )),
+    }
+}
+
 fn boot_guest(
     loading: boot::Loading,
     mem: &GuestMemory,
