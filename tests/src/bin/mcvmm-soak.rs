@@ -24,6 +24,9 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, Serialize, Deserialize)]
 struct RunRecord {
     emulator: String,
+    /// The test host's vCPUs ran on one TCG thread (`--one-tcg-thread`), not one each.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    one_tcg_thread: bool,
     case: Case,
     batch: u32,
     lost: Option<Signature>,
@@ -43,6 +46,7 @@ struct Opts {
     out: PathBuf,
     resume: bool,
     table_only: bool,
+    one_tcg_thread: bool,
 }
 
 fn parse() -> Result<Opts, String> {
@@ -56,12 +60,14 @@ fn parse() -> Result<Opts, String> {
         out: mcvmm_tests::repo_root().join("target/soak/results.jsonl"),
         resume: false,
         table_only: false,
+        one_tcg_thread: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
         match flag.as_str() {
             "--resume" => o.resume = true,
             "--table" => o.table_only = true,
+            "--one-tcg-thread" => o.one_tcg_thread = true,
             "--help" | "-h" => return Err(USAGE.into()),
             _ => {
                 let v = it.next().ok_or(format!("{flag} needs a value\n{USAGE}"))?;
@@ -105,7 +111,8 @@ fn parse() -> Result<Opts, String> {
 const USAGE: &str = "usage: mcvmm-soak [--runs N (30)] [--emulators 7.2,10.0] \
 [--cases mcvmm-epochs,qemu-pauses,mcvmm-idle,qemu-idle,mcvmm-copies,qemu-migrations,\
 mcvmm-takeovers,mcvmm-reprotects,qemu-restores] [--epochs N (1000)] \
-[--epoch-ms MS (20)] [--idle-secs S (25)] [--out FILE (target/soak/results.jsonl)] [--resume] [--table]";
+[--epoch-ms MS (20)] [--idle-secs S (25)] [--out FILE (target/soak/results.jsonl)] [--resume] [--table] \
+[--one-tcg-thread (the test hosts' vCPUs on one TCG thread; counted apart)]";
 
 fn main() {
     let o = match parse() {
@@ -147,7 +154,11 @@ fn soak(o: &Opts) -> Result<(), String> {
             let count = |e: Emulator| {
                 records
                     .iter()
-                    .filter(|r| r.emulator == e.name() && o.cases.contains(&r.case))
+                    .filter(|r| {
+                        r.emulator == e.name()
+                            && r.one_tcg_thread == o.one_tcg_thread
+                            && o.cases.contains(&r.case)
+                    })
                     .count() as u32
             };
             let Some(&emulator) = o
@@ -171,10 +182,11 @@ fn soak(o: &Opts) -> Result<(), String> {
     Ok(())
 }
 
-fn fresh_host(emulator: Emulator) -> Result<KvmHost, String> {
+fn fresh_host(emulator: Emulator, one_tcg_thread: bool) -> Result<KvmHost, String> {
     let host = mcvmm_tests::guest_host(&HostOptions {
         emulator: Some(emulator),
         with_qemu: true,
+        single_thread_tcg: one_tcg_thread,
         ..HostOptions::default()
     })?;
     let pacer =
@@ -192,7 +204,7 @@ fn run_batch(o: &Opts, emulator: Emulator, batch: u32) -> Result<(), String> {
         let t = Instant::now();
         let h = match host.take() {
             Some(h) => h,
-            None => match fresh_host(emulator) {
+            None => match fresh_host(emulator, o.one_tcg_thread) {
                 Ok(h) => h,
                 Err(e) => {
                     // A test host that does not come up is the lab's; it costs no run.
@@ -240,6 +252,7 @@ fn run_batch(o: &Opts, emulator: Emulator, batch: u32) -> Result<(), String> {
             };
         let rec = RunRecord {
             emulator: emulator.name().into(),
+            one_tcg_thread: o.one_tcg_thread,
             case,
             batch,
             lost: lost.clone(),
@@ -271,8 +284,13 @@ fn run_batch(o: &Opts, emulator: Emulator, batch: u32) -> Result<(), String> {
 fn keep_evidence(o: &Opts, e: Emulator, batch: u32, case: Case, text: &str, console: &str) {
     let Some(dir) = o.out.parent() else { return };
     let name = format!(
-        "batch{batch}-{}-{}.txt",
+        "batch{batch}-{}{}-{}.txt",
         e.name(),
+        if o.one_tcg_thread {
+            "-one-tcg-thread"
+        } else {
+            ""
+        },
         case.name().replace(' ', "-")
     );
     let body = format!("{text}\n== test host console\n{console}\n");
@@ -313,11 +331,16 @@ fn print_table(records: &[RunRecord], o: &Opts) {
     );
     println!("| emulator | case | runs | guests lost | lost % | test hosts died | signatures of the guests lost | pause median µs |");
     println!("|---|---|---|---|---|---|---|---|");
-    for e in Emulator::ALL {
+    for (e, one_thread) in Emulator::ALL
+        .into_iter()
+        .flat_map(|e| [(e, false), (e, true)])
+    {
         for case in Case::ALL {
             let runs: Vec<&RunRecord> = records
                 .iter()
-                .filter(|r| r.emulator == e.name() && r.case == case)
+                .filter(|r| {
+                    r.emulator == e.name() && r.one_tcg_thread == one_thread && r.case == case
+                })
                 .collect();
             if runs.is_empty() {
                 continue;
@@ -342,8 +365,9 @@ fn print_table(records: &[RunRecord], o: &Opts) {
             let mut pauses: Vec<u64> = runs.iter().filter_map(|r| r.pause_median_us).collect();
             pauses.sort_unstable();
             println!(
-                "| {} | {} | {} | {lost} | {pct:.0} % | {died} | {} | {} |",
+                "| {}{} | {} | {} | {lost} | {pct:.0} % | {died} | {} | {} |",
                 e.name(),
+                if one_thread { ", one TCG thread" } else { "" },
                 case.name(),
                 runs.len(),
                 list.join(", "),
@@ -360,9 +384,14 @@ fn print_table(records: &[RunRecord], o: &Opts) {
         for r in lost {
             let sig = r.lost.as_ref().map_or("", Signature::name);
             println!(
-                "- batch {} {} {}: {sig}: {}",
+                "- batch {} {}{} {}: {sig}: {}",
                 r.batch,
                 r.emulator,
+                if r.one_tcg_thread {
+                    ", one TCG thread"
+                } else {
+                    ""
+                },
                 r.case.name(),
                 r.detail.chars().take(300).collect::<String>()
             );
