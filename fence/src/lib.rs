@@ -54,6 +54,8 @@ pub enum FenceError {
     Timeout { urls: String, timeout: Duration },
     #[error("{key} holds something that is not an owner record ({why}): not touching it")]
     NotAnOwner { key: String, why: String },
+    #[error("encoding the owner record: {0}")]
+    Encode(serde_json::Error),
     #[error("generation {0} cannot be claimed: generations start at 1")]
     NoGeneration(u64),
     #[error("the fence's runtime: {0}")]
@@ -176,10 +178,7 @@ impl Fence {
             node: self.node.clone(),
             since: now_ms(),
         };
-        let value = serde_json::to_vec(&owner).map_err(|e| FenceError::NotAnOwner {
-            key: self.key.clone(),
-            why: e.to_string(),
-        })?;
+        let value = serde_json::to_vec(&owner).map_err(FenceError::Encode)?;
         let unchanged = match &current {
             Some((_, revision)) => {
                 Compare::mod_revision(self.key.as_str(), CompareOp::Equal, *revision)

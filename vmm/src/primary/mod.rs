@@ -30,7 +30,9 @@ use mcvmm_checkpoint::snapshot::memory_digest;
 use mcvmm_checkpoint::staging::Staged;
 use mcvmm_replication::disk::file_digest;
 use mcvmm_replication::gate::HeldOutput;
-use mcvmm_replication::primary::{Capture, Forwarded, ForwardedWrites, Link, SyncSource};
+use mcvmm_replication::primary::{
+    Capture, Forwarded, ForwardedWrites, Link, LinkStats, SyncSource,
+};
 use serde_json::{json, Value};
 
 use crate::cycle::{Ahead, Cycle, CycleError, Verifier};
@@ -310,7 +312,7 @@ impl Primary {
         let encoded = ended
             .state
             .ok_or(PrimaryError::NoState)
-            .and_then(|s| Ok(s.encode()?));
+            .and_then(|s| s.encode().map_err(PrimaryError::from));
         let ((digests, writes), state) = match rest.and_then(|r| Ok((r, encoded?))) {
             Ok(r) => r,
             Err(e) => {
@@ -473,16 +475,7 @@ impl Primary {
 
     /// Where this primary is in its guest's protection.
     pub fn phase(&self) -> Phase {
-        let link = self.link.snapshot();
-        if link.lost.is_some() {
-            Phase::Unprotected
-        } else if !link.synced {
-            Phase::Syncing
-        } else if link.acked_epoch == 0 {
-            Phase::FirstCheckpoint
-        } else {
-            Phase::Protected
-        }
+        phase_of(&self.link.snapshot())
     }
 
     /// The `status` fields of the primary role.
@@ -497,7 +490,7 @@ impl Primary {
                 sorted[((sorted.len() - 1) as f64 * p).round() as usize]
             }
         };
-        let phase = self.phase();
+        let phase = phase_of(&link);
         let protected = phase.guest_protected();
         json!({
             "role": phase.role(),
@@ -603,4 +596,17 @@ fn open_disk(path: &std::path::Path) -> Result<File, PrimaryError> {
         path: path.to_path_buf(),
         source,
     })
+}
+
+/// Where a primary whose link reads `link` is in its guest's protection.
+fn phase_of(link: &LinkStats) -> Phase {
+    if link.lost.is_some() {
+        Phase::Unprotected
+    } else if !link.synced {
+        Phase::Syncing
+    } else if link.acked_epoch == 0 {
+        Phase::FirstCheckpoint
+    } else {
+        Phase::Protected
+    }
 }

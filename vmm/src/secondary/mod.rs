@@ -219,18 +219,15 @@ pub fn run(
             .map_or("no tap".to_string(), |t| format!("tap {t}"))
     );
     let shared = Arc::new(Shared::new(cfg.generation));
-    let serving = match control {
-        Some(c) => {
+    let serving = control
+        .map(|c| {
             let s = shared.clone();
-            let serving = c
-                .serve_on_thread("secondary-control", move |stream, request| {
-                    control::handle(&s, stream, request)
-                })
-                .map_err(SecondaryError::ControlThread)?;
-            Some(serving)
-        }
-        None => None,
-    };
+            c.serve_on_thread("secondary-control", move |stream, request| {
+                control::handle(&s, stream, request)
+            })
+        })
+        .transpose()
+        .map_err(SecondaryError::ControlThread)?;
     loop {
         let (stream, addr) = listener.accept().map_err(SecondaryError::Accept)?;
         let Some(session) = welcome(stream, addr, &cfg, &shared, &disks, tap.as_ref())? else {

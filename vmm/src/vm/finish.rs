@@ -125,8 +125,6 @@ fn hold_console_writes(kvm: &Kvm, vm_fd: &Arc<VmFd>, vcpu: &VcpuFd, serial_dev: 
     }
 }
 
-/// Waits for the kernel and initrd, writes the boot data, sets the vCPUs up to boot.
-/// Returns how long the load took alongside the VM's building, ms.
 /// Puts the guest in place: restored from its state (and a snapshot's files), or its
 /// kernel booted from `images`. Returns the command line it runs with and, for a boot,
 /// how long loading the kernel took alongside the rest.
@@ -152,6 +150,8 @@ fn load_guest(
     }
 }
 
+/// Waits for the kernel and initrd, writes the boot data, sets the vCPUs up to boot.
+/// Returns how long the load took alongside the VM's building, ms.
 fn boot_guest(
     loading: boot::Loading,
     mem: &GuestMemory,
