@@ -24,6 +24,12 @@ pub struct Owner {
     pub since: u64,
 }
 
+impl std::fmt::Display for Owner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "node {:?} (generation {})", self.node, self.generation)
+    }
+}
+
 /// How a claim ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Claim {
@@ -209,6 +215,33 @@ impl Fence {
             None => None,
         };
         Ok(Claim::Lost { owner })
+    }
+
+    /// [`Fence::claim`] until etcd decides: a claim that could not be made (etcd
+    /// unreachable, slow, or answering with an error) is made again every `retry`, for as
+    /// long as it takes, and each failure is put to `failed` with the time spent so far.
+    /// Only a generation that can never be claimed is returned as an error.
+    pub fn claim_until_decided(
+        &self,
+        generation: u64,
+        retry: Duration,
+        mut failed: impl FnMut(&FenceError, Duration),
+    ) -> Result<Claim, FenceError> {
+        let began = std::time::Instant::now();
+        loop {
+            match self.claim(generation) {
+                Ok(c) => return Ok(c),
+                Err(e @ FenceError::NoGeneration(_)) => return Err(e),
+                Err(e) => {
+                    failed(&e, began.elapsed());
+                    std::thread::sleep(retry);
+                }
+            }
+        }
+    }
+
+    pub fn node(&self) -> &str {
+        &self.node
     }
 }
 

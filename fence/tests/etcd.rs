@@ -192,3 +192,51 @@ fn an_etcd_that_does_not_answer_is_an_error_within_the_timeout() {
         assert!(msg.starts_with(&format!("etcd at {url}")), "{msg}");
     }
 }
+
+#[test]
+fn a_claim_waits_out_a_frozen_etcd_and_is_decided_once_it_answers() {
+    let e = etcd();
+    let f = Fence::connect(
+        std::slice::from_ref(&e.url),
+        "frozen",
+        "a",
+        Duration::from_millis(300),
+    )
+    .expect("connect");
+    let signal = |s: &str, pid: u32| {
+        let ok = Command::new("kill")
+            .args([s, &pid.to_string()])
+            .status()
+            .is_ok_and(|st| st.success());
+        assert!(ok, "kill {s} etcd");
+    };
+    let pid = e.child.id();
+    signal("-STOP", pid);
+    let thaw = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(1500));
+        signal("-CONT", pid);
+    });
+    let mut failures = Vec::new();
+    let claim = f
+        .claim_until_decided(1, Duration::from_millis(100), |err, waited| {
+            failures.push((err.to_string(), waited));
+        })
+        .expect("decided");
+    thaw.join().expect("thawed");
+    assert!(
+        matches!(claim, Claim::Won(ref o) if o.generation == 1),
+        "{claim:?}"
+    );
+    assert!(failures.len() >= 2, "{failures:?}");
+    assert!(
+        failures.iter().all(|(why, _)| why.starts_with("etcd at ")),
+        "{failures:?}"
+    );
+    assert!(failures
+        .last()
+        .is_some_and(|f| f.1 >= Duration::from_millis(600)));
+    assert!(matches!(
+        f.claim_until_decided(0, Duration::from_millis(10), |_, _| {}),
+        Err(FenceError::NoGeneration(0))
+    ));
+}

@@ -31,6 +31,8 @@ struct Inner {
     holding: bool,
     /// Opened for good (the secondary is gone): nothing is held again.
     opened: bool,
+    /// This node lost the fence: nothing is ever sent again.
+    dropped: bool,
     /// The epoch now running: frames sent now belong to its checkpoint.
     epoch: u64,
     queue: VecDeque<(u64, Instant, Vec<u8>)>,
@@ -49,6 +51,7 @@ impl HeldOutput {
             inner: Mutex::new(Inner {
                 holding: false,
                 opened: false,
+                dropped: false,
                 epoch: 0,
                 queue: VecDeque::new(),
                 stats: GateStats::default(),
@@ -96,6 +99,21 @@ impl HeldOutput {
         }
     }
 
+    /// Another node runs the guest now: everything held is dropped unsent, and so is
+    /// every frame from now on.
+    pub fn discard(&self) {
+        let mut g = self.lock();
+        g.dropped = true;
+        g.opened = true;
+        g.holding = false;
+        g.stats.holding = false;
+        let n = g.queue.len() as u64;
+        g.queue.clear();
+        g.stats.dropped_frames += n;
+        g.stats.held_frames = 0;
+        g.stats.held_bytes = 0;
+    }
+
     fn send(&self, g: &mut Inner, since: Instant, frame: &[u8]) {
         let waited = since.elapsed().as_micros() as u64;
         g.stats.held_frames -= 1;
@@ -124,6 +142,10 @@ impl HeldOutput {
 impl OutputGate for HeldOutput {
     fn hold(&self, frame: &[u8]) -> bool {
         let mut g = self.lock();
+        if g.dropped {
+            g.stats.dropped_frames += 1;
+            return true;
+        }
         if !g.holding {
             return false;
         }
@@ -176,6 +198,22 @@ mod tests {
             !g.hold(b"late"),
             "a pause racing the loss does not hold again"
         );
+    }
+
+    #[test]
+    fn a_fenced_gate_sends_nothing_ever_again() {
+        let (sent, g) = gate();
+        g.hold_from(2);
+        assert!(g.hold(b"a2"));
+        g.discard();
+        g.release_through(5);
+        g.open();
+        assert!(g.hold(b"after"), "swallowed, not sent");
+        g.hold_from(7);
+        assert!(g.hold(b"later"));
+        assert!(sent.lock().expect("lock").is_empty());
+        assert_eq!(g.stats().dropped_frames, 3);
+        assert_eq!(g.stats().held_frames, 0);
     }
 
     #[test]

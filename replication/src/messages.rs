@@ -17,9 +17,9 @@ use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
 use crate::wire::{Header, WireError, MAX_PAYLOAD};
 
-/// Version of this protocol. Primary and secondary must run the same one. (3: the memory
-/// digest of a verified checkpoint is taken chunk by chunk.)
-pub const PROTOCOL_VERSION: u32 = 3;
+/// Version of this protocol. Primary and secondary must run the same one. (4: the
+/// primary's goodbye.)
+pub const PROTOCOL_VERSION: u32 = 4;
 /// Pages in one `Pages` frame at most.
 pub const MAX_RUN_PAGES: u32 = 256;
 pub const PAGES_HEADER_LEN: usize = 16;
@@ -72,6 +72,47 @@ pub struct End {
     pub disk_writes: u64,
     pub memory_digest: Option<u64>,
     pub disk_digests: Option<Vec<u64>>,
+}
+
+/// Why a primary ends its connection on purpose (the `Goodbye` frame).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Farewell {
+    /// `ctl stop` or SIGTERM: the guest ends with the primary.
+    Stopped,
+    /// The guest powered itself off.
+    PoweredOff,
+    /// The guest rebooted: the primary ends, and with it the guest (see the README).
+    Rebooted,
+    /// `ctl unprotect`: the guest runs on, unprotected; a new primary may come.
+    Unprotected,
+    /// The primary gave up on this secondary (silent, slow or lying) and runs on without
+    /// it.
+    SecondaryDropped,
+}
+
+impl Farewell {
+    /// Whether the guest is gone for good: the secondary has nothing left to protect.
+    pub fn guest_ended(self) -> bool {
+        matches!(
+            self,
+            Farewell::Stopped | Farewell::PoweredOff | Farewell::Rebooted
+        )
+    }
+
+    pub fn says(self) -> &'static str {
+        match self {
+            Farewell::Stopped => "the primary was stopped",
+            Farewell::PoweredOff => "the guest powered off",
+            Farewell::Rebooted => "the guest rebooted (its primary ends)",
+            Farewell::Unprotected => "protection was ended on purpose (`ctl unprotect`)",
+            Farewell::SecondaryDropped => "the primary dropped this secondary",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Goodbye {
+    pub why: Farewell,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

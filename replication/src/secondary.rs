@@ -18,7 +18,11 @@
 //!                                    writes of n applied and synced, state kept;
 //!                                    committed = n; Ack(n) sent → Ready
 //! any        Heartbeat             → nothing (the peer is alive)
+//!            Goodbye               → the primary ended the connection on purpose
 //! ```
+//!
+//! The primary's stream is read through [`Patient`]: a silence is put to the caller's
+//! rule (take over, or wait on) instead of tearing a frame.
 //!
 //! The image is guest memory in the form `vmm` hands to KVM at failover, so taking over
 //! copies nothing. Until the first commit the image is not a consistent guest, and the
@@ -34,7 +38,9 @@ use mcvmm_checkpoint::{GuestMemory, PAGE_SIZE};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
 use crate::disk::{DiskError, Disks};
-use crate::messages::{self, Accept, End, Hello, PageEncoding, PROTOCOL_VERSION};
+use crate::messages::{
+    self, Accept, End, Farewell, Goodbye, Hello, PageEncoding, PROTOCOL_VERSION,
+};
 use crate::wire::{self, Header, Kind, WireError};
 
 #[derive(Debug, thiserror::Error)]
@@ -155,12 +161,92 @@ pub struct Progress {
 /// How the stream from the primary ended.
 #[derive(Debug)]
 pub enum Ended {
-    /// The primary is gone (closed, or silent past the timeout).
-    Lost(ReceiveError),
+    /// The connection closed (or was reset, or ended inside a frame) without a goodbye.
+    Closed(ReceiveError),
+    /// The primary was silent, and the caller's rule gave up on it (see [`Patient`]).
+    Silent(ReceiveError),
+    /// An acknowledgement could not be written: the primary does not read.
+    ReplyFailed(std::io::Error),
     /// The primary misbehaved; it may well be alive.
     Refused(ReceiveError),
     /// A planned switch: take over at the committed epoch.
     Takeover(u64),
+    /// The primary ended the connection on purpose, and said why.
+    Goodbye(Farewell),
+}
+
+/// The rule a silence is put to: called with how long the primary has been silent
+/// (at least the timeout); `true` gives up on it.
+pub type GiveUp = Box<dyn FnMut(Duration) -> bool + Send>;
+
+/// The primary's stream, read so that a silence does not tear a frame: the socket's own
+/// read timeout is a short poll, and once the primary has been silent for `timeout` the
+/// silence is put to `give_up`, again at each poll, until it says yes (the read fails
+/// with `TimedOut`) or bytes come. A poll that itself came late (this process was
+/// frozen) starts the count again: that silence was not the primary's.
+pub struct Patient<R> {
+    inner: R,
+    last_byte: Instant,
+    last_poll: Instant,
+    timeout: Duration,
+    /// A poll later than this after the previous one: this process was frozen.
+    late_poll: Duration,
+    give_up: GiveUp,
+}
+
+impl<R> Patient<R> {
+    pub fn new(inner: R, timeout: Duration, give_up: GiveUp) -> Patient<R> {
+        let now = Instant::now();
+        Patient {
+            inner,
+            last_byte: now,
+            last_poll: now,
+            timeout,
+            late_poll: Self::poll_interval(timeout) + timeout,
+            give_up,
+        }
+    }
+
+    /// How long since the last byte came.
+    pub fn silent_for(&self) -> Duration {
+        self.last_byte.elapsed()
+    }
+
+    /// The poll interval to set as the socket's read timeout.
+    pub fn poll_interval(timeout: Duration) -> Duration {
+        timeout.min(Duration::from_millis(100))
+    }
+}
+
+impl<R: Read> Read for Patient<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        loop {
+            match self.inner.read(buf) {
+                Ok(n) => {
+                    self.last_byte = Instant::now();
+                    self.last_poll = self.last_byte;
+                    return Ok(n);
+                }
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    let now = Instant::now();
+                    if now.duration_since(self.last_poll) > self.late_poll {
+                        self.last_byte = now;
+                    }
+                    self.last_poll = now;
+                    let silent = now.duration_since(self.last_byte);
+                    if silent >= self.timeout && (self.give_up)(silent) {
+                        return Err(std::io::ErrorKind::TimedOut.into());
+                    }
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
 }
 
 struct Stage {
@@ -226,7 +312,8 @@ impl Receiver {
         let ended = loop {
             let h = match wire::read_frame_within(reader, &mut payload, timeout) {
                 Ok(h) => h,
-                Err(e) if e.is_loss() => break Ended::Lost(e.into()),
+                Err(e @ WireError::TimedOut(_)) => break Ended::Silent(e.into()),
+                Err(e) if e.is_loss() => break Ended::Closed(e.into()),
                 Err(e) => break Ended::Refused(e.into()),
             };
             self.progress().bytes_received += u64::from(h.len) + 24;
@@ -236,10 +323,11 @@ impl Receiver {
                     if let Err(e) =
                         wire::write_frame(&mut *w, Kind::Ack, n, &[]).and_then(|_| w.flush())
                     {
-                        break Ended::Lost(WireError::Io(e).into());
+                        break Ended::ReplyFailed(e);
                     }
                 }
                 Ok(Some(Reply::Takeover(n))) => break Ended::Takeover(n),
+                Ok(Some(Reply::Goodbye(why))) => break Ended::Goodbye(why),
                 Ok(None) => {}
                 Err(e) => break Ended::Refused(e),
             }
@@ -331,6 +419,10 @@ impl Receiver {
                     ));
                 }
                 return Ok(Some(Reply::Takeover(h.epoch)));
+            }
+            Kind::Goodbye => {
+                let bye: Goodbye = messages::decode(h, p)?;
+                return Ok(Some(Reply::Goodbye(bye.why)));
             }
             Kind::Hello | Kind::Accept | Kind::Refuse | Kind::Ack => {
                 return Err(Self::order(
@@ -491,6 +583,7 @@ impl Receiver {
 enum Reply {
     Ack(u64),
     Takeover(u64),
+    Goodbye(Farewell),
 }
 
 /// Sends a heartbeat every `every` until the connection fails or `stop` is set, so the

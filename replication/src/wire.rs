@@ -53,6 +53,9 @@ pub enum Kind {
     Takeover = 12,
     /// primary → secondary: the initial sync is complete (all RAM and disks sent).
     SyncDone = 13,
+    /// primary → secondary: the primary ends this connection on purpose (and says why);
+    /// the secondary must not take over.
+    Goodbye = 14,
 }
 
 impl Kind {
@@ -71,6 +74,7 @@ impl Kind {
             11 => Kind::Heartbeat,
             12 => Kind::Takeover,
             13 => Kind::SyncDone,
+            14 => Kind::Goodbye,
             _ => return None,
         })
     }
@@ -247,7 +251,7 @@ mod tests {
 
     proptest! {
         #[test]
-        fn frames_round_trip(kind in 1u8..=13, epoch: u64,
+        fn frames_round_trip(kind in 1u8..=14, epoch: u64,
                              a in proptest::collection::vec(any::<u8>(), 0..300),
                              b in proptest::collection::vec(any::<u8>(), 0..300)) {
             let kind = Kind::from_u8(kind).expect("in range");

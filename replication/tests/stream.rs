@@ -11,9 +11,11 @@ use mcvmm_checkpoint::{GuestMemory, PAGE_SIZE};
 use mcvmm_replication::delta::SentPages;
 use mcvmm_replication::disk::{Disks, Replica};
 use mcvmm_replication::messages::{
-    self, disk_header, pages_header, End, Hello, PageEncoding, PROTOCOL_VERSION,
+    self, disk_header, pages_header, End, Farewell, Goodbye, Hello, PageEncoding, PROTOCOL_VERSION,
 };
-use mcvmm_replication::secondary::{check_hello, Ended, Expect, Progress, ReceiveError, Receiver};
+use mcvmm_replication::secondary::{
+    check_hello, Ended, Expect, Patient, Progress, ReceiveError, Receiver,
+};
 use mcvmm_replication::wire::{self, Kind, WireError};
 use vm_memory::{Bytes, GuestAddress};
 
@@ -127,7 +129,7 @@ fn a_whole_checkpoint_commits_memory_disk_and_state_and_is_acked() {
     let mut side = secondary();
     let s = Stream::synced_and_epoch_one();
     let (ended, replies) = run(&mut side, &s.0);
-    assert!(matches!(ended, Ended::Lost(_)), "{ended:?}");
+    assert!(matches!(ended, Ended::Closed(_)), "{ended:?}");
     assert_eq!(acks(&replies), vec![1]);
     assert_eq!(side.rx.committed(), 1);
     assert_eq!(byte(&side, 0), 0x11);
@@ -152,7 +154,7 @@ fn an_epoch_cut_short_leaves_the_committed_checkpoint_alone() {
         .state(2);
     let (ended, replies) = run(&mut side, &s.0);
     assert!(
-        matches!(ended, Ended::Lost(ReceiveError::Wire(WireError::Closed))),
+        matches!(ended, Ended::Closed(ReceiveError::Wire(WireError::Closed))),
         "{ended:?}"
     );
     assert_eq!(acks(&replies), vec![1]);
@@ -396,4 +398,125 @@ fn a_delta_run_in_the_initial_sync_is_refused() {
     let (ended, _) = run(&mut side, &s.0);
     assert!(format!("{ended:?}").contains("initial sync"), "{ended:?}");
     assert_eq!(byte(&side, 0x1001), 0, "nothing written");
+}
+
+#[test]
+fn a_goodbye_ends_the_stream_and_drops_the_epoch_in_progress() {
+    let mut side = secondary();
+    let mut s = Stream::synced_and_epoch_one();
+    let bye = messages::encode(&Goodbye {
+        why: Farewell::Unprotected,
+    });
+    s.frame(Kind::Begin, 2, &[])
+        .pages(2, 0x2000, 0x33, 1)
+        .frame(Kind::Goodbye, 0, &[&bye])
+        .frame(Kind::Heartbeat, 0, &[]);
+    let (ended, replies) = run(&mut side, &s.0);
+    assert!(
+        matches!(ended, Ended::Goodbye(Farewell::Unprotected)),
+        "{ended:?}"
+    );
+    assert_eq!(acks(&replies), vec![1]);
+    assert_eq!(side.rx.committed(), 1);
+    assert_eq!(
+        byte(&side, 0x2000),
+        0x22,
+        "epoch 2 never ended: not applied"
+    );
+    let mut bad = Stream::default();
+    bad.frame(Kind::Goodbye, 0, &[b"\x09\0\0\0"]);
+    let mut side = secondary();
+    assert!(matches!(run(&mut side, &bad.0).0, Ended::Refused(_)));
+}
+
+/// A reader that gives `chunks` one at a time, `polls` silent polls (`WouldBlock`
+/// after 2 ms) before each.
+struct Stuttering {
+    chunks: Vec<Vec<u8>>,
+    polls: u32,
+    silent_left: u32,
+    /// Once the chunks are out: silent for ever (else: closed).
+    end_silent: bool,
+}
+
+impl std::io::Read for Stuttering {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if self.silent_left > 0 {
+            self.silent_left -= 1;
+            std::thread::sleep(Duration::from_millis(2));
+            return Err(std::io::ErrorKind::WouldBlock.into());
+        }
+        self.silent_left = self.polls;
+        if self.chunks.is_empty() {
+            if self.end_silent {
+                std::thread::sleep(Duration::from_millis(2));
+                return Err(std::io::ErrorKind::WouldBlock.into());
+            }
+            return Ok(0);
+        }
+        let c = self.chunks.remove(0);
+        let n = c.len().min(buf.len());
+        buf[..n].copy_from_slice(&c[..n]);
+        if n < c.len() {
+            self.chunks.insert(0, c[n..].to_vec());
+        }
+        Ok(n)
+    }
+}
+
+#[test]
+fn a_patient_reader_waits_out_silences_inside_a_frame_until_its_rule_gives_up() {
+    let s = Stream::synced_and_epoch_one();
+    // 1000 bytes at a time, after a silence longer than the timeout.
+    let chunks: Vec<Vec<u8>> = s.0.chunks(1000).map(<[u8]>::to_vec).collect();
+    let asked = Arc::new(Mutex::new(0u32));
+    let a = asked.clone();
+    let mut reader = Patient::new(
+        Stuttering {
+            chunks,
+            polls: 8,
+            silent_left: 8,
+            end_silent: false,
+        },
+        Duration::from_millis(10),
+        Box::new(move |silent| {
+            assert!(silent >= Duration::from_millis(10));
+            *a.lock().expect("lock") += 1;
+            false
+        }),
+    );
+    let mut side = secondary();
+    let replies = Mutex::new(Vec::new());
+    let ended = side
+        .rx
+        .run(&mut reader, &replies, Duration::from_millis(10));
+    assert!(matches!(ended, Ended::Closed(_)), "{ended:?}");
+    assert_eq!(side.rx.committed(), 1, "no frame was torn by a silence");
+    assert!(*asked.lock().expect("lock") > 10);
+
+    let mut side = secondary();
+    let mut reader = Patient::new(
+        Stuttering {
+            chunks: vec![s.0.clone()],
+            polls: 0,
+            silent_left: 0,
+            end_silent: true,
+        },
+        Duration::from_millis(10),
+        Box::new(|_| true),
+    );
+    let ended = side.rx.run(
+        &mut reader,
+        &Mutex::new(Vec::new()),
+        Duration::from_millis(10),
+    );
+    assert!(
+        matches!(
+            ended,
+            Ended::Silent(ReceiveError::Wire(WireError::TimedOut(10)))
+        ),
+        "{ended:?}"
+    );
+    assert_eq!(side.rx.committed(), 1);
+    assert!(reader.silent_for() >= Duration::from_millis(10));
 }

@@ -1,6 +1,7 @@
 //! Helpers shared by the integration tests.
 
 pub mod drill;
+pub mod etcd;
 pub mod evidence;
 pub mod guest;
 pub mod pair;

@@ -102,6 +102,16 @@ pub fn start_lab(mem_mib: u32) -> Result<Lab, String> {
 /// only the chunks that differ). The previous log is kept as `.prev.log`. Returns once
 /// it listens, with the seconds that took.
 pub fn start_secondary(lab: &Lab, host: usize, fresh_disks: bool) -> Result<String, String> {
+    start_secondary_with(lab, host, fresh_disks, "")
+}
+
+/// [`start_secondary`] with more flags for `mcvmm run --secondary`.
+pub fn start_secondary_with(
+    lab: &Lab,
+    host: usize,
+    fresh_disks: bool,
+    extra: &str,
+) -> Result<String, String> {
     let n = NODE[host];
     let ip = net::host_addr(host);
     let env = vmm_env();
@@ -120,7 +130,7 @@ pub fn start_secondary(lab: &Lab, host: usize, fresh_disks: bool) -> Result<Stri
              ip link set {n}tap master br0 up
              t0=$(cut -d' ' -f1 /proc/uptime)
              {env}./mcvmm run --secondary --listen {ip}:{PORT} --disk {n}1.img --disk {n}2.img \
-                 --disk {n}3.img --tap {n}tap --serial {n}.console --api-sock {n}.sock >{n}.log 2>&1 &
+                 --disk {n}3.img --tap {n}tap --serial {n}.console --api-sock {n}.sock {extra} >{n}.log 2>&1 &
              echo $! >{n}.pid
              # Its control socket answers once it listens for a primary.
              i=0
@@ -165,8 +175,19 @@ fn secondary_log(lab: &Lab, host: usize) -> String {
 /// Starts the secondary, then the primary, waits until the guest is protected.
 /// `extra`: more flags for the primary.
 pub fn start_pair(lab: &Lab, mem_mib: u32, extra: &str) -> Result<(), String> {
+    start_pair_with(lab, mem_mib, extra, "")
+}
+
+/// [`start_pair`] with flags for each side: `extra` for the primary, `secondary_extra`
+/// for the secondary.
+pub fn start_pair_with(
+    lab: &Lab,
+    mem_mib: u32,
+    extra: &str,
+    secondary_extra: &str,
+) -> Result<(), String> {
     let sec_ip = net::host_addr(SECONDARY);
-    start_secondary(lab, SECONDARY, true)?;
+    start_secondary_with(lab, SECONDARY, true, secondary_extra)?;
     run_ok(
         lab.host(PRIMARY),
         "starting the primary",

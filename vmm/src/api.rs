@@ -50,6 +50,8 @@ pub enum Request {
     Verify,
     /// Primary: planned switch to the secondary.
     Failover,
+    /// Primary: end the protection on purpose (the secondary does not take over).
+    Unprotect,
     /// Where each vCPU is (a short pause to read it).
     Vcpus,
     /// An unprotected guest: replicate it to the secondary at `peer` from now on.
@@ -76,6 +78,7 @@ impl Request {
             Request::Snapshot { .. } => "snapshot",
             Request::Verify => "verify",
             Request::Failover => "failover",
+            Request::Unprotect => "unprotect",
             Request::Vcpus => "vcpus",
             Request::Protect { .. } => "protect",
             Request::Invalid(_) => "an invalid request",
@@ -119,6 +122,13 @@ pub enum Answer {
     TakingOver {
         ok: Yes,
         taking_over_from_epoch: u64,
+    },
+    /// `unprotect`: whether the secondary was told, and whether held output waits for
+    /// the fence.
+    Unprotected {
+        ok: Yes,
+        goodbye_said: bool,
+        claiming_fence: bool,
     },
     Protecting {
         ok: Yes,
@@ -192,7 +202,7 @@ pub fn answer(mut stream: &UnixStream, result: Result<Answer, Refusal>) {
 
 const KNOWN: &str = "status, stop, pause, resume, snapshot DIR [incremental], \
                      selfcheck EPOCHS INTERVAL_MS [guest-only], epochs EPOCHS INTERVAL_MS, \
-                     verify, failover, vcpus, protect HOST:PORT [GENERATION]";
+                     verify, failover, unprotect, vcpus, protect HOST:PORT [GENERATION]";
 
 /// The longest request line read (a snapshot's directory is the longest part).
 const REQUEST_LIMIT: u64 = 4096;
@@ -220,6 +230,7 @@ pub fn read_request(stream: &UnixStream) -> Request {
         ["resume"] => Request::Resume,
         ["verify"] => Request::Verify,
         ["failover"] => Request::Failover,
+        ["unprotect"] => Request::Unprotect,
         ["vcpus"] => Request::Vcpus,
         ["protect", peer] => Request::Protect {
             peer: peer.to_string(),

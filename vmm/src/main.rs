@@ -7,6 +7,7 @@ mod control;
 mod cycle;
 mod epochs;
 mod event_loop;
+mod fencing;
 mod irq_line;
 mod keeper;
 mod layout;
@@ -174,9 +175,81 @@ struct RunArgs {
     #[arg(long, default_value_t = 500, value_parser = clap::value_parser!(u64).range(50..=600_000))]
     failover_timeout_ms: u64,
     /// Generation of this primary; a secondary that took over refuses primaries whose
-    /// generation is not above its own.
-    #[arg(long, default_value_t = 1)]
+    /// generation is not above its own. With --etcd this node must win it in the fence
+    /// (the owner key at generation-1, or this node's at generation) before the guest runs.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
     generation: u64,
+    /// Fence the guest with etcd (URL[,URL...]): a takeover, and a primary's release of
+    /// output held for a secondary it lost, happen only on the node that won the next
+    /// generation of the key /mcvmm/VM_NAME/owner; the loser stops its guest and exits
+    /// non-zero. This protects against partitions, frozen processes and hosts, and
+    /// `ctl failover` on a live primary. While etcd does not answer, nothing held is
+    /// released and nothing is taken over. Without --etcd, a secondary takes over only
+    /// when its primary's connection closes while frames were still arriving (the
+    /// process died) or when told to (`ctl failover`): silence alone never starts a
+    /// guest, so a host that loses power needs an operator.
+    #[arg(
+        long,
+        value_name = "URL[,URL...]",
+        value_delimiter = ',',
+        requires = "vm_name"
+    )]
+    etcd: Vec<String>,
+    /// The guest's name in the fence (letters, digits, '-', '_', '.').
+    #[arg(long, value_name = "NAME", requires = "etcd")]
+    vm_name: Option<String>,
+    /// This node's name in the fence [default: the host name].
+    #[arg(long, value_name = "NAME", requires = "etcd")]
+    node: Option<String>,
+    /// A fenced primary that has lost its secondary and cannot win the fence within this
+    /// long pauses its guest until it wins (it cannot know whether it still owns it).
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(10..=600_000))]
+    fence_timeout_ms: u64,
+}
+
+/// How long one etcd call may take before it counts as unanswered.
+const ETCD_CALL_TIMEOUT: Duration = Duration::from_secs(2);
+
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "localhost".into())
+}
+
+/// The fence of `--etcd`, connected (etcd answered), if asked for.
+fn connect_fence(args: &RunArgs) -> anyhow::Result<Option<mcvmm_fence::Fence>> {
+    let Some(name) = &args.vm_name else {
+        return Ok(None);
+    };
+    let node = args.node.clone().unwrap_or_else(host_name);
+    let fence = mcvmm_fence::Fence::connect(&args.etcd, name, &node, ETCD_CALL_TIMEOUT)?;
+    tracing::info!(
+        "fence: {} as node {node:?}, owner now {}",
+        fence.key(),
+        fence
+            .owner()?
+            .map_or("nobody".to_string(), |o| o.to_string())
+    );
+    Ok(Some(fence))
+}
+
+/// Wins `generation` for a guest about to start here, or says who holds it.
+fn claim_at_start(fence: mcvmm_fence::Fence, generation: u64) -> anyhow::Result<fencing::Fencing> {
+    match fence.claim(generation)? {
+        mcvmm_fence::Claim::Won(owner) => {
+            tracing::info!("fence: the guest is this node's: {owner}");
+            Ok(fencing::Fencing::start(fence, Some(owner))?)
+        }
+        mcvmm_fence::Claim::Lost { owner: Some(o) } => bail!(
+            "fenced: {o} owns this guest, so generation {generation} cannot start here; start with --generation {} only once that node no longer runs it",
+            o.generation + 1
+        ),
+        mcvmm_fence::Claim::Lost { owner: None } => bail!(
+            "fenced: generation {generation} cannot start here: the key has no owner, so the first generation is 1"
+        ),
+    }
 }
 
 fn parse_mac(s: &str) -> anyhow::Result<[u8; 6]> {
@@ -305,6 +378,8 @@ fn settings(args: &RunArgs) -> protect::Settings {
         },
         hot_pages: args.hot_pages,
         peer_wait: Duration::from_secs(args.peer_wait_s),
+        fenced: !args.etcd.is_empty(),
+        fence_timeout: Duration::from_millis(args.fence_timeout_ms),
     }
 }
 
@@ -329,6 +404,11 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     let (cfg, api_sock) = config(&args, snapshot.as_ref())?;
     // Blocked before any thread exists, so only the device loop ever sees them.
     let signals = event_loop::SignalFd::block_and_open().context("setting up signal handling")?;
+    // Won before the guest exists: a node that may not run it builds nothing. (After the
+    // signals are blocked: the etcd client may start threads.)
+    let fence = connect_fence(&args)?
+        .map(|f| claim_at_start(f, args.generation))
+        .transpose()?;
     // Every VM can be protected later (`ctl protect`).
     let hooks = protect::Hooks::new();
     let connection = if is_primary {
@@ -349,6 +429,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         settings,
         generation: args.generation,
         took_over: None,
+        fence,
     };
     finish(&vm, &signals, control, role, protectable)
 }
@@ -370,7 +451,8 @@ fn run_secondary(args: RunArgs) -> anyhow::Result<()> {
         })
     };
     let control = bind_control(args.api_sock.as_ref())?;
-    let took = secondary::run(
+    let fence = connect_fence(&args)?;
+    let took = match secondary::run(
         secondary::SecondaryConfig {
             listen: args.listen.clone().context("--secondary needs --listen")?,
             disks: disk_configs(&args.disk),
@@ -378,17 +460,29 @@ fn run_secondary(args: RunArgs) -> anyhow::Result<()> {
             serial: serial_out(&args.serial),
             timeout: Duration::from_millis(args.failover_timeout_ms),
             generation: args.generation.saturating_sub(1),
+            fence,
         },
         control,
-    )?;
+    )? {
+        secondary::Outcome::TookOver(took) => took,
+        secondary::Outcome::GuestEnded(why) => {
+            tracing::info!("{why}: nothing left to protect; the secondary ends");
+            return Ok(());
+        }
+    };
     running.store(true, std::sync::atomic::Ordering::SeqCst);
     let _ = watcher.join();
     secondary::refuse_stale_primaries(took.listener, took.generation);
+    let fence = took
+        .fence
+        .map(|(f, owner)| fencing::Fencing::start(f, Some(owner)))
+        .transpose()?;
     let protectable = protect::Protectable {
         hooks: took.hooks,
         settings: settings(&args),
         generation: took.generation,
         took_over: Some(took.info.clone()),
+        fence,
     };
     finish(
         &took.vm,
@@ -409,6 +503,9 @@ fn finish(
 ) -> anyhow::Result<()> {
     let reason = event_loop::run(vm, signals, control.as_ref(), &mut role, &mut protectable)
         .context("device loop")?;
+    if let Role::Primary(p) = &role {
+        say_goodbye(&p.link, &reason);
+    }
     drop(control);
     use std::io::Write;
     let _ = std::io::stdout().flush();
@@ -429,6 +526,35 @@ fn finish(
             bail!("guest triple fault on vCPU {vcpu} (the guest crashed)")
         }
         ExitReason::Failed { vcpu, why } => bail!("vCPU {vcpu}: {why}"),
+        ExitReason::Fenced(line) => bail!("{line}"),
+    }
+}
+
+/// How long a primary that ends waits for its goodbye to be written.
+const GOODBYE_WAIT: Duration = Duration::from_secs(1);
+
+/// A primary whose guest ended on purpose tells its secondary, which then does not take
+/// over. A guest that crashed, or a VMM that failed, says nothing: the secondary's last
+/// checkpoint is the guest to go on with.
+fn say_goodbye(link: &replication::Link, reason: &ExitReason) {
+    use mcvmm_replication::messages::Farewell;
+    let why = match reason {
+        ExitReason::Stopped => Farewell::Stopped,
+        ExitReason::GuestEnded(crate::vcpu::POWER_OFF) => Farewell::PoweredOff,
+        ExitReason::GuestEnded(_) => Farewell::Rebooted,
+        _ => return,
+    };
+    if link.is_lost() {
+        return;
+    }
+    if link.goodbye(why, GOODBYE_WAIT) {
+        tracing::info!("told the secondary goodbye: {}", why.says());
+    } else {
+        tracing::warn!(
+            "the goodbye to the secondary ({}) could not be written within {} ms",
+            why.says(),
+            GOODBYE_WAIT.as_millis()
+        );
     }
 }
 

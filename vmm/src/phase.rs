@@ -16,6 +16,9 @@ pub enum Phase {
     Protected,
     /// A primary that lost its secondary: the guest goes on unprotected.
     Unprotected,
+    /// A primary that lost its secondary and claims the guest in the fence: output stays
+    /// held (and the guest is paused after `--fence-timeout-ms`) until it wins.
+    Fencing,
     /// A secondary waiting for a primary, or receiving its checkpoints.
     Receiving,
     /// A secondary whose primary was lost, building the guest from the last commit.
@@ -34,6 +37,7 @@ impl Phase {
             | Phase::FirstCheckpoint
             | Phase::Protected
             | Phase::Unprotected
+            | Phase::Fencing
             | Phase::TookOver => "primary",
         }
     }
@@ -46,6 +50,7 @@ impl Phase {
             Phase::FirstCheckpoint => "first checkpoint",
             Phase::Protected => "protected",
             Phase::Unprotected => "unprotected (secondary lost)",
+            Phase::Fencing => "fencing (secondary lost, claiming the guest)",
             Phase::Receiving => "receiving",
             Phase::TakingOver => "taking over",
             Phase::TookOver => "took over, unprotected",
@@ -62,12 +67,13 @@ impl Phase {
 mod tests {
     use super::*;
 
-    const ALL: [Phase; 8] = [
+    const ALL: [Phase; 9] = [
         Phase::Standalone,
         Phase::Syncing,
         Phase::FirstCheckpoint,
         Phase::Protected,
         Phase::Unprotected,
+        Phase::Fencing,
         Phase::Receiving,
         Phase::TakingOver,
         Phase::TookOver,

@@ -106,6 +106,11 @@ pub struct Settings {
     pub hot_pages: u64,
     /// How long a connection attempt waits for the secondary to be reachable.
     pub peer_wait: Duration,
+    /// `--etcd`: a lost secondary's held output waits for this node to win the fence.
+    pub fenced: bool,
+    /// A primary that has reached neither its secondary nor etcd for this long pauses
+    /// its guest until it wins the fence.
+    pub fence_timeout: Duration,
 }
 
 /// What the device loop needs to protect its guest again.
@@ -117,6 +122,8 @@ pub struct Protectable {
     pub generation: u64,
     /// What this node took over from, kept in `status` after it protects the guest again.
     pub took_over: Option<serde_json::Value>,
+    /// `--etcd`: the claims that decide which node runs the guest.
+    pub fence: Option<crate::fencing::Fencing>,
 }
 
 /// What a primary says of its VM in the handshake.
@@ -171,12 +178,10 @@ pub fn open(
     s: &Settings,
 ) -> Result<Connection, ProtectError> {
     let (stream, accept) = replication::connect(peer, hello, s.peer_wait)?;
-    let link =
-        replication::start(stream, peer, gate.clone(), s.timeout, s.coding).map_err(|source| {
-            ProtectError::Link {
-                peer: peer.to_string(),
-                source,
-            }
+    let link = replication::start(stream, peer, gate.clone(), s.timeout, s.coding, s.fenced)
+        .map_err(|source| ProtectError::Link {
+            peer: peer.to_string(),
+            source,
         })?;
     Ok(Connection {
         shape: hello.shape.clone(),

@@ -26,6 +26,8 @@ pub enum Source {
     InterruptWatch,
     /// A `protect`'s connection attempt is over.
     Protected,
+    /// etcd decided a claim of the fence.
+    Fence,
 }
 
 /// What woke a primary's epoch clock.
@@ -39,7 +41,7 @@ pub enum Wake {
     LinkProgress,
 }
 
-const SOURCES: [Source; 10] = [
+const SOURCES: [Source; 11] = [
     Source::VmExit,
     Source::Signal,
     Source::Control,
@@ -50,6 +52,7 @@ const SOURCES: [Source; 10] = [
     Source::Devices,
     Source::InterruptWatch,
     Source::Protected,
+    Source::Fence,
 ];
 
 impl Source {

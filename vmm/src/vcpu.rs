@@ -23,6 +23,7 @@ const KVM_SYSTEM_EVENT_RESET: u32 = 2;
 /// How `ExitReason::GuestEnded` names a reset through the i8042, whichever thread sees it
 /// first (the vCPU that wrote it, or the device loop woken by it).
 pub const I8042_RESET: &str = "reset (i8042)";
+pub const POWER_OFF: &str = "power off";
 
 /// Why the VM stopped running.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -37,6 +38,8 @@ pub enum ExitReason {
     Stopped,
     /// `ctl failover`: the secondary runs the guest from this epoch's checkpoint.
     HandedOver(u64),
+    /// Another node won the fence: this one stopped its guest (the line says who).
+    Fenced(String),
 }
 
 /// The first reason wins; the eventfd wakes the device loop.
@@ -510,7 +513,7 @@ fn run(
                 return ExitReason::GuestEnded("reset")
             }
             Ok(VcpuExit::SystemEvent(KVM_SYSTEM_EVENT_SHUTDOWN, _)) => {
-                return ExitReason::GuestEnded("power off")
+                return ExitReason::GuestEnded(POWER_OFF)
             }
             Ok(VcpuExit::FailEntry(reason, _)) => {
                 return ExitReason::Failed {

@@ -81,6 +81,7 @@ pub fn start(
     gate: Arc<HeldOutput>,
     timeout: Duration,
     coding: PageCoding,
+    fenced: bool,
 ) -> std::io::Result<Arc<Link>> {
     let (tx, rx) = mpsc::sync_channel(2);
     let link = Arc::new(Link {
@@ -93,6 +94,9 @@ pub fn start(
         in_flight: AtomicU64::new(0),
         taken: Mutex::new(Vec::new()),
         handed_over: AtomicBool::new(false),
+        said_goodbye: AtomicBool::new(false),
+        fenced,
+        keep_open: Mutex::new(Some(stream.try_clone()?)),
         gate,
         jobs: Mutex::new(Some(tx)),
         coding,

@@ -2,6 +2,7 @@
 //! and the reader thread that takes the secondary's acks and releases held output.
 
 use std::io::Read;
+use std::net::TcpStream;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{SyncSender, TrySendError};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -11,12 +12,15 @@ use vm_memory::GuestAddress;
 
 use super::{Capture, PageCoding, SyncSource};
 use crate::gate::HeldOutput;
+use crate::messages::Farewell;
 use crate::wire::{self, Kind};
 
 pub(super) enum Job {
     Sync(Box<SyncSource>),
     Epoch(Box<Capture>),
     Takeover(u64),
+    /// The last frame: the sender writes it, shuts the connection down and ends.
+    Goodbye(Farewell),
 }
 
 /// What `status` shows of the link.
@@ -32,6 +36,8 @@ pub struct LinkStats {
     pub sync_rate_mib_s: f64,
     pub sync_eta_s: f64,
     pub sync_ms: u64,
+    /// The goodbye this primary said, once it was written.
+    pub goodbye: Option<Farewell>,
     pub sent_epoch: u64,
     pub acked_epoch: u64,
     pub bytes_sent: u64,
@@ -54,6 +60,15 @@ pub struct Link {
     pub(super) in_flight: AtomicU64,
     pub(super) taken: Mutex<Vec<(u64, Instant)>>,
     pub(super) handed_over: AtomicBool,
+    /// A goodbye was written and the connection shut down after it.
+    pub(super) said_goodbye: AtomicBool,
+    /// With a fence, a lost secondary leaves held output held: only winning the fence
+    /// releases it (or losing it drops it).
+    pub(super) fenced: bool,
+    /// A handle that keeps the connection open while the guest runs: a secondary must
+    /// not see it close unless this process is dead or said goodbye (a close it reads
+    /// as this primary's death). Dropped after a goodbye; the kernel closes it at exit.
+    pub(super) keep_open: Mutex<Option<TcpStream>>,
     pub(super) gate: Arc<HeldOutput>,
     pub(super) jobs: Mutex<Option<SyncSender<Job>>>,
     pub(super) coding: PageCoding,
@@ -133,7 +148,17 @@ impl Link {
         self.handed_over.load(Ordering::SeqCst)
     }
 
-    /// The secondary is gone: say so loudly, release held output, go on unprotected.
+    pub fn said_goodbye(&self) -> bool {
+        self.said_goodbye.load(Ordering::SeqCst)
+    }
+
+    pub fn is_fenced(&self) -> bool {
+        self.fenced
+    }
+
+    /// The secondary is gone: say so loudly and go on unprotected. Held output is
+    /// released now, or with a fence once this node wins it. The secondary is told
+    /// goodbye if the sender can still write.
     pub fn lose(&self, why: &str) {
         if self.lost.swap(true, Ordering::SeqCst) {
             return;
@@ -142,14 +167,71 @@ impl Link {
             // The secondary runs the guest now; closing the link is what it does next.
             return;
         }
-        tracing::error!("SECONDARY LOST ({why}): held output released; the guest runs UNPROTECTED");
         self.stats().lost = Some(why.to_string());
-        self.gate.open();
-        // Dropping the channel ends the sender thread.
-        self.jobs
+        if self.fenced {
+            tracing::error!(
+                "SECONDARY LOST ({why}): held output stays held until this node wins the fence"
+            );
+        } else {
+            tracing::error!(
+                "SECONDARY LOST ({why}): held output released; the guest runs UNPROTECTED"
+            );
+            self.gate.open();
+        }
+        let mut jobs = self.jobs.lock().unwrap_or_else(PoisonError::into_inner);
+        // Not waited for: a sender stuck in a write never takes it, and the connection
+        // then stays open (see `keep_open`).
+        if let Some(j) = jobs.as_ref() {
+            let _ = j.try_send(Job::Goodbye(Farewell::SecondaryDropped));
+        }
+        // Dropping the channel ends the sender thread (after the goodbye).
+        jobs.take();
+    }
+
+    /// Ends the protection on purpose: the secondary is told why (it will not take
+    /// over), and the link is lost from here on. Output still held stays held: the
+    /// caller releases or drops it. Returns whether the goodbye was written within
+    /// `wait`; if not, the connection stays open until the process ends.
+    pub fn goodbye(&self, why: Farewell, wait: Duration) -> bool {
+        if self.lost.swap(true, Ordering::SeqCst) {
+            return false;
+        }
+        self.stats().lost = Some(format!("said goodbye: {}", why.says()));
+        let deadline = Instant::now() + wait;
+        let mut job = Job::Goodbye(why);
+        {
+            let mut jobs = self.jobs.lock().unwrap_or_else(PoisonError::into_inner);
+            let Some(tx) = jobs.take() else {
+                return false;
+            };
+            loop {
+                match tx.try_send(job) {
+                    Ok(()) => break,
+                    Err(TrySendError::Full(j)) if Instant::now() < deadline => {
+                        job = j;
+                        std::thread::sleep(Duration::from_millis(1));
+                    }
+                    Err(_) => return false,
+                }
+            }
+        }
+        while !self.said_goodbye() {
+            if Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        true
+    }
+
+    /// Called by the sender once the goodbye is out and the connection shut down.
+    pub(super) fn goodbye_said(&self, why: Farewell) {
+        self.stats().goodbye = Some(why);
+        self.keep_open
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .take();
+        self.said_goodbye.store(true, Ordering::SeqCst);
     }
 
     fn send(&self, job: Job) -> bool {

@@ -15,7 +15,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 use super::coding::{page_run, Coder};
 use super::link::{Job, Link};
 use super::{Capture, SyncSource, HEARTBEAT};
-use crate::messages::{self, End, MAX_RUN_PAGES};
+use crate::messages::{self, End, Goodbye, MAX_RUN_PAGES};
 use crate::wire::{self, Kind};
 
 pub(super) fn sender(
@@ -51,6 +51,13 @@ pub(super) fn sender(
                 wire::write_frame(w, Kind::Takeover, n, &[])?;
                 w.flush()?;
                 link.handed_over.store(true, Ordering::SeqCst);
+            }
+            Ok(Job::Goodbye(why)) => {
+                wire::write_frame(w, Kind::Goodbye, 0, &[&messages::encode(&Goodbye { why })])?;
+                w.flush()?;
+                w.get_ref().shutdown(std::net::Shutdown::Write)?;
+                link.goodbye_said(why);
+                return Ok(());
             }
             Err(RecvTimeoutError::Timeout) => {
                 wire::write_frame(w, Kind::Heartbeat, 0, &[])?;

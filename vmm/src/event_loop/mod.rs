@@ -11,6 +11,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use vmm_sys_util::timerfd::TimerFd;
 
 mod devices;
+mod fence;
 mod requests;
 
 use crate::api::{answer, Answer, Refusal, Yes};
@@ -149,6 +150,7 @@ struct DeviceLoop<'a> {
     epochs: Option<EpochRun>,
     snaps: Snapshots,
     pending: Option<Pending>,
+    claim: Option<fence::Claiming>,
 }
 
 impl<'a> DeviceLoop<'a> {
@@ -177,6 +179,9 @@ impl<'a> DeviceLoop<'a> {
         r.watch(connected.as_raw_fd(), Source::Protected)?;
         let devices = Devices::new(vm)?;
         devices.register(&r)?;
+        if let Some(f) = &protectable.fence {
+            f.register(&r)?;
+        }
         Ok(DeviceLoop {
             vm,
             api,
@@ -191,6 +196,7 @@ impl<'a> DeviceLoop<'a> {
             epochs: None,
             snaps: Snapshots::default(),
             pending: None,
+            claim: None,
         })
     }
 
@@ -210,6 +216,7 @@ impl<'a> DeviceLoop<'a> {
             if let (Role::Primary(p), false) = (&mut *self.role, self.paused) {
                 self.clock.after_events(p, self.vm)?;
             }
+            self.watch_fence();
         }
     }
 
@@ -244,6 +251,7 @@ impl<'a> DeviceLoop<'a> {
                 let _ = self.connected.read();
                 self.on_connected()?;
             }
+            Source::Fence => return Ok(self.on_fence()),
             Source::InterruptWatch => self.devices.on_interrupt_watch(self.vm, self.paused),
             Source::Devices => self.devices.on_ready(self.vm)?,
         }

@@ -51,6 +51,7 @@ impl DeviceLoop<'_> {
                 }
                 Err(e) => Err(e),
             },
+            Request::Unprotect => self.unprotect(),
             Request::Pause => self.pause()?,
             Request::Resume => self.resume()?,
             Request::Snapshot { dir, incremental } => self.snapshot(&dir, incremental),
@@ -182,6 +183,9 @@ impl DeviceLoop<'_> {
         if let Some(p) = &self.pending {
             v["connecting_to_secondary"] = json!(p.peer);
         }
+        if let Some(f) = &self.protectable.fence {
+            v["fence"] = json!(f.status());
+        }
         v
     }
 
@@ -203,6 +207,10 @@ impl DeviceLoop<'_> {
             self.pending
                 .as_ref()
                 .map(|p| format!("already connecting to a secondary at {}", p.peer))
+        })
+        .or_else(|| {
+            self.claiming()
+                .then(|| "the fence is deciding which node runs the guest".to_string())
         })
         .or_else(|| cannot_protect(self.paused, self.log_owner()).map(str::to_string));
         if let Some(why) = busy {

@@ -95,6 +95,8 @@ pub struct Primary {
     pause_count: u64,
     verify_next: Arc<AtomicBool>,
     unprotected_said: bool,
+    /// With a fence: the loss of the secondary is settled (this node won the fence).
+    pub fence_settled: bool,
     started: Instant,
     check: Option<AttachedCheck>,
 }
@@ -155,6 +157,7 @@ impl Primary {
             pause_count: 0,
             verify_next: Arc::new(AtomicBool::new(false)),
             unprotected_said: false,
+            fence_settled: false,
             check: None,
             started: Instant::now(),
         }
@@ -473,9 +476,18 @@ impl Primary {
         Err(PrimaryError::NotTakenOver(epoch))
     }
 
+    /// Whether this primary lost its secondary (or said goodbye to it) and must win the
+    /// fence before its held output goes (or the guest goes on).
+    pub fn needs_claim(&self) -> bool {
+        self.link.is_fenced()
+            && self.link.is_lost()
+            && !self.link.handed_over()
+            && !self.fence_settled
+    }
+
     /// Where this primary is in its guest's protection.
     pub fn phase(&self) -> Phase {
-        phase_of(&self.link.snapshot())
+        phase_of(&self.link.snapshot(), self.needs_claim())
     }
 
     /// The `status` fields of the primary role.
@@ -490,7 +502,7 @@ impl Primary {
                 sorted[((sorted.len() - 1) as f64 * p).round() as usize]
             }
         };
-        let phase = phase_of(&link);
+        let phase = phase_of(&link, self.needs_claim());
         let protected = phase.guest_protected();
         json!({
             "role": phase.role(),
@@ -598,9 +610,12 @@ fn open_disk(path: &std::path::Path) -> Result<File, PrimaryError> {
     })
 }
 
-/// Where a primary whose link reads `link` is in its guest's protection.
-fn phase_of(link: &LinkStats) -> Phase {
-    if link.lost.is_some() {
+/// Where a primary whose link reads `link` is in its guest's protection; `claiming`:
+/// the link is lost and the fence not yet won.
+fn phase_of(link: &LinkStats, claiming: bool) -> Phase {
+    if claiming {
+        Phase::Fencing
+    } else if link.lost.is_some() {
         Phase::Unprotected
     } else if !link.synced {
         Phase::Syncing

@@ -57,6 +57,7 @@ fn status(shared: &Shared) -> Value {
         "primary": primary,
         "generation": shared.generation.load(Ordering::SeqCst),
         "last_committed_epoch": p.committed_epoch,
+        "kept_commit_of_lost_primary": shared.orphaned.load(Ordering::SeqCst),
         "uptime_ms": shared.started.elapsed().as_millis() as u64,
         "progress": p,
     })
@@ -77,6 +78,7 @@ fn operator_failover(shared: &Shared) -> Result<Answer, Refusal> {
         .primary
         .lock()
         .unwrap_or_else(PoisonError::into_inner);
+    let orphaned = shared.orphaned.load(Ordering::SeqCst);
     match (&*primary, committed) {
         (Some((_, s)), c) if c > 0 => {
             shared.operator_takeover.store(true, Ordering::SeqCst);
@@ -84,6 +86,13 @@ fn operator_failover(shared: &Shared) -> Result<Answer, Refusal> {
             Ok(Answer::TakingOver {
                 ok: Yes,
                 taking_over_from_epoch: c,
+            })
+        }
+        (None, _) if orphaned > 0 => {
+            shared.operator_takeover.store(true, Ordering::SeqCst);
+            Ok(Answer::TakingOver {
+                ok: Yes,
+                taking_over_from_epoch: orphaned,
             })
         }
         (None, _) => Err(Refusal::NoPrimary),

@@ -1,29 +1,46 @@
 //! The secondary role: runs no vCPU; receives the initial sync and the checkpoints of one
-//! primary, and when that primary is lost (connection closed, or silent past
-//! `--failover-timeout-ms`) or hands over, builds the VM from the last committed
-//! checkpoint — its memory handed to KVM as it is — and runs it as an unprotected
-//! primary on its own tap, announcing the guest's MAC.
+//! primary, and when that primary is gone for good or hands over, builds the VM from the
+//! last committed checkpoint — its memory handed to KVM as it is — and runs it as an
+//! unprotected primary on its own tap, announcing the guest's MAC.
 //!
-//! A primary that sends something malformed is dropped with the reason and the secondary
-//! waits for a new one: it does not take over, since a primary that talks is alive.
+//! When is a primary gone for good? (`verdict`)
+//! - It said goodbye: never. The guest ended (this process ends too), or protection
+//!   ended on purpose (wait for the next primary).
+//! - It sent something malformed: never; a primary that talks is alive. It is dropped
+//!   with the reason, and the secondary waits for a new one.
+//! - Its connection closed while its frames were still arriving (within
+//!   `--failover-timeout-ms`): its process died.
+//! - With `--etcd`: also when it is silent past `--failover-timeout-ms`, or its
+//!   connection closes after a silence; the fence then decides, and only a node that
+//!   won the next generation takes over.
+//! - Without: a silence proves nothing, and a close after one neither. The secondary
+//!   keeps its last commit and waits: for the primary to speak again, for a new primary,
+//!   or for the operator's `ctl failover`.
 
 use std::io::{BufReader, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use mcvmm_checkpoint::state::MachineState;
+use mcvmm_fence::{Claim, Fence, Owner};
 use mcvmm_replication::disk::{DiskError, Disks, Replica};
 use mcvmm_replication::messages::{self, Hello};
-use mcvmm_replication::secondary::{self, check_hello, Ended, Expect, Progress, Receiver};
+use mcvmm_replication::secondary::{
+    self, check_hello, Ended, Expect, GiveUp, Patient, Progress, Receiver,
+};
 use mcvmm_replication::wire::{self, Kind, WireError};
 use serde_json::{json, Value};
 
 use mcvmm_devices::virtio::tap::{Tap, TapError};
 
 mod control;
+mod verdict;
+
+use verdict::{verdict, Verdict};
 
 use crate::control::{ControlServer, Serving};
 
@@ -40,6 +57,8 @@ pub struct SecondaryConfig {
     pub serial: SerialOut,
     pub timeout: Duration,
     pub generation: u64,
+    /// `--etcd`: a takeover must win the next generation first.
+    pub fence: Option<Fence>,
 }
 
 /// Why the secondary ended without a guest to run, or could not start it.
@@ -81,6 +100,8 @@ pub enum SecondaryError {
     PreparePanicked,
     #[error("starting the VM from the committed checkpoint: {0}")]
     Start(VmError),
+    #[error("fence: {0}")]
+    Fence(mcvmm_fence::FenceError),
 }
 
 /// Why a connection was not a primary's Hello.
@@ -101,6 +122,9 @@ struct Shared {
     generation: AtomicU64,
     operator_takeover: AtomicBool,
     receiving: AtomicBool,
+    /// The epoch of a commit kept from a primary that went silent (no fence): `ctl
+    /// failover` may still run it. 0: none.
+    orphaned: AtomicU64,
     started: Instant,
 }
 
@@ -115,6 +139,7 @@ impl Shared {
             generation: AtomicU64::new(generation),
             operator_takeover: AtomicBool::new(false),
             receiving: AtomicBool::new(true),
+            orphaned: AtomicU64::new(0),
             started: Instant::now(),
         }
     }
@@ -141,6 +166,16 @@ pub struct TookOver {
     pub generation: u64,
     /// The control socket, served here until the takeover: the device loop's from now.
     pub control: Option<ControlServer>,
+    /// The fence, and this node's win that allowed the takeover.
+    pub fence: Option<(Fence, Owner)>,
+}
+
+/// How the secondary ended.
+pub enum Outcome {
+    /// It runs the guest now.
+    TookOver(Box<TookOver>),
+    /// The primary said the guest ended: nothing is left to protect.
+    GuestEnded(String),
 }
 
 fn refuse(mut stream: &TcpStream, why: &str) {
@@ -172,9 +207,16 @@ struct Session {
 
 /// How receiving from one primary ended.
 enum Received {
-    /// The primary was dropped, alive: the disks go back to waiting for the next one.
+    /// The primary was dropped, alive, or ended protection on purpose: the disks go back
+    /// to waiting for the next one.
     Dropped(Disks),
-    /// The primary is gone (or handed over): take over from what was committed.
+    /// The primary may be alive or dead, and there is no fence to ask: its last commit
+    /// is kept for the operator.
+    Orphaned { why: String, rx: Box<Receiver> },
+    /// The guest ended on the primary.
+    GuestEnded(String),
+    /// The primary is gone (or handed over): take over from what was committed, once
+    /// the fence (if any) says so.
     Gone {
         why: String,
         detected: Instant,
@@ -182,20 +224,54 @@ enum Received {
     },
 }
 
-/// Receives from primaries until one is lost after a commit (or hands over); then builds
-/// the VM. `control` is served meanwhile, and handed on with the VM. A signal or
-/// `ctl stop` before that ends the process.
+/// The disks while no primary streams: free, or in the receiver of a primary whose last
+/// commit is kept.
+enum Held {
+    Free(Disks),
+    Orphan {
+        session: Session,
+        rx: Box<Receiver>,
+        why: String,
+    },
+}
+
+impl Held {
+    fn disks(&self) -> &Disks {
+        match self {
+            Held::Free(d) => d,
+            Held::Orphan { rx, .. } => &rx.disks,
+        }
+    }
+
+    fn into_disks(self) -> Disks {
+        match self {
+            Held::Free(d) => d,
+            Held::Orphan { session, rx, .. } => {
+                tracing::warn!(
+                    "a new primary: the commit of epoch {} kept from {} is dropped",
+                    rx.committed(),
+                    session.peer
+                );
+                drop(session.prepared.join());
+                rx.disks
+            }
+        }
+    }
+}
+
+/// Receives from primaries until one is gone for good after a commit (or hands over, or
+/// the operator says so); then builds the VM. `control` is served meanwhile, and handed
+/// on with the VM. A signal or `ctl stop` before that ends the process.
 pub fn run(
-    cfg: SecondaryConfig,
+    mut cfg: SecondaryConfig,
     control: Option<ControlServer>,
-) -> Result<TookOver, SecondaryError> {
+) -> Result<Outcome, SecondaryError> {
     let replicas = cfg
         .disks
         .iter()
         .map(|d| Replica::open(&d.path))
         .collect::<Result<Vec<_>, _>>()
         .map_err(SecondaryError::Disks)?;
-    let mut disks = Disks::new(replicas);
     // Attached now, not at takeover: a tap that comes up at takeover starts in a bridge
     // port that is not yet forwarding, and the guest's first frames and announcements
     // would be lost there. A missing tap is also better told now than at failover.
@@ -206,18 +282,26 @@ pub fn run(
         })?),
         None => None,
     };
-    let listener = TcpListener::bind(&cfg.listen).map_err(|source| SecondaryError::Listen {
+    let listen_err = |source| SecondaryError::Listen {
         addr: cfg.listen.clone(),
         source,
-    })?;
+    };
+    let listener = TcpListener::bind(&cfg.listen).map_err(listen_err)?;
+    // Polled, so that the operator can be heard between connections.
+    listener.set_nonblocking(true).map_err(listen_err)?;
     tracing::info!(
-        "secondary listening on {} ({} disk(s), {})",
+        "secondary listening on {} ({} disk(s), {}, {})",
         cfg.listen,
         cfg.disks.len(),
         cfg.tap
             .as_deref()
-            .map_or("no tap".to_string(), |t| format!("tap {t}"))
+            .map_or("no tap".to_string(), |t| format!("tap {t}")),
+        cfg.fence.as_ref().map_or(
+            "no fence: takes over only a primary whose process died, or when told".to_string(),
+            |f| format!("fenced by {}", f.key())
+        )
     );
+    let fence = cfg.fence.take();
     let shared = Arc::new(Shared::new(cfg.generation));
     let serving = control
         .map(|c| {
@@ -228,24 +312,157 @@ pub fn run(
         })
         .transpose()
         .map_err(SecondaryError::ControlThread)?;
+    let mut held = Held::Free(Disks::new(replicas));
     loop {
-        let (stream, addr) = listener.accept().map_err(SecondaryError::Accept)?;
-        let Some(session) = welcome(stream, addr, &cfg, &shared, &disks, tap.as_ref())? else {
+        let Some((stream, addr)) = next_primary(&listener, &shared)? else {
+            // The operator runs the commit kept from a silent primary.
+            shared.operator_takeover.store(false, Ordering::SeqCst);
+            match held {
+                Held::Orphan { session, rx, why } => {
+                    shared.orphaned.store(0, Ordering::SeqCst);
+                    shared.receiving.store(false, Ordering::SeqCst);
+                    let why = format!("operator asked for failover ({why})");
+                    let took = take_over(&cfg, session, &why, Instant::now(), *rx, listener, None)?;
+                    return Ok(Outcome::TookOver(Box::new(with_control(took, serving))));
+                }
+                free => {
+                    held = free;
+                    continue;
+                }
+            }
+        };
+        let Some(session) = welcome(stream, addr, &cfg, &shared, held.disks(), tap.as_ref())?
+        else {
             continue;
         };
-        match receive(&session, &cfg, &shared, disks)? {
+        shared.orphaned.store(0, Ordering::SeqCst);
+        let disks = held.into_disks();
+        let fenced = fence.is_some();
+        match receive(&session, &cfg, &shared, &listener, fenced, disks)? {
             Received::Dropped(d) => {
-                disks = d;
+                held = Held::Free(d);
                 drop(session.prepared.join());
             }
+            Received::GuestEnded(why) => return Ok(Outcome::GuestEnded(why)),
+            Received::Orphaned { why, rx } => {
+                tracing::warn!(
+                    "{why}; keeping the commit of epoch {} and waiting for a primary",
+                    rx.committed()
+                );
+                shared.orphaned.store(rx.committed(), Ordering::SeqCst);
+                shared.set_phase("primary gone, holding its last commit");
+                held = Held::Orphan { session, rx, why };
+            }
             Received::Gone { why, detected, rx } => {
+                let generation = session.hello.generation + 1;
+                let won = match &fence {
+                    Some(f) if rx.committed() > 0 => match claim(f, generation, &shared, &why)? {
+                        Ok(owner) => Some(owner),
+                        Err(()) => {
+                            held = Held::Free(rx.disks);
+                            drop(session.prepared.join());
+                            continue;
+                        }
+                    },
+                    _ => None,
+                };
                 shared.receiving.store(false, Ordering::SeqCst);
-                let mut took = take_over(&cfg, session, &why, detected, *rx, listener)?;
-                took.control = serving.and_then(Serving::hand_over);
-                return Ok(took);
+                let fence_won = match (fence, won) {
+                    (Some(f), Some(o)) => Some((f, o)),
+                    _ => None,
+                };
+                let took = take_over(&cfg, session, &why, detected, *rx, listener, fence_won)?;
+                return Ok(Outcome::TookOver(Box::new(with_control(took, serving))));
             }
         }
     }
+}
+
+fn with_control(mut took: TookOver, serving: Option<Serving>) -> TookOver {
+    took.control = serving.and_then(Serving::hand_over);
+    took
+}
+
+/// Claims `generation` for a takeover until etcd decides. `Err(())`: another node won;
+/// this one goes back to waiting for a primary.
+fn claim(
+    fence: &Fence,
+    generation: u64,
+    shared: &Shared,
+    why: &str,
+) -> Result<Result<Owner, ()>, SecondaryError> {
+    tracing::warn!("{why}; claiming generation {generation} in the fence before taking over");
+    shared.set_phase("claiming the guest in the fence");
+    let mut said = None;
+    let claim = fence
+        .claim_until_decided(generation, crate::fencing::RETRY, |e, waited| {
+            crate::fencing::say_undecided(generation, e, waited, &mut said)
+        })
+        .map_err(SecondaryError::Fence)?;
+    match claim {
+        Claim::Won(owner) => Ok(Ok(owner)),
+        Claim::Lost { owner } => {
+            let held = owner.as_ref().map_or(generation, |o| o.generation);
+            shared.generation.fetch_max(held, Ordering::SeqCst);
+            tracing::warn!(
+                "fence: {} won: not taking over; waiting for a primary",
+                owner.map_or_else(|| format!("generation {generation}"), |o| o.to_string())
+            );
+            shared.set_phase("waiting for a primary");
+            Ok(Err(()))
+        }
+    }
+}
+
+/// The next connection on the (polled) listener; `None` when the operator asked for a
+/// failover meanwhile.
+fn next_primary(
+    listener: &TcpListener,
+    shared: &Shared,
+) -> Result<Option<(TcpStream, SocketAddr)>, SecondaryError> {
+    loop {
+        match listener.accept() {
+            Ok(c) => return Ok(Some(c)),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                if shared.operator_takeover.load(Ordering::SeqCst) {
+                    return Ok(None);
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(SecondaryError::Accept(e)),
+        }
+    }
+}
+
+/// Whether a connection waits on the listener.
+fn connection_waiting(listener: RawFd) -> bool {
+    let mut pfd = libc::pollfd {
+        fd: listener,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd on the stack; a zero timeout.
+    unsafe { libc::poll(&mut pfd, 1, 0) > 0 }
+}
+
+/// The rule a primary's silence is put to: with a fence, give up on it at once (the
+/// fence decides); without, only for the operator or for a new primary that is waiting.
+/// Either way the silence is logged every few seconds.
+fn silence_rule(shared: Arc<Shared>, listener: RawFd, fenced: bool) -> GiveUp {
+    let mut said: Option<Instant> = None;
+    Box::new(move |silent: Duration| {
+        let operator = shared.operator_takeover.load(Ordering::SeqCst);
+        let give_up = fenced || operator || connection_waiting(listener);
+        if !give_up && said.is_none_or(|t| t.elapsed() >= crate::fencing::SAY_EVERY) {
+            said = Some(Instant::now());
+            tracing::warn!(
+                "primary silent for {:.1} s: not taking over (without --etcd a silence proves nothing; `ctl failover` only if you know it is dead)",
+                silent.as_secs_f64()
+            );
+        }
+        give_up
+    })
 }
 
 /// Reads a new connection's Hello and accepts the primary if it fits; starts building
@@ -310,11 +527,13 @@ fn welcome(
 }
 
 /// Receives the sync and the checkpoints of an accepted primary, answering with
-/// heartbeats, until the primary is dropped, lost, or hands over.
+/// heartbeats, until its stream ends; then judges what that means (see `verdict`).
 fn receive(
     session: &Session,
     cfg: &SecondaryConfig,
-    shared: &Shared,
+    shared: &Arc<Shared>,
+    listener: &TcpListener,
+    fenced: bool,
     disks: Disks,
 ) -> Result<Received, SecondaryError> {
     let Session {
@@ -327,7 +546,7 @@ fn receive(
     shared.set_phase("syncing");
     let _ = stream.set_nodelay(true);
     stream
-        .set_read_timeout(Some(cfg.timeout))
+        .set_read_timeout(Some(Patient::<TcpStream>::poll_interval(cfg.timeout)))
         .map_err(connection)?;
     stream
         .set_write_timeout(Some(cfg.timeout))
@@ -344,35 +563,53 @@ fn receive(
         stop_beats.clone(),
     );
     let mut rx = Receiver::new(mem.clone(), disks, shared.progress.clone());
-    let mut reader = BufReader::with_capacity(1 << 20, stream.try_clone().map_err(connection)?);
+    let patient = Patient::new(
+        stream.try_clone().map_err(connection)?,
+        cfg.timeout,
+        silence_rule(shared.clone(), listener.as_raw_fd(), fenced),
+    );
+    let mut reader = BufReader::with_capacity(1 << 20, patient);
     let ended = rx.run(&mut reader, &replies, cfg.timeout);
     let detected = Instant::now();
+    let silent_for = reader.get_ref().silent_for();
     stop_beats.store(true, Ordering::SeqCst);
     shared.set_primary(None);
-    let why = match &ended {
-        Ended::Refused(e) => {
-            tracing::warn!(
-                "dropped primary {peer}: {e}; not taking over (it is alive); waiting for a primary"
-            );
+    let operator = shared.operator_takeover.load(Ordering::SeqCst);
+    let v = verdict(&ended, silent_for, cfg.timeout, fenced, operator);
+    if !matches!(v, Verdict::TakeOver(_)) || rx.committed() == 0 {
+        if let Ended::Refused(e) = &ended {
             refuse(stream, &e.to_string());
-            let _ = beats.join();
-            let Receiver { disks, .. } = rx;
+        }
+        let _ = stream.shutdown(Shutdown::Both);
+        let _ = beats.join();
+    } else {
+        let _ = stream.shutdown(Shutdown::Both);
+        // Not joined: it may be asleep until its next beat, and it ends by itself.
+        drop(beats);
+    }
+    Ok(match v {
+        Verdict::End(why) => Received::GuestEnded(why),
+        Verdict::Wait(why) => {
+            tracing::warn!("{why}; waiting for a primary");
             shared.set_phase("waiting for a primary");
-            return Ok(Received::Dropped(disks));
+            Received::Dropped(rx.disks)
         }
-        Ended::Lost(e) if shared.operator_takeover.load(Ordering::SeqCst) => {
-            format!("operator asked for failover ({e})")
+        Verdict::Keep(_) | Verdict::TakeOver(_) if rx.committed() == 0 => {
+            tracing::warn!(
+                "primary {peer} gone before the first checkpoint committed: nothing consistent to run; waiting for a primary"
+            );
+            shared.set_phase("waiting for a primary");
+            Received::Dropped(rx.disks)
         }
-        Ended::Lost(e) => format!("primary lost: {e}"),
-        Ended::Takeover(n) => format!("planned switch at epoch {n}"),
-    };
-    let _ = stream.shutdown(Shutdown::Both);
-    // Not joined: it may be asleep until its next beat, and it ends by itself.
-    drop(beats);
-    Ok(Received::Gone {
-        why,
-        detected,
-        rx: Box::new(rx),
+        Verdict::Keep(why) => Received::Orphaned {
+            why,
+            rx: Box::new(rx),
+        },
+        Verdict::TakeOver(why) => Received::Gone {
+            why,
+            detected,
+            rx: Box::new(rx),
+        },
     })
 }
 
@@ -452,6 +689,7 @@ fn take_over(
     detected: Instant,
     rx: Receiver,
     listener: TcpListener,
+    fence: Option<(Fence, Owner)>,
 ) -> Result<TookOver, SecondaryError> {
     let epoch = rx.committed();
     if epoch == 0 {
@@ -478,6 +716,8 @@ fn take_over(
         "build_ms": ms,
         "generation": generation,
     });
+    // Stale primaries are refused on it by a thread that accepts blocking.
+    let _ = listener.set_nonblocking(false);
     Ok(TookOver {
         vm,
         hooks,
@@ -485,6 +725,7 @@ fn take_over(
         listener,
         generation,
         control: None,
+        fence,
     })
 }
 

@@ -1,0 +1,315 @@
+//! Faults other than a crash, in the lab: a protected guest on two test hosts, etcd on the
+//! lab network (this machine, in the lab's namespace). Each case starts a pair afresh
+//! (its own `--vm-name`, so generations start at 1), writes acknowledged records through
+//! the fault, and checks the outcome:
+//!
+//! - the primary frozen (SIGSTOP) past the failover timeout, fenced: the secondary wins
+//!   generation 2 and takes over; the thawed primary exits with its "fenced" line; every
+//!   acknowledged record is on the winner's disk;
+//! - the same without a fence: nobody takes over, the pair goes on protected;
+//! - the replication link cut for 3 s while both reach etcd (bridge port isolation):
+//!   exactly one node runs the guest afterwards, and it holds every acknowledged record;
+//! - `ctl stop` on a protected primary: the secondary hears the goodbye and exits 0,
+//!   no guest runs anywhere;
+//! - `ctl unprotect`: the secondary waits, the primary wins generation 2 and goes on;
+//!   `ctl protect` protects it again.
+//!
+//! No case is retried: a case that could not be judged fails the test with what it saw.
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use mcvmm_lab::{net, Lab};
+use mcvmm_tests::etcd::Etcd;
+use mcvmm_tests::pair::{
+    agent, agentctl, clean, run_ok, start_lab, start_pair_with, value, NODE, PRIMARY, SECONDARY,
+};
+
+const MEM_MIB: u32 = 128;
+const PORT: u16 = 7777;
+
+struct Fixture {
+    lab: Lab,
+    ns: String,
+    etcd: Etcd,
+}
+
+impl Fixture {
+    fn sh(&self, host: usize, what: &str, cmd: &str) -> Result<String, String> {
+        run_ok(self.lab.host(host), what, cmd, 60)
+    }
+
+    fn alive(&self, host: usize) -> bool {
+        let n = NODE[host];
+        self.sh(host, "is mcvmm alive", &format!("kill -0 $(cat {n}.pid)"))
+            .is_ok()
+    }
+
+    /// Waits up to `secs` for the mcvmm of `host` to end.
+    fn wait_gone(&self, host: usize, secs: u64) -> bool {
+        let end = Instant::now() + Duration::from_secs(secs);
+        while Instant::now() < end {
+            if !self.alive(host) {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(300));
+        }
+        false
+    }
+
+    fn status(&self, host: usize) -> Result<serde_json::Value, String> {
+        let n = NODE[host];
+        let out = self.sh(
+            host,
+            "status",
+            &format!("./mcvmm ctl --api-sock {n}.sock status"),
+        )?;
+        serde_json::from_str(&out).map_err(|e| format!("status of {n}: {e}: {out}"))
+    }
+
+    fn log(&self, host: usize) -> String {
+        let n = NODE[host];
+        self.sh(host, "log", &format!("cat {n}.log"))
+            .unwrap_or_else(|e| e)
+    }
+
+    /// A protected pair; with `vm`, both sides fenced under that name.
+    fn start(&self, vm: Option<&str>) -> Result<(), String> {
+        clean(&self.lab);
+        let (p, s) = match vm {
+            Some(vm) => (self.etcd.flags(vm, "p"), self.etcd.flags(vm, "s")),
+            None => (String::new(), String::new()),
+        };
+        start_pair_with(&self.lab, MEM_MIB, &p, &s)?;
+        agent(&self.ns, &["--wait", "60", "ping"])?;
+        Ok(())
+    }
+
+    /// Writes records of `run` for `secs` seconds in the background.
+    fn client(&self, run: u64, secs: u64) -> Result<std::process::Child, String> {
+        agentctl(
+            &self.ns,
+            &["records-for", "vdb", &run.to_string(), &secs.to_string()],
+        )
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("client: {e}"))
+    }
+
+    /// Records the client saw acknowledged; they must all be on `host`'s second disk.
+    fn check_acked(
+        &self,
+        client: std::process::Child,
+        run: u64,
+        host: usize,
+    ) -> Result<u64, String> {
+        let out = client
+            .wait_with_output()
+            .map_err(|e| format!("client: {e}"))?;
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let acked = value(&text, "acknowledged").ok_or(format!("client said: {text}"))?;
+        if acked == 0 {
+            return Err(format!("no record acknowledged: {text}"));
+        }
+        let n = NODE[host];
+        self.sh(
+            host,
+            "checking the acknowledged records",
+            &format!("./agentctl check-records {n}2.img {run} {acked}"),
+        )?;
+        Ok(acked)
+    }
+
+    /// Cuts the test hosts off from each other (not from the gateway: etcd and the
+    /// clients) with bridge port isolation, or joins them again.
+    fn isolate(&self, on: bool) -> Result<(), String> {
+        let state = if on { "on" } else { "off" };
+        for host in [PRIMARY, SECONDARY] {
+            let tap = net::LabNet::tap(host);
+            let ok = Command::new("ip")
+                .args(["netns", "exec", &self.ns, "bridge", "link", "set", "dev"])
+                .args([tap.as_str(), "isolated", state])
+                .status()
+                .is_ok_and(|s| s.success());
+            if !ok {
+                return Err(format!("bridge link set dev {tap} isolated {state}"));
+            }
+        }
+        Ok(())
+    }
+
+    fn freeze_primary(&self, secs: u64) -> Result<(), String> {
+        self.sh(
+            PRIMARY,
+            "freezing the primary",
+            &format!("kill -STOP $(cat p.pid); sleep {secs}; kill -CONT $(cat p.pid)"),
+        )
+        .map(drop)
+    }
+}
+
+fn fenced_line(log: &str) -> Option<&str> {
+    log.lines().find(|l| l.contains("fenced: "))
+}
+
+fn frozen_primary_fenced(f: &Fixture) -> Result<String, String> {
+    f.start(Some("freeze"))?;
+    let client = f.client(1, 8)?;
+    std::thread::sleep(Duration::from_millis(1500));
+    f.freeze_primary(3)?;
+    if !f.wait_gone(PRIMARY, 30) {
+        return Err(format!(
+            "the thawed primary still runs its guest:\n{}",
+            f.log(PRIMARY)
+        ));
+    }
+    let log = f.log(PRIMARY);
+    let line = fenced_line(&log).ok_or(format!("the primary ended without its line:\n{log}"))?;
+    let s = f.status(SECONDARY)?;
+    if s["took_over"].is_null() || s["fence"]["owner"]["node"] != "s" {
+        return Err(format!("the secondary did not take over: {s:#}"));
+    }
+    let acked = f.check_acked(client, 1, SECONDARY)?;
+    Ok(format!(
+        "secondary took over at generation {}; {acked} acknowledged records on its disk; the primary said: {line}",
+        s["fence"]["owner"]["generation"]
+    ))
+}
+
+fn frozen_primary_unfenced(f: &Fixture) -> Result<String, String> {
+    f.start(None)?;
+    let client = f.client(2, 8)?;
+    std::thread::sleep(Duration::from_millis(1500));
+    f.freeze_primary(3)?;
+    std::thread::sleep(Duration::from_secs(3));
+    let s = f.status(SECONDARY)?;
+    if s["role"] != "secondary" || !f.alive(PRIMARY) {
+        return Err(format!(
+            "a silence started the guest elsewhere: {s:#}\n{}",
+            f.log(SECONDARY)
+        ));
+    }
+    let acked = f.check_acked(client, 2, PRIMARY)?;
+    let p = f.status(PRIMARY)?;
+    Ok(format!(
+        "no takeover; the primary is {:?} (protected: {}); {acked} acknowledged records on its disk",
+        p["phase"], p["protected"]
+    ))
+}
+
+fn partition_fenced(f: &Fixture) -> Result<String, String> {
+    f.start(Some("partition"))?;
+    let client = f.client(3, 10)?;
+    std::thread::sleep(Duration::from_millis(1500));
+    f.isolate(true)?;
+    std::thread::sleep(Duration::from_secs(3));
+    f.isolate(false)?;
+    std::thread::sleep(Duration::from_secs(5));
+    let primary_runs = f.alive(PRIMARY);
+    let s = f.status(SECONDARY)?;
+    let took_over = !s["took_over"].is_null();
+    let (winner, how) = match (primary_runs, took_over) {
+        (true, false) => {
+            let p = f.status(PRIMARY)?;
+            if p["fence"]["owner"]["node"] != "p" {
+                return Err(format!("the primary runs on without owning the guest: {p:#}"));
+            }
+            (PRIMARY, format!("the primary won generation {} and runs on ({})", p["fence"]["owner"]["generation"], p["phase"]))
+        }
+        (false, true) => {
+            let log = f.log(PRIMARY);
+            let line = fenced_line(&log)
+                .ok_or(format!("the primary ended without its line:\n{log}"))?
+                .to_string();
+            (SECONDARY, format!("the secondary won and took over; the primary said: {line}"))
+        }
+        (true, true) => return Err(format!("TWO LIVE COPIES: {s:#}")),
+        (false, false) => return Err(format!("no guest runs: {s:#}\n{}", f.log(PRIMARY))),
+    };
+    let acked = f.check_acked(client, 3, winner)?;
+    Ok(format!("{how}; {acked} acknowledged records on the winner's disk"))
+}
+
+fn stop_ends_both(f: &Fixture) -> Result<String, String> {
+    f.start(Some("stop"))?;
+    f.sh(PRIMARY, "ctl stop", "./mcvmm ctl --api-sock p.sock stop")?;
+    if !f.wait_gone(SECONDARY, 20) {
+        return Err(format!("the secondary still runs:\n{}", f.log(SECONDARY)));
+    }
+    let log = f.log(SECONDARY);
+    if !log.contains("the primary was stopped") || log.contains("TOOK OVER") {
+        return Err(format!("the secondary's log:\n{log}"));
+    }
+    if f.wait_gone(PRIMARY, 10) {
+        Ok("the secondary heard the goodbye and ended; no guest runs".into())
+    } else {
+        Err("the primary did not end".into())
+    }
+}
+
+fn unprotect_then_protect(f: &Fixture) -> Result<String, String> {
+    f.start(Some("unprotect"))?;
+    let out = f.sh(PRIMARY, "ctl unprotect", "./mcvmm ctl --api-sock p.sock unprotect")?;
+    let answer: serde_json::Value =
+        serde_json::from_str(&out).map_err(|e| format!("unprotect: {e}: {out}"))?;
+    if answer["goodbye_said"] != true {
+        return Err(format!("unprotect: {answer}"));
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    let p = f.status(PRIMARY)?;
+    let s = f.status(SECONDARY)?;
+    if p["fence"]["owner"]["generation"] != 2 || p["phase"] != "unprotected (secondary lost)" {
+        return Err(format!("the primary after unprotect: {p:#}"));
+    }
+    if s["role"] != "secondary" || s["phase"] != "receiving" {
+        return Err(format!("the secondary after unprotect: {s:#}"));
+    }
+    agent(&f.ns, &["ping"])?;
+    let to = format!("{}:{PORT}", net::host_addr(SECONDARY));
+    f.sh(
+        PRIMARY,
+        "protecting again",
+        &format!(
+            "./mcvmm ctl --api-sock p.sock protect {to} | grep -q '\"ok\": true' || {{ tail -20 p.log; exit 1; }}
+             i=0; until ./mcvmm ctl --api-sock p.sock status | grep -q '\"protected\": true'; do
+               i=$((i+1)); [ $i -gt 300 ] && {{ tail -20 p.log; exit 1; }}; sleep 0.2; done"
+        ),
+    )?;
+    Ok("the secondary waited; the primary won generation 2 and was protected again".into())
+}
+
+#[test]
+fn faults_other_than_a_crash_never_leave_two_live_copies_nor_lose_an_acknowledged_write() {
+    let lab = start_lab(MEM_MIB).expect("the lab");
+    let ns = lab.net().expect("the lab network").ns.clone();
+    let etcd = Etcd::start(&ns).expect("etcd");
+    let f = Fixture { lab, ns, etcd };
+    type Case = fn(&Fixture) -> Result<String, String>;
+    let cases: [(&str, Case); 5] = [
+        ("primary frozen 3 s, fenced", frozen_primary_fenced),
+        ("primary frozen 3 s, no fence", frozen_primary_unfenced),
+        ("replication link cut 3 s, fenced", partition_fenced),
+        ("ctl stop", stop_ends_both),
+        ("ctl unprotect, then protect", unprotect_then_protect),
+    ];
+    let mut failed = Vec::new();
+    for (name, case) in cases {
+        let t = Instant::now();
+        let outcome = case(&f);
+        let _ = f.isolate(false);
+        eprintln!(
+            "{name}: {} ({:.1} s)",
+            match &outcome {
+                Ok(how) => format!("ok: {how}"),
+                Err(e) => format!("FAILED: {e}"),
+            },
+            t.elapsed().as_secs_f64()
+        );
+        if outcome.is_err() {
+            failed.push(name);
+        }
+    }
+    clean(&f.lab);
+    assert!(failed.is_empty(), "failed: {failed:?}");
+}
