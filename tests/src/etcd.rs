@@ -25,8 +25,18 @@ impl Etcd {
         let child = Command::new("ip")
             .args(["netns", "exec", ns, "etcd", "--name", "lab", "--data-dir"])
             .arg(dir.path().join("data"))
-            .args(["--listen-client-urls", &url, "--advertise-client-urls", &url])
-            .args(["--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer])
+            .args([
+                "--listen-client-urls",
+                &url,
+                "--advertise-client-urls",
+                &url,
+            ])
+            .args([
+                "--listen-peer-urls",
+                peer,
+                "--initial-advertise-peer-urls",
+                peer,
+            ])
             .args(["--initial-cluster", &format!("lab={peer}")])
             .args(["--heartbeat-interval", "50", "--election-timeout", "500"])
             .stdout(Stdio::null())

@@ -3,13 +3,21 @@
 //! talking to the guest's agent from the lab network (this machine, in the lab's
 //! namespace). The drill and the replication benchmark build on these.
 //!
+//! The pair is fenced: each lab gets an etcd on its network ([`crate::etcd`]), and each
+//! pair started afresh a guest name of its own, so its generations start at 1; a guest
+//! protected again keeps its name.
+//!
 //! Each host keeps one set of files, named after the role it starts with (`p` on host 0,
 //! `s` on host 1: `p.log`, `p.sock`, `p1.img`..., tap `ptap`); the guest moves between the
 //! hosts as rounds kill its primary, so after a takeover host 1's `s.sock` is a primary's.
 
+use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 use std::process::Command;
+use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
+
+use crate::etcd::Etcd;
 
 use mcvmm_lab::{net, HostOptions, Lab, LabOptions, TestHost};
 
@@ -77,7 +85,74 @@ pub fn value(text: &str, key: &str) -> Option<u64> {
         .and_then(|v| v.parse().ok())
 }
 
+/// Each lab's etcd and the name of the guest it runs now, by the lab's namespace.
+static FENCES: Mutex<BTreeMap<String, (Etcd, String)>> = Mutex::new(BTreeMap::new());
+
+fn lab_ns(lab: &Lab) -> Result<String, String> {
+    lab.net()
+        .map(|n| n.ns.clone())
+        .ok_or("the lab has no network".into())
+}
+
+/// A new guest name for the pair about to start on `lab`; `fenced: false` runs it
+/// without the fence.
+fn new_guest_name(lab: &Lab, fenced: bool) -> Result<(), String> {
+    static SEQ: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(1);
+    let ns = lab_ns(lab)?;
+    let mut fences = FENCES.lock().unwrap_or_else(PoisonError::into_inner);
+    let entry = fences.get_mut(&ns).ok_or("the lab has no etcd")?;
+    entry.1 = if fenced {
+        format!(
+            "guest{}",
+            SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        )
+    } else {
+        String::new()
+    };
+    Ok(())
+}
+
+/// The fence flags of the mcvmm on `host`, for the guest the lab runs now (none if it
+/// runs unfenced).
+pub fn fence_flags(lab: &Lab, host: usize) -> Result<String, String> {
+    let ns = lab_ns(lab)?;
+    let fences = FENCES.lock().unwrap_or_else(PoisonError::into_inner);
+    let (etcd, vm) = fences.get(&ns).ok_or("the lab has no etcd")?;
+    if vm.is_empty() {
+        return Ok(String::new());
+    }
+    Ok(etcd.flags(vm, &node_name(host)))
+}
+
+/// Host `host`'s node name in the fence.
+pub fn node_name(host: usize) -> String {
+    format!("host{host}")
+}
+
+/// The lab's etcd, to freeze it.
+pub fn with_etcd<T>(lab: &Lab, f: impl FnOnce(&Etcd) -> T) -> Result<T, String> {
+    let ns = lab_ns(lab)?;
+    let fences = FENCES.lock().unwrap_or_else(PoisonError::into_inner);
+    fences
+        .get(&ns)
+        .map(|(e, _)| f(e))
+        .ok_or("the lab has no etcd".into())
+}
+
+/// Starts a two-host lab with an etcd on its network.
 pub fn start_lab(mem_mib: u32) -> Result<Lab, String> {
+    let lab = start_lab_hosts(mem_mib)?;
+    let ns = lab_ns(&lab)?;
+    let etcd = Etcd::start(&ns)?;
+    let mut fences = FENCES.lock().unwrap_or_else(PoisonError::into_inner);
+    // Labs that are gone (their namespace removed) take their etcd with them.
+    fences.retain(|ns, _| std::path::Path::new("/run/netns").join(ns).exists());
+    fences.insert(ns, (etcd, String::new()));
+    drop(fences);
+    Ok(lab)
+}
+
+fn start_lab_hosts(mem_mib: u32) -> Result<Lab, String> {
     let images = mcvmm_lab::reference::GuestImages::locate().map_err(|e| e.to_string())?;
     let mut binaries = Vec::new();
     for (name, dest) in [("mcvmm", "mcvmm"), ("mcvmm-agentctl", "agentctl")] {
@@ -115,6 +190,7 @@ pub fn start_secondary_with(
     let n = NODE[host];
     let ip = net::host_addr(host);
     let env = vmm_env();
+    let extra = format!("{} {extra}", fence_flags(lab, host)?);
     let disks = if fresh_disks {
         format!("rm -f {n}1.img {n}2.img {n}3.img; truncate -s 32M {n}1.img {n}2.img {n}3.img")
     } else {
@@ -175,18 +251,21 @@ fn secondary_log(lab: &Lab, host: usize) -> String {
 /// Starts the secondary, then the primary, waits until the guest is protected.
 /// `extra`: more flags for the primary.
 pub fn start_pair(lab: &Lab, mem_mib: u32, extra: &str) -> Result<(), String> {
-    start_pair_with(lab, mem_mib, extra, "")
+    start_pair_with(lab, mem_mib, extra, "", true)
 }
 
-/// [`start_pair`] with flags for each side: `extra` for the primary, `secondary_extra`
-/// for the secondary.
+/// [`start_pair`] with flags for each side (`extra` for the primary, `secondary_extra`
+/// for the secondary), fenced or not.
 pub fn start_pair_with(
     lab: &Lab,
     mem_mib: u32,
     extra: &str,
     secondary_extra: &str,
+    fenced: bool,
 ) -> Result<(), String> {
     let sec_ip = net::host_addr(SECONDARY);
+    new_guest_name(lab, fenced)?;
+    let extra = format!("{} {extra}", fence_flags(lab, PRIMARY)?);
     start_secondary_with(lab, SECONDARY, true, secondary_extra)?;
     run_ok(
         lab.host(PRIMARY),
@@ -278,10 +357,11 @@ fn start_primary_script(mem_mib: u32, flags: &str) -> String {
 
 /// The same guest on the primary's host without protection (the baseline).
 pub fn start_standalone(lab: &Lab, mem_mib: u32) -> Result<(), String> {
+    new_guest_name(lab, true)?;
     run_ok(
         lab.host(PRIMARY),
         "starting the unprotected guest",
-        &start_primary_script(mem_mib, ""),
+        &start_primary_script(mem_mib, &fence_flags(lab, PRIMARY)?),
         30,
     )?;
     Ok(())

@@ -20,9 +20,9 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use mcvmm_lab::{net, Lab};
-use mcvmm_tests::etcd::Etcd;
 use mcvmm_tests::pair::{
-    agent, agentctl, clean, run_ok, start_lab, start_pair_with, value, NODE, PRIMARY, SECONDARY,
+    agent, agentctl, clean, node_name, run_ok, start_lab, start_pair_with, value, NODE, PRIMARY,
+    SECONDARY,
 };
 
 const MEM_MIB: u32 = 128;
@@ -31,7 +31,6 @@ const PORT: u16 = 7777;
 struct Fixture {
     lab: Lab,
     ns: String,
-    etcd: Etcd,
 }
 
 impl Fixture {
@@ -73,14 +72,10 @@ impl Fixture {
             .unwrap_or_else(|e| e)
     }
 
-    /// A protected pair; with `vm`, both sides fenced under that name.
-    fn start(&self, vm: Option<&str>) -> Result<(), String> {
+    /// A protected pair, fenced or not.
+    fn start(&self, fenced: bool) -> Result<(), String> {
         clean(&self.lab);
-        let (p, s) = match vm {
-            Some(vm) => (self.etcd.flags(vm, "p"), self.etcd.flags(vm, "s")),
-            None => (String::new(), String::new()),
-        };
-        start_pair_with(&self.lab, MEM_MIB, &p, &s)?;
+        start_pair_with(&self.lab, MEM_MIB, "", "", fenced)?;
         agent(&self.ns, &["--wait", "60", "ping"])?;
         Ok(())
     }
@@ -154,7 +149,7 @@ fn fenced_line(log: &str) -> Option<&str> {
 }
 
 fn frozen_primary_fenced(f: &Fixture) -> Result<String, String> {
-    f.start(Some("freeze"))?;
+    f.start(true)?;
     let client = f.client(1, 8)?;
     std::thread::sleep(Duration::from_millis(1500));
     f.freeze_primary(3)?;
@@ -167,7 +162,7 @@ fn frozen_primary_fenced(f: &Fixture) -> Result<String, String> {
     let log = f.log(PRIMARY);
     let line = fenced_line(&log).ok_or(format!("the primary ended without its line:\n{log}"))?;
     let s = f.status(SECONDARY)?;
-    if s["took_over"].is_null() || s["fence"]["owner"]["node"] != "s" {
+    if s["took_over"].is_null() || s["fence"]["owner"]["node"] != node_name(SECONDARY) {
         return Err(format!("the secondary did not take over: {s:#}"));
     }
     let acked = f.check_acked(client, 1, SECONDARY)?;
@@ -178,7 +173,7 @@ fn frozen_primary_fenced(f: &Fixture) -> Result<String, String> {
 }
 
 fn frozen_primary_unfenced(f: &Fixture) -> Result<String, String> {
-    f.start(None)?;
+    f.start(false)?;
     let client = f.client(2, 8)?;
     std::thread::sleep(Duration::from_millis(1500));
     f.freeze_primary(3)?;
@@ -199,7 +194,7 @@ fn frozen_primary_unfenced(f: &Fixture) -> Result<String, String> {
 }
 
 fn partition_fenced(f: &Fixture) -> Result<String, String> {
-    f.start(Some("partition"))?;
+    f.start(true)?;
     let client = f.client(3, 10)?;
     std::thread::sleep(Duration::from_millis(1500));
     f.isolate(true)?;
@@ -212,27 +207,40 @@ fn partition_fenced(f: &Fixture) -> Result<String, String> {
     let (winner, how) = match (primary_runs, took_over) {
         (true, false) => {
             let p = f.status(PRIMARY)?;
-            if p["fence"]["owner"]["node"] != "p" {
-                return Err(format!("the primary runs on without owning the guest: {p:#}"));
+            if p["fence"]["owner"]["node"] != node_name(PRIMARY) {
+                return Err(format!(
+                    "the primary runs on without owning the guest: {p:#}"
+                ));
             }
-            (PRIMARY, format!("the primary won generation {} and runs on ({})", p["fence"]["owner"]["generation"], p["phase"]))
+            (
+                PRIMARY,
+                format!(
+                    "the primary won generation {} and runs on ({})",
+                    p["fence"]["owner"]["generation"], p["phase"]
+                ),
+            )
         }
         (false, true) => {
             let log = f.log(PRIMARY);
             let line = fenced_line(&log)
                 .ok_or(format!("the primary ended without its line:\n{log}"))?
                 .to_string();
-            (SECONDARY, format!("the secondary won and took over; the primary said: {line}"))
+            (
+                SECONDARY,
+                format!("the secondary won and took over; the primary said: {line}"),
+            )
         }
         (true, true) => return Err(format!("TWO LIVE COPIES: {s:#}")),
         (false, false) => return Err(format!("no guest runs: {s:#}\n{}", f.log(PRIMARY))),
     };
     let acked = f.check_acked(client, 3, winner)?;
-    Ok(format!("{how}; {acked} acknowledged records on the winner's disk"))
+    Ok(format!(
+        "{how}; {acked} acknowledged records on the winner's disk"
+    ))
 }
 
 fn stop_ends_both(f: &Fixture) -> Result<String, String> {
-    f.start(Some("stop"))?;
+    f.start(true)?;
     f.sh(PRIMARY, "ctl stop", "./mcvmm ctl --api-sock p.sock stop")?;
     if !f.wait_gone(SECONDARY, 20) {
         return Err(format!("the secondary still runs:\n{}", f.log(SECONDARY)));
@@ -249,8 +257,12 @@ fn stop_ends_both(f: &Fixture) -> Result<String, String> {
 }
 
 fn unprotect_then_protect(f: &Fixture) -> Result<String, String> {
-    f.start(Some("unprotect"))?;
-    let out = f.sh(PRIMARY, "ctl unprotect", "./mcvmm ctl --api-sock p.sock unprotect")?;
+    f.start(true)?;
+    let out = f.sh(
+        PRIMARY,
+        "ctl unprotect",
+        "./mcvmm ctl --api-sock p.sock unprotect",
+    )?;
     let answer: serde_json::Value =
         serde_json::from_str(&out).map_err(|e| format!("unprotect: {e}: {out}"))?;
     if answer["goodbye_said"] != true {
@@ -283,8 +295,7 @@ fn unprotect_then_protect(f: &Fixture) -> Result<String, String> {
 fn faults_other_than_a_crash_never_leave_two_live_copies_nor_lose_an_acknowledged_write() {
     let lab = start_lab(MEM_MIB).expect("the lab");
     let ns = lab.net().expect("the lab network").ns.clone();
-    let etcd = Etcd::start(&ns).expect("etcd");
-    let f = Fixture { lab, ns, etcd };
+    let f = Fixture { lab, ns };
     type Case = fn(&Fixture) -> Result<String, String>;
     let cases: [(&str, Case); 5] = [
         ("primary frozen 3 s, fenced", frozen_primary_fenced),
