@@ -10,7 +10,31 @@ use std::io::Read;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+
 use mcvmm_checkpoint::digest::Digest;
+
+/// The replicas' sync in the background ([`Disks::sync_in_background`]); it stops when
+/// dropped, or at its first error, which it keeps.
+pub struct BackgroundSync {
+    stop: Arc<AtomicBool>,
+    error: Arc<Mutex<Option<String>>>,
+}
+
+impl BackgroundSync {
+    /// The error that stopped the sync, if one did: the replicas may not hold what was
+    /// written to them.
+    pub fn failed(&self) -> Arc<Mutex<Option<String>>> {
+        self.error.clone()
+    }
+}
+
+impl Drop for BackgroundSync {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
 
 /// Most bytes of forwarded writes held for epochs not yet committed; a primary that sends
 /// more is dropped rather than allowed to exhaust the secondary's memory.
@@ -266,6 +290,38 @@ impl Disks {
             })?;
         }
         Ok(())
+    }
+
+    /// Syncs the replicas every `every` on a thread of its own, so that a disk that
+    /// fails is found within that time, not at a takeover.
+    pub fn sync_in_background(
+        &self,
+        every: std::time::Duration,
+    ) -> std::io::Result<BackgroundSync> {
+        let files = self
+            .replicas
+            .iter()
+            .map(|r| Ok((r.name(), r.file.try_clone()?)))
+            .collect::<std::io::Result<Vec<_>>>()?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let error = Arc::new(Mutex::new(None));
+        let (s, e) = (stop.clone(), error.clone());
+        std::thread::Builder::new()
+            .name("replica-sync".into())
+            .spawn(move || {
+                while !s.load(Ordering::Relaxed) {
+                    std::thread::sleep(every);
+                    for (name, f) in &files {
+                        if let Err(err) = f.sync_data() {
+                            tracing::error!("syncing replica {name}: {err}");
+                            *e.lock().unwrap_or_else(PoisonError::into_inner) =
+                                Some(format!("syncing replica {name}: {err}"));
+                            return;
+                        }
+                    }
+                }
+            })?;
+        Ok(BackgroundSync { stop, error })
     }
 
     /// Forgets the writes of every epoch after the last committed one (failover, or a

@@ -64,6 +64,8 @@ pub enum ReceiveError {
     NoState(u64),
     #[error("writing to guest memory: {0}")]
     Memory(String),
+    #[error("{0}: no checkpoint is acknowledged any more")]
+    ReplicaSync(String),
 }
 
 impl ReceiveError {
@@ -268,6 +270,8 @@ pub struct Receiver {
     /// The committed pages a delta run is rebuilt from.
     base: Vec<u8>,
     pub progress: Arc<Mutex<Progress>>,
+    /// The error of the replicas' sync in the background, once one failed.
+    sync_failed: Option<Arc<Mutex<Option<String>>>>,
 }
 
 impl Receiver {
@@ -283,7 +287,13 @@ impl Receiver {
             scratch: Vec::new(),
             base: Vec::new(),
             progress,
+            sync_failed: None,
         }
+    }
+
+    /// Refuses to commit (and so to acknowledge) once `failed` holds an error.
+    pub fn watch_sync(&mut self, failed: Arc<Mutex<Option<String>>>) {
+        self.sync_failed = Some(failed);
     }
 
     pub fn committed(&self) -> u64 {
@@ -506,6 +516,13 @@ impl Receiver {
 
     /// Applies a complete checkpoint: nothing of it is applied unless all of it arrived.
     fn commit(&mut self, stage: Stage, end: &End) -> Result<(), ReceiveError> {
+        if let Some(why) = self
+            .sync_failed
+            .as_ref()
+            .and_then(|f| f.lock().unwrap_or_else(PoisonError::into_inner).clone())
+        {
+            return Err(ReceiveError::ReplicaSync(why));
+        }
         let epoch = stage.epoch;
         let count = |what, got, want| ReceiveError::Count {
             epoch,

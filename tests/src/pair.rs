@@ -263,10 +263,23 @@ pub fn start_pair_with(
     secondary_extra: &str,
     fenced: bool,
 ) -> Result<(), String> {
+    start_pair_on(lab, mem_mib, extra, secondary_extra, fenced, true)
+}
+
+/// [`start_pair_with`], the secondary on fresh disks or on those its host has (any
+/// missing one made).
+pub fn start_pair_on(
+    lab: &Lab,
+    mem_mib: u32,
+    extra: &str,
+    secondary_extra: &str,
+    fenced: bool,
+    fresh_secondary_disks: bool,
+) -> Result<(), String> {
     let sec_ip = net::host_addr(SECONDARY);
     new_guest_name(lab, fenced)?;
     let extra = format!("{} {extra}", fence_flags(lab, PRIMARY)?);
-    start_secondary_with(lab, SECONDARY, true, secondary_extra)?;
+    start_secondary_with(lab, SECONDARY, fresh_secondary_disks, secondary_extra)?;
     run_ok(
         lab.host(PRIMARY),
         "starting the primary",

@@ -12,7 +12,12 @@
 //! - `ctl stop` on a protected primary: the secondary hears the goodbye and exits 0,
 //!   no guest runs anywhere;
 //! - `ctl unprotect`: the secondary waits, the primary wins generation 2 and goes on;
-//!   `ctl protect` protects it again.
+//!   `ctl protect` protects it again;
+//! - the secondary frozen 3 s, fenced: the primary wins generation 2, goes on, and
+//!   protects the guest again on its own once the secondary answers;
+//! - the secondary's replica disk full: it acknowledges nothing it could not write,
+//!   drops the primary and keeps listening; the primary goes on with every
+//!   acknowledged record, and keeps trying to protect the guest again.
 //!
 //! No case is retried: a case that could not be judged fails the test with what it saw.
 
@@ -21,8 +26,8 @@ use std::time::{Duration, Instant};
 
 use mcvmm_lab::{net, Lab};
 use mcvmm_tests::pair::{
-    agent, agentctl, clean, node_name, run_ok, start_lab, start_pair_with, value, NODE, PRIMARY,
-    SECONDARY,
+    agent, agentctl, clean, node_name, run_ok, start_lab, start_pair_on, start_pair_with, value,
+    NODE, PRIMARY, SECONDARY,
 };
 
 const MEM_MIB: u32 = 128;
@@ -291,21 +296,114 @@ fn unprotect_then_protect(f: &Fixture) -> Result<String, String> {
     Ok("the secondary waited; the primary won generation 2 and was protected again".into())
 }
 
+/// Waits up to `secs` for the primary to say it is protected.
+fn wait_protected(f: &Fixture, secs: u64) -> Result<serde_json::Value, String> {
+    let end = Instant::now() + Duration::from_secs(secs);
+    loop {
+        let p = f.status(PRIMARY)?;
+        if p["protected"] == true {
+            return Ok(p);
+        }
+        if Instant::now() > end {
+            return Err(format!("not protected again within {secs} s: {p:#}"));
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+fn frozen_secondary_fenced(f: &Fixture) -> Result<String, String> {
+    f.start(true)?;
+    let client = f.client(4, 8)?;
+    std::thread::sleep(Duration::from_millis(1500));
+    f.sh(
+        SECONDARY,
+        "freezing the secondary",
+        "kill -STOP $(cat s.pid); sleep 3; kill -CONT $(cat s.pid)",
+    )?;
+    let acked = f.check_acked(client, 4, PRIMARY)?;
+    let p = wait_protected(f, 60)?;
+    let s = f.status(SECONDARY)?;
+    if !s["took_over"].is_null() || p["fence"]["owner"]["node"] != node_name(PRIMARY) {
+        return Err(format!(
+            "primary {p:#}
+secondary {s:#}"
+        ));
+    }
+    Ok(format!(
+        "the primary won generation {} and went on ({acked} acknowledged records on its disk); protected again on its own at generation {}",
+        p["fence"]["owner"]["generation"], p["generation"]
+    ))
+}
+
+fn replica_disk_full(f: &Fixture) -> Result<String, String> {
+    clean(&f.lab);
+    // The secondary's second disk, sparse, on a file system with no room left.
+    f.sh(
+        SECONDARY,
+        "a small file system for a replica",
+        "umount small 2>/dev/null; mkdir -p small && mount -t tmpfs -o size=34M tmpfs small
+         truncate -s 32M small/s2.img && ln -sf small/s2.img s2.img
+         rm -f s1.img s3.img
+         dd if=/dev/zero of=small/filler bs=64k 2>/dev/null; df small | tail -1",
+    )?;
+    let started = start_pair_on(&f.lab, MEM_MIB, "", "", true, false)
+        .and_then(|()| agent(&f.ns, &["--wait", "60", "ping"]).map(drop));
+    let outcome = started.and_then(|()| {
+        let client = f.client(5, 8)?;
+        let acked = f.check_acked(client, 5, PRIMARY)?;
+        let s = f.status(SECONDARY)?;
+        let log = f.log(SECONDARY);
+        if !s["took_over"].is_null() || !f.alive(SECONDARY) {
+            return Err(format!("the secondary: {s:#}
+{log}"));
+        }
+        let refused = log
+            .lines()
+            .find(|l| l.contains("No space left"))
+            .ok_or(format!("the secondary never met the full disk:
+{log}"))?
+            .to_string();
+        let p = f.status(PRIMARY)?;
+        if p["protected"] == true {
+            return Err(format!("protected on a full replica: {p:#}"));
+        }
+        Ok(format!(
+            "{acked} acknowledged records on the primary's disk; the secondary said: {refused}; the primary runs on ({}), trying again: {}",
+            p["phase"], p["protecting_again"]
+        ))
+    });
+    clean(&f.lab);
+    let _ = f.sh(
+        SECONDARY,
+        "removing the small file system",
+        "rm -f s2.img; umount small",
+    );
+    outcome
+}
+
 #[test]
 fn faults_other_than_a_crash_never_leave_two_live_copies_nor_lose_an_acknowledged_write() {
     let lab = start_lab(MEM_MIB).expect("the lab");
     let ns = lab.net().expect("the lab network").ns.clone();
     let f = Fixture { lab, ns };
     type Case = fn(&Fixture) -> Result<String, String>;
-    let cases: [(&str, Case); 5] = [
+    let cases: [(&str, Case); 7] = [
         ("primary frozen 3 s, fenced", frozen_primary_fenced),
         ("primary frozen 3 s, no fence", frozen_primary_unfenced),
         ("replication link cut 3 s, fenced", partition_fenced),
         ("ctl stop", stop_ends_both),
         ("ctl unprotect, then protect", unprotect_then_protect),
+        ("secondary frozen 3 s, fenced", frozen_secondary_fenced),
+        ("replica disk full", replica_disk_full),
     ];
+    // For work on one case: MCVMM_FENCING_CASES=word runs those whose name holds it.
+    let only = std::env::var("MCVMM_FENCING_CASES").ok();
     let mut failed = Vec::new();
     for (name, case) in cases {
+        if only.as_deref().is_some_and(|w| !name.contains(w)) {
+            eprintln!("{name}: not run (MCVMM_FENCING_CASES={only:?})");
+            continue;
+        }
         let t = Instant::now();
         let outcome = case(&f);
         let _ = f.isolate(false);

@@ -225,23 +225,28 @@ impl Connection {
 pub struct Pending {
     pub peer: String,
     pub generation: u64,
-    pub reply_to: UnixStream,
+    /// Who asked (`ctl protect`); `None`: this node's own attempt to protect again.
+    pub reply_to: Option<UnixStream>,
     handle: JoinHandle<Result<Connection, ProtectError>>,
 }
 
-/// Starts connecting to the secondary at `peer` for `ctl protect`; the eventfd `done` is
-/// written when the attempt ends, however it ends.
+/// Starts connecting to the secondary at `peer`, for `ctl protect` (`reply_to`) or for
+/// this node's own attempt (one try, no wait for the secondary to come up); the eventfd
+/// `done` is written when the attempt ends, however it ends.
 pub fn connect(
     vm: &Vm,
     p: &Protectable,
     peer: String,
     generation: u64,
-    reply_to: UnixStream,
+    reply_to: Option<UnixStream>,
     done: EventFd,
 ) -> Pending {
     let hello = hello(vm.shape.clone(), generation);
     let gate = p.hooks.fresh_gate();
-    let s = p.settings;
+    let mut s = p.settings;
+    if reply_to.is_none() {
+        s.peer_wait = Duration::ZERO;
+    }
     let to = peer.clone();
     tracing::info!(
         "protecting the guest: connecting to a secondary at {peer} (generation {generation})"
@@ -278,7 +283,7 @@ impl Pending {
         vm: &Vm,
         p: &mut Protectable,
         refuse: Option<&str>,
-    ) -> (Result<Primary, ProtectError>, UnixStream) {
+    ) -> (Result<Primary, ProtectError>, Option<UnixStream>) {
         let result = self
             .handle
             .join()

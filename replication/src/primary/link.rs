@@ -270,6 +270,23 @@ impl Link {
     }
 }
 
+impl Drop for Link {
+    fn drop(&mut self) {
+        // Closing a connection that never said goodbye reads as this process's death to
+        // a secondary that still listens on it: it stays open while the process lives.
+        if !self.said_goodbye() {
+            if let Some(s) = self
+                .keep_open
+                .get_mut()
+                .unwrap_or_else(PoisonError::into_inner)
+                .take()
+            {
+                std::mem::forget(s);
+            }
+        }
+    }
+}
+
 /// Reads the secondary's frames until it is gone; returns why.
 pub(super) fn acks(link: &Link, r: &mut impl Read, timeout: Duration) -> String {
     let mut payload = Vec::new();

@@ -117,6 +117,7 @@ impl DeviceLoop<'_> {
                 "not protected: the secondary is lost already",
             ));
         }
+        p.ended_on_purpose = true;
         let said = p.link.goodbye(Farewell::Unprotected, GOODBYE_WAIT);
         let fenced = p.link.is_fenced();
         if !fenced {

@@ -12,6 +12,7 @@ use vmm_sys_util::timerfd::TimerFd;
 
 mod devices;
 mod fence;
+mod reprotect;
 mod requests;
 
 use crate::api::{answer, Answer, Refusal, Yes};
@@ -151,6 +152,7 @@ struct DeviceLoop<'a> {
     snaps: Snapshots,
     pending: Option<Pending>,
     claim: Option<fence::Claiming>,
+    reprotect: Option<reprotect::Reprotect>,
 }
 
 impl<'a> DeviceLoop<'a> {
@@ -197,6 +199,7 @@ impl<'a> DeviceLoop<'a> {
             snaps: Snapshots::default(),
             pending: None,
             claim: None,
+            reprotect: None,
         })
     }
 
@@ -217,6 +220,7 @@ impl<'a> DeviceLoop<'a> {
                 self.clock.after_events(p, self.vm)?;
             }
             self.watch_fence();
+            self.watch_reprotect()?;
         }
     }
 
@@ -301,7 +305,7 @@ impl<'a> DeviceLoop<'a> {
     }
 
     /// A `protect`'s connection attempt is over: the guest is protected from now on, or
-    /// the request gets why not.
+    /// the request gets why not (this node's own attempt is tried again later).
     fn on_connected(&mut self) -> std::io::Result<()> {
         let Some(p) = self.pending.take() else {
             return Ok(());
@@ -313,6 +317,7 @@ impl<'a> DeviceLoop<'a> {
             Ok(primary) => {
                 self.clock.start(&primary)?;
                 *self.role = Role::Primary(Box::new(primary));
+                self.reprotect = None;
                 Ok(Answer::Protecting {
                     ok: Yes,
                     secondary: peer,
@@ -320,9 +325,16 @@ impl<'a> DeviceLoop<'a> {
                     syncing: true,
                 })
             }
-            Err(e) => Err(Refusal::failed(e)),
+            Err(e) => {
+                if let (None, Some(r)) = (&reply_to, self.reprotect.as_mut()) {
+                    r.failed(&e.to_string());
+                }
+                Err(Refusal::failed(e))
+            }
         };
-        answer(&reply_to, outcome);
+        if let Some(s) = reply_to {
+            answer(&s, outcome);
+        }
         Ok(())
     }
 

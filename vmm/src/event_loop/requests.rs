@@ -186,6 +186,9 @@ impl DeviceLoop<'_> {
         if let Some(f) = &self.protectable.fence {
             v["fence"] = json!(f.status());
         }
+        if let Some(r) = self.reprotect_status() {
+            v["protecting_again"] = r;
+        }
         v
     }
 
@@ -222,7 +225,7 @@ impl DeviceLoop<'_> {
             self.protectable,
             peer,
             generation,
-            stream.try_clone()?,
+            Some(stream.try_clone()?),
             self.connected.try_clone()?,
         ));
         Ok(None)

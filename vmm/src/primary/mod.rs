@@ -97,6 +97,8 @@ pub struct Primary {
     unprotected_said: bool,
     /// With a fence: the loss of the secondary is settled (this node won the fence).
     pub fence_settled: bool,
+    /// `ctl unprotect` ended this protection: it is not started again on its own.
+    pub ended_on_purpose: bool,
     started: Instant,
     check: Option<AttachedCheck>,
 }
@@ -158,6 +160,7 @@ impl Primary {
             verify_next: Arc::new(AtomicBool::new(false)),
             unprotected_said: false,
             fence_settled: false,
+            ended_on_purpose: false,
             check: None,
             started: Instant::now(),
         }
@@ -238,7 +241,7 @@ impl Primary {
             if !self.unprotected_said {
                 self.unprotected_said = true;
                 tracing::warn!(
-                    "epochs stopped at {}; `mcvmm ctl protect HOST:PORT` protects this guest again with a new secondary",
+                    "epochs stopped at {}; the guest is protected again once its secondary answers (or `mcvmm ctl protect HOST:PORT` with another)",
                     self.epoch
                 );
             }

@@ -61,6 +61,10 @@ pub struct SecondaryConfig {
     pub fence: Option<Fence>,
 }
 
+/// How often the replicas are synced while a primary streams: an acknowledged checkpoint
+/// is in the replicas' page cache at once, and on their disks within this.
+const REPLICA_SYNC_EVERY: Duration = Duration::from_secs(1);
+
 /// Why the secondary ended without a guest to run, or could not start it.
 #[derive(Debug, thiserror::Error)]
 pub enum SecondaryError {
@@ -562,7 +566,11 @@ fn receive(
         mcvmm_replication::primary::HEARTBEAT,
         stop_beats.clone(),
     );
+    let background = disks
+        .sync_in_background(REPLICA_SYNC_EVERY)
+        .map_err(connection)?;
     let mut rx = Receiver::new(mem.clone(), disks, shared.progress.clone());
+    rx.watch_sync(background.failed());
     let patient = Patient::new(
         stream.try_clone().map_err(connection)?,
         cfg.timeout,
@@ -571,6 +579,7 @@ fn receive(
     let mut reader = BufReader::with_capacity(1 << 20, patient);
     let ended = rx.run(&mut reader, &replies, cfg.timeout);
     let detected = Instant::now();
+    drop(background);
     let silent_for = reader.get_ref().silent_for();
     stop_beats.store(true, Ordering::SeqCst);
     shared.set_primary(None);
