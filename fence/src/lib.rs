@@ -167,6 +167,7 @@ impl Fence {
         if generation == 0 {
             return Err(FenceError::NoGeneration(0));
         }
+        let began = std::time::Instant::now();
         let current = self.read()?;
         let held = current.as_ref().map_or(0, |(o, _)| o.generation);
         if let Some((o, _)) = &current {
@@ -200,9 +201,10 @@ impl Fence {
         let done = bounded(&self.rt, &self.urls, self.timeout, client.txn(txn))?;
         if done.succeeded() {
             tracing::info!(
-                "fence: {} won generation {generation} of {}",
+                "fence: {} won generation {generation} of {} ({:.1} ms)",
                 self.node,
-                self.key
+                self.key,
+                began.elapsed().as_secs_f64() * 1e3
             );
             return Ok(Claim::Won(owner));
         }

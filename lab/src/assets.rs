@@ -28,6 +28,8 @@ const HOST_MODULES: &[&str] = &[
     "bridge",
     "tun",
     "veth",
+    // netem, for tests that slow a test host's link (`tc qdisc ... netem delay`).
+    "sch_netem",
 ];
 
 /// Firmware QEMU needs for `-M microvm` with `-kernel`.
@@ -364,6 +366,7 @@ impl<W: Write> ImageBuilder<W> {
         }
         self.copy(busybox, "/bin/busybox", 0o755)?;
         self.binary(Path::new("/usr/sbin/ip"), "/usr/sbin/ip")?;
+        self.binary(Path::new("/usr/sbin/tc"), "/usr/sbin/tc")?;
         // busybox's own sh runs its applets before anything in PATH (so `ip` would be
         // busybox's, without netns or tuntap): commands get dash as /bin/sh instead.
         self.binary(Path::new("/bin/dash"), "/bin/sh")?;

@@ -3,7 +3,9 @@
 pub mod drill;
 pub mod etcd;
 pub mod evidence;
+pub mod faults;
 pub mod guest;
+pub mod nemesis;
 pub mod pair;
 pub mod retry;
 pub mod soak;

@@ -21,143 +21,30 @@
 //!
 //! No case is retried: a case that could not be judged fails the test with what it saw.
 
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use mcvmm_lab::{net, Lab};
+use mcvmm_lab::net;
+use mcvmm_tests::faults::{fenced_line, Fixture};
 use mcvmm_tests::pair::{
-    agent, agentctl, clean, node_name, run_ok, start_lab, start_pair_on, start_pair_with, value,
-    NODE, PRIMARY, SECONDARY,
+    agent, clean, node_name, start_pair_on, start_pair_with, PRIMARY, SECONDARY,
 };
 
 const MEM_MIB: u32 = 128;
 const PORT: u16 = 7777;
 
-struct Fixture {
-    lab: Lab,
-    ns: String,
-}
-
-impl Fixture {
-    fn sh(&self, host: usize, what: &str, cmd: &str) -> Result<String, String> {
-        run_ok(self.lab.host(host), what, cmd, 60)
-    }
-
-    fn alive(&self, host: usize) -> bool {
-        let n = NODE[host];
-        self.sh(host, "is mcvmm alive", &format!("kill -0 $(cat {n}.pid)"))
-            .is_ok()
-    }
-
-    /// Waits up to `secs` for the mcvmm of `host` to end.
-    fn wait_gone(&self, host: usize, secs: u64) -> bool {
-        let end = Instant::now() + Duration::from_secs(secs);
-        while Instant::now() < end {
-            if !self.alive(host) {
-                return true;
-            }
-            std::thread::sleep(Duration::from_millis(300));
-        }
-        false
-    }
-
-    fn status(&self, host: usize) -> Result<serde_json::Value, String> {
-        let n = NODE[host];
-        let out = self.sh(
-            host,
-            "status",
-            &format!("./mcvmm ctl --api-sock {n}.sock status"),
-        )?;
-        serde_json::from_str(&out).map_err(|e| format!("status of {n}: {e}: {out}"))
-    }
-
-    fn log(&self, host: usize) -> String {
-        let n = NODE[host];
-        self.sh(host, "log", &format!("cat {n}.log"))
-            .unwrap_or_else(|e| e)
-    }
-
-    /// A protected pair, fenced or not.
-    fn start(&self, fenced: bool) -> Result<(), String> {
-        clean(&self.lab);
-        start_pair_with(&self.lab, MEM_MIB, "", "", fenced)?;
-        agent(&self.ns, &["--wait", "60", "ping"])?;
-        Ok(())
-    }
-
-    /// Writes records of `run` for `secs` seconds in the background.
-    fn client(&self, run: u64, secs: u64) -> Result<std::process::Child, String> {
-        agentctl(
-            &self.ns,
-            &["records-for", "vdb", &run.to_string(), &secs.to_string()],
-        )
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|e| format!("client: {e}"))
-    }
-
-    /// Records the client saw acknowledged; they must all be on `host`'s second disk.
-    fn check_acked(
-        &self,
-        client: std::process::Child,
-        run: u64,
-        host: usize,
-    ) -> Result<u64, String> {
-        let out = client
-            .wait_with_output()
-            .map_err(|e| format!("client: {e}"))?;
-        let text = String::from_utf8_lossy(&out.stdout).into_owned();
-        let acked = value(&text, "acknowledged").ok_or(format!("client said: {text}"))?;
-        if acked == 0 {
-            return Err(format!("no record acknowledged: {text}"));
-        }
-        let n = NODE[host];
-        self.sh(
-            host,
-            "checking the acknowledged records",
-            &format!("./agentctl check-records {n}2.img {run} {acked}"),
-        )?;
-        Ok(acked)
-    }
-
-    /// Cuts the test hosts off from each other (not from the gateway: etcd and the
-    /// clients) with bridge port isolation, or joins them again.
-    fn isolate(&self, on: bool) -> Result<(), String> {
-        let state = if on { "on" } else { "off" };
-        for host in [PRIMARY, SECONDARY] {
-            let tap = net::LabNet::tap(host);
-            let ok = Command::new("ip")
-                .args(["netns", "exec", &self.ns, "bridge", "link", "set", "dev"])
-                .args([tap.as_str(), "isolated", state])
-                .status()
-                .is_ok_and(|s| s.success());
-            if !ok {
-                return Err(format!("bridge link set dev {tap} isolated {state}"));
-            }
-        }
-        Ok(())
-    }
-
-    fn freeze_primary(&self, secs: u64) -> Result<(), String> {
-        self.sh(
-            PRIMARY,
-            "freezing the primary",
-            &format!("kill -STOP $(cat p.pid); sleep {secs}; kill -CONT $(cat p.pid)"),
-        )
-        .map(drop)
-    }
-}
-
-fn fenced_line(log: &str) -> Option<&str> {
-    log.lines().find(|l| l.contains("fenced: "))
+/// A protected pair, fenced or not.
+fn start(f: &Fixture, fenced: bool) -> Result<(), String> {
+    clean(&f.lab);
+    start_pair_with(&f.lab, MEM_MIB, "", "", fenced)?;
+    agent(&f.ns, &["--wait", "60", "ping"])?;
+    Ok(())
 }
 
 fn frozen_primary_fenced(f: &Fixture) -> Result<String, String> {
-    f.start(true)?;
+    start(f, true)?;
     let client = f.client(1, 8)?;
     std::thread::sleep(Duration::from_millis(1500));
-    f.freeze_primary(3)?;
+    f.freeze(PRIMARY, 3000)?;
     if !f.wait_gone(PRIMARY, 30) {
         return Err(format!(
             "the thawed primary still runs its guest:\n{}",
@@ -178,10 +65,10 @@ fn frozen_primary_fenced(f: &Fixture) -> Result<String, String> {
 }
 
 fn frozen_primary_unfenced(f: &Fixture) -> Result<String, String> {
-    f.start(false)?;
+    start(f, false)?;
     let client = f.client(2, 8)?;
     std::thread::sleep(Duration::from_millis(1500));
-    f.freeze_primary(3)?;
+    f.freeze(PRIMARY, 3000)?;
     std::thread::sleep(Duration::from_secs(3));
     let s = f.status(SECONDARY)?;
     if s["role"] != "secondary" || !f.alive(PRIMARY) {
@@ -199,7 +86,7 @@ fn frozen_primary_unfenced(f: &Fixture) -> Result<String, String> {
 }
 
 fn partition_fenced(f: &Fixture) -> Result<String, String> {
-    f.start(true)?;
+    start(f, true)?;
     let client = f.client(3, 10)?;
     std::thread::sleep(Duration::from_millis(1500));
     f.isolate(true)?;
@@ -245,7 +132,7 @@ fn partition_fenced(f: &Fixture) -> Result<String, String> {
 }
 
 fn stop_ends_both(f: &Fixture) -> Result<String, String> {
-    f.start(true)?;
+    start(f, true)?;
     f.sh(PRIMARY, "ctl stop", "./mcvmm ctl --api-sock p.sock stop")?;
     if !f.wait_gone(SECONDARY, 20) {
         return Err(format!("the secondary still runs:\n{}", f.log(SECONDARY)));
@@ -262,7 +149,7 @@ fn stop_ends_both(f: &Fixture) -> Result<String, String> {
 }
 
 fn unprotect_then_protect(f: &Fixture) -> Result<String, String> {
-    f.start(true)?;
+    start(f, true)?;
     let out = f.sh(
         PRIMARY,
         "ctl unprotect",
@@ -312,14 +199,10 @@ fn wait_protected(f: &Fixture, secs: u64) -> Result<serde_json::Value, String> {
 }
 
 fn frozen_secondary_fenced(f: &Fixture) -> Result<String, String> {
-    f.start(true)?;
+    start(f, true)?;
     let client = f.client(4, 8)?;
     std::thread::sleep(Duration::from_millis(1500));
-    f.sh(
-        SECONDARY,
-        "freezing the secondary",
-        "kill -STOP $(cat s.pid); sleep 3; kill -CONT $(cat s.pid)",
-    )?;
+    f.freeze(SECONDARY, 3000)?;
     let acked = f.check_acked(client, 4, PRIMARY)?;
     let p = wait_protected(f, 60)?;
     let s = f.status(SECONDARY)?;
@@ -383,9 +266,7 @@ fn replica_disk_full(f: &Fixture) -> Result<String, String> {
 
 #[test]
 fn faults_other_than_a_crash_never_leave_two_live_copies_nor_lose_an_acknowledged_write() {
-    let lab = start_lab(MEM_MIB).expect("the lab");
-    let ns = lab.net().expect("the lab network").ns.clone();
-    let f = Fixture { lab, ns };
+    let f = Fixture::start(MEM_MIB).expect("the lab");
     type Case = fn(&Fixture) -> Result<String, String>;
     let cases: [(&str, Case); 7] = [
         ("primary frozen 3 s, fenced", frozen_primary_fenced),
@@ -406,7 +287,7 @@ fn faults_other_than_a_crash_never_leave_two_live_copies_nor_lose_an_acknowledge
         }
         let t = Instant::now();
         let outcome = case(&f);
-        let _ = f.isolate(false);
+        f.heal();
         eprintln!(
             "{name}: {} ({:.1} s)",
             match &outcome {
