@@ -30,9 +30,17 @@ use crate::retry::{self, Cause, Phase};
 pub enum Kill {
     /// SIGKILL to the primary's mcvmm.
     Process,
+    /// The primary's test host is cut from everything (its lab link down) for 3 s: the
+    /// secondary wins the fence and takes over; the primary, back, loses and exits.
+    Partition,
+    /// The primary's mcvmm is frozen (SIGSTOP) for 3 s: the same outcome.
+    Stall,
     /// The primary's whole test host is powered off.
     Host,
 }
+
+/// How long a partition or a stall lasts.
+const FAULT_MS: u64 = 3000;
 
 #[derive(Debug, Clone, Serialize)]
 pub struct Round {
@@ -70,6 +78,9 @@ pub struct Round {
 
 pub struct Options {
     pub process_rounds: usize,
+    /// Rounds that cut the primary's host off, and that freeze its mcvmm.
+    pub partition_rounds: usize,
+    pub stall_rounds: usize,
     pub host_rounds: usize,
     pub guest_mem_mib: u32,
     pub seed: u64,
@@ -277,6 +288,30 @@ pub fn round(
                 primary_died_first = Some(out);
             }
         }
+        Kill::Partition => {
+            let (ns, tap) = (ns.to_string(), mcvmm_lab::net::LabNet::tap(primary));
+            let link = move |state: &str| {
+                let _ = std::process::Command::new("ip")
+                    .args(["netns", "exec", &ns, "ip", "link", "set", &tap, state])
+                    .status();
+            };
+            link("down");
+            std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_millis(FAULT_MS));
+                link("up");
+            });
+        }
+        Kill::Stall => {
+            run_ok(
+                lab.host(primary),
+                "freezing the primary",
+                &format!(
+                    "(kill -STOP $(cat {pn}.pid); sleep {}; kill -CONT $(cat {pn}.pid)) >/dev/null 2>&1 &",
+                    FAULT_MS / 1000
+                ),
+                20,
+            )?;
+        }
         Kill::Host => {
             chain.powered_off = Some(primary);
             lab.host(primary).kill()
@@ -311,6 +346,9 @@ pub fn round(
         }
         agent(ns, &["records", "vdc", &run_s, "10"])?;
         let check = check_disks(lab, secondary, run, &[before, acked, 10])?;
+        if matches!(kill, Kill::Partition | Kill::Stall) {
+            fenced_off(lab, primary)?;
+        }
         Ok((failover_ms, kill_issued_ms, acked, stall, status, check))
     })();
     let (failover_ms, kill_issued_ms, acked, stall, status, check) = match checked {
@@ -357,7 +395,7 @@ pub fn round(
         }
     };
     let checks_ms = checks_started.elapsed().as_millis() as u64;
-    if kill == Kill::Process {
+    if kill != Kill::Host {
         chain.running_on = Some(secondary);
     }
     log(&format!(
@@ -384,6 +422,23 @@ pub fn round(
         ready_ms,
         checks_ms,
     })
+}
+
+/// The primary of a partition or a stall, back, must have lost the fence and ended
+/// (30 s at most) with its line: else the guest runs twice.
+fn fenced_off(lab: &Lab, primary: usize) -> Result<(), String> {
+    let pn = NODE[primary];
+    run_ok(
+        lab.host(primary),
+        "the old primary's end",
+        &format!(
+            "i=0; while kill -0 $(cat {pn}.pid) 2>/dev/null; do
+               i=$((i+1)); [ $i -gt 150 ] && {{ echo 'TWO LIVE COPIES: the old primary still runs'; tail -5 {pn}.log; exit 1; }}; sleep 0.2; done
+             grep -q 'fenced: ' {pn}.log || {{ echo 'the old primary ended without its fenced line'; tail -5 {pn}.log; exit 1; }}"
+        ),
+        60,
+    )
+    .map(drop)
 }
 
 /// What the client that wrote through the kill reports: writes acknowledged, and its
@@ -487,6 +542,8 @@ pub fn run(opts: &Options, log: &mut dyn FnMut(&str)) -> Result<Vec<Round>, Stri
     log(&format!("seed {}", opts.seed));
     let mut rounds = Vec::new();
     let mut plan: VecDeque<Kill> = vec![Kill::Process; opts.process_rounds].into();
+    plan.extend(vec![Kill::Partition; opts.partition_rounds]);
+    plan.extend(vec![Kill::Stall; opts.stall_rounds]);
     plan.extend(vec![Kill::Host; opts.host_rounds]);
     let mut lab: Option<Lab> = None;
     let mut chain = Chain::default();

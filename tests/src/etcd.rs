@@ -16,14 +16,48 @@ pub struct Etcd {
 }
 
 impl Etcd {
-    /// Starts etcd in namespace `ns` and waits (20 s at most) until it serves.
+    /// Starts etcd in namespace `ns` at the lab gateway's address and waits (20 s at
+    /// most) until it serves.
     pub fn start(ns: &str) -> Result<Etcd, String> {
-        let dir = tempfile::tempdir().map_err(|e| format!("etcd's directory: {e}"))?;
-        let url = format!("http://{GATEWAY}:2379");
         // Its peer port on the namespace's own loopback: nobody else's.
-        let peer = "http://127.0.0.1:2380";
-        let child = Command::new("ip")
-            .args(["netns", "exec", ns, "etcd", "--name", "lab", "--data-dir"])
+        Self::launch(
+            Some(ns),
+            format!("http://{GATEWAY}:2379"),
+            "http://127.0.0.1:2380".into(),
+        )
+    }
+
+    /// Starts etcd on this machine's loopback, on free ports.
+    pub fn start_on_loopback() -> Result<Etcd, String> {
+        let port = || {
+            std::net::TcpListener::bind("127.0.0.1:0")
+                .and_then(|l| l.local_addr())
+                .map(|a| a.port())
+                .map_err(|e| format!("a free port: {e}"))
+        };
+        Self::launch(
+            None,
+            format!("http://127.0.0.1:{}", port()?),
+            format!("http://127.0.0.1:{}", port()?),
+        )
+    }
+
+    /// `program` run in namespace `ns`, or here.
+    fn command(ns: Option<&str>, program: &str) -> Command {
+        match ns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns, program]);
+                c
+            }
+            None => Command::new(program),
+        }
+    }
+
+    fn launch(ns: Option<&str>, url: String, peer: String) -> Result<Etcd, String> {
+        let dir = tempfile::tempdir().map_err(|e| format!("etcd's directory: {e}"))?;
+        let child = Self::command(ns, "etcd")
+            .args(["--name", "lab", "--data-dir"])
             .arg(dir.path().join("data"))
             .args([
                 "--listen-client-urls",
@@ -33,9 +67,9 @@ impl Etcd {
             ])
             .args([
                 "--listen-peer-urls",
-                peer,
+                &peer,
                 "--initial-advertise-peer-urls",
-                peer,
+                &peer,
             ])
             .args(["--initial-cluster", &format!("lab={peer}")])
             .args(["--heartbeat-interval", "50", "--election-timeout", "500"])
@@ -54,8 +88,8 @@ impl Etcd {
         };
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
-            let out = Command::new("ip")
-                .args(["netns", "exec", ns, "etcdctl", "--endpoints", &etcd.url])
+            let out = Self::command(ns, "etcdctl")
+                .args(["--endpoints", &etcd.url])
                 .args(["--dial-timeout", "1s", "endpoint", "health"])
                 .env("ETCDCTL_API", "3")
                 .output();
@@ -67,6 +101,27 @@ impl Etcd {
             }
             std::thread::sleep(Duration::from_millis(200));
         }
+    }
+
+    /// Puts `value` at `key` (etcdctl, on this machine: a loopback etcd).
+    pub fn put(&self, key: &str, value: &str) -> Result<(), String> {
+        let ok = Command::new("etcdctl")
+            .args(["--endpoints", &self.url, "put", key, value])
+            .env("ETCDCTL_API", "3")
+            .stdout(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        ok.then_some(()).ok_or(format!("etcdctl put {key}"))
+    }
+
+    /// The value at `key`, if any.
+    pub fn get(&self, key: &str) -> Result<String, String> {
+        let out = Command::new("etcdctl")
+            .args(["--endpoints", &self.url, "get", "--print-value-only", key])
+            .env("ETCDCTL_API", "3")
+            .output()
+            .map_err(|e| format!("etcdctl get {key}: {e}"))?;
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
     }
 
     /// `--etcd ... --vm-name VM --node NODE` for an mcvmm of this lab.

@@ -20,6 +20,8 @@ fn twenty_process_kills_and_a_host_kill_lose_no_acknowledged_write() {
         .unwrap_or(1);
     let opts = Options {
         process_rounds: 20,
+        partition_rounds: 0,
+        stall_rounds: 0,
         host_rounds: 1,
         guest_mem_mib: 128,
         seed,

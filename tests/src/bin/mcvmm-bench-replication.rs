@@ -357,6 +357,8 @@ fn run(epochs: &[u64], failovers: usize, out: &std::path::Path) -> Result<(), St
     }
     let opts = drill::Options {
         process_rounds: failovers,
+        partition_rounds: 0,
+        stall_rounds: 0,
         host_rounds: 0,
         guest_mem_mib: MEM_MIB,
         seed: 7,

@@ -2,14 +2,19 @@
 //! Prints what each round checked and how long the takeover took, a summary table, and
 //! writes JSON.
 //!
-//! Usage: mcvmm-drill [--rounds N] [--host-rounds N] [--seed S] [--out FILE]
+//! Usage: mcvmm-drill [--rounds N] [--partition-rounds N] [--stall-rounds N]
+//!        [--host-rounds N] [--seed S] [--out FILE]
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use mcvmm_tests::drill::{self, Kill, Options, Round};
 
-const USAGE: &str = "usage: mcvmm-drill [--rounds N] [--host-rounds N] [--seed S] [--out FILE]
+const USAGE: &str = "usage: mcvmm-drill [--rounds N] [--partition-rounds N] [--stall-rounds N]
+                   [--host-rounds N] [--seed S] [--out FILE]
   --rounds N       rounds that SIGKILL the primary's mcvmm (default 1)
+  --partition-rounds N  rounds that cut the primary's host from everything for 3 s
+                   (default 1; the secondary wins the fence, the primary then exits)
+  --stall-rounds N rounds that freeze (SIGSTOP) the primary's mcvmm for 3 s (default 1)
   --host-rounds N  rounds that power off the primary's whole test host (default 1)
   --seed S         seed of the random kill moments (default: from the clock)
   --out FILE       JSON results (default bench-results/drill.json)";
@@ -40,6 +45,8 @@ fn summary(rounds: &[Round], kill: Kill) -> Option<String> {
 fn main() {
     let mut opts = Options {
         process_rounds: 1,
+        partition_rounds: 1,
+        stall_rounds: 1,
         host_rounds: 1,
         guest_mem_mib: 128,
         seed: SystemTime::now()
@@ -62,6 +69,8 @@ fn main() {
         match a.as_str() {
             "--rounds" => opts.process_rounds = num("--rounds") as usize,
             "--host-rounds" => opts.host_rounds = num("--host-rounds") as usize,
+            "--partition-rounds" => opts.partition_rounds = num("--partition-rounds") as usize,
+            "--stall-rounds" => opts.stall_rounds = num("--stall-rounds") as usize,
             "--seed" => opts.seed = num("--seed"),
             "--out" => match args.next() {
                 Some(p) => out = p.into(),
@@ -90,7 +99,7 @@ fn main() {
     println!();
     println!("| kill | rounds | acknowledged writes checked | missing | failover ms (median / max) | client's longest wait ms (median / max) |");
     println!("|---|---|---|---|---|---|");
-    for k in [Kill::Process, Kill::Host] {
+    for k in [Kill::Process, Kill::Partition, Kill::Stall, Kill::Host] {
         if let Some(line) = summary(&rounds, k) {
             println!("{line}");
         }

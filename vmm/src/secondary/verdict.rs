@@ -33,7 +33,9 @@ pub fn verdict(
     match ended {
         Ended::Goodbye(f) if f.guest_ended() => Verdict::End(f.says().to_string()),
         Ended::Goodbye(f) => Verdict::Wait(f.says().to_string()),
-        Ended::Refused(e) => Verdict::Wait(format!("dropped the primary: {e}; it is alive")),
+        Ended::Refused(e) => Verdict::Wait(format!(
+            "dropped the primary: {e}; not taking over (it is alive)"
+        )),
         Ended::Takeover(n) => Verdict::TakeOver(format!("planned switch at epoch {n}")),
         other if operator => {
             Verdict::TakeOver(format!("operator asked for failover ({})", describe(other, silent_for)))
