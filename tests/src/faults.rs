@@ -108,7 +108,11 @@ impl Fixture {
             .wait_with_output()
             .map_err(|e| format!("client: {e}"))?;
         let text = String::from_utf8_lossy(&out.stdout).into_owned();
-        value(&text, "acknowledged").ok_or(format!("client said: {text}"))
+        value(&text, "acknowledged").ok_or(format!(
+            "the client ({}) said: {text}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
     }
 
     /// Checks that `host`'s second disk holds records 0..`count` of `run`.

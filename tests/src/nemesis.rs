@@ -360,7 +360,12 @@ fn round(
     r.acked = acked;
     *owner = who;
     let check = match who {
-        Some(h) if !ends_guest => f.check_records(h, run, acked).map(|()| h),
+        Some(h) if !ends_guest => f.check_records(h, run, acked).and_then(|()| {
+            // The guest that runs must answer too.
+            agent(&f.ns, &["--wait", "20", "ping"])
+                .map(|_| h)
+                .map_err(|e| format!("host {h} runs the guest, which does not answer: {e}"))
+        }),
         Some(h) => Err(format!("the guest runs on host {h} after a {kind:?}")),
         None if ends_guest => {
             r.correct = true;
@@ -422,7 +427,9 @@ pub fn table(rounds: &[Round]) -> String {
             rs.iter().filter(|r| r.correct).count(),
             rs.iter().filter(|r| r.unjudged).count(),
             rs.iter()
-                .filter(|r| !r.unjudged)
+                .filter(
+                    |r| !r.unjudged && !matches!(r.kind, FaultKind::Stop | FaultKind::GuestReboot)
+                )
                 .map(|r| r.acked)
                 .sum::<u64>(),
             rs.iter().map(|r| r.missing).sum::<u64>(),

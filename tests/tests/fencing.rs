@@ -25,19 +25,42 @@ use std::time::{Duration, Instant};
 
 use mcvmm_lab::net;
 use mcvmm_tests::faults::{fenced_line, Fixture};
+use mcvmm_tests::guest::lost_signature;
 use mcvmm_tests::pair::{
     agent, clean, node_name, start_pair_on, start_pair_with, PRIMARY, SECONDARY,
 };
+use mcvmm_tests::retry::{self, Cause, Phase};
 
 const MEM_MIB: u32 = 128;
 const PORT: u16 = 7777;
 
-/// A protected pair, fenced or not.
+/// A protected pair, fenced or not, its guest answering. A guest lost while it boots is
+/// started again only if the retry policy grants it (the lab's signature, counted).
 fn start(f: &Fixture, fenced: bool) -> Result<(), String> {
-    clean(&f.lab);
-    start_pair_with(&f.lab, MEM_MIB, "", "", fenced)?;
-    agent(&f.ns, &["--wait", "60", "ping"])?;
-    Ok(())
+    loop {
+        clean(&f.lab);
+        let started = start_pair_with(&f.lab, MEM_MIB, "", "", fenced)
+            .and_then(|()| agent(&f.ns, &["--wait", "60", "ping"]).map(drop));
+        let Err(e) = started else {
+            return Ok(());
+        };
+        let seen = format!(
+            "{e}\n{}\n{}",
+            f.log(PRIMARY),
+            f.sh(PRIMARY, "console", "tail -20 p.console")
+                .unwrap_or_default()
+        );
+        let Some((signature, line)) = lost_signature(&seen) else {
+            return Err(seen);
+        };
+        let cause = Cause::GuestLost {
+            signature,
+            phase: Phase::Boot,
+        };
+        if !retry::allow(cause, &line) {
+            return Err(seen);
+        }
+    }
 }
 
 fn frozen_primary_fenced(f: &Fixture) -> Result<String, String> {
