@@ -24,6 +24,7 @@ pub use crate::pair::{
 };
 use crate::pair::{agentctl, other, protect_again, NODE};
 use crate::retry::{self, Cause, Phase};
+use crate::Rng;
 
 /// How a round kills the primary.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -84,18 +85,6 @@ pub struct Options {
     pub host_rounds: usize,
     pub guest_mem_mib: u32,
     pub seed: u64,
-}
-
-/// A small deterministic generator: the seed is printed, so a round can be replayed.
-struct Rng(u64);
-
-impl Rng {
-    fn below(&mut self, n: u64) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0 % n.max(1)
-    }
 }
 
 /// How many rounds protected the running guest again.
@@ -258,7 +247,7 @@ pub fn round(
         how,
     } = prepare(lab, ns, chain, run, before, opts)?;
     let ready_ms = started.elapsed().as_millis() as u64;
-    let (pn, secondary) = (NODE[primary], other(primary));
+    let secondary = other(primary);
     let sn = NODE[secondary];
     // The client writes through the kill.
     let client_secs = (kill_after_ms / 1000 + 4).to_string();
@@ -269,54 +258,10 @@ pub fn round(
         .map_err(|e| format!("client: {e}"))?;
     std::thread::sleep(Duration::from_millis(kill_after_ms));
     let t0 = Instant::now();
-    let mut primary_died_first = None;
-    match kill {
-        Kill::Process => {
-            let out = run_ok(
-                lab.host(primary),
-                "killing the primary",
-                &format!(
-                    "kill -9 $(cat {pn}.pid) 2>/dev/null || {{ echo GONE; tail -3 {pn}.log; echo '-- its guest console:'; tail -25 {pn}.console; }}"
-                ),
-                20,
-            )?;
-            if out.contains("GONE") {
-                // The primary ended before its kill and the secondary took over on its
-                // own: the round's checks still hold; whether the round counts is the
-                // retry policy's (see `run`).
-                eprintln!("WARNING: round {n}: the primary had ended before the kill:\n{out}");
-                primary_died_first = Some(out);
-            }
-        }
-        Kill::Partition => {
-            let (ns, tap) = (ns.to_string(), mcvmm_lab::net::LabNet::tap(primary));
-            let link = move |state: &str| {
-                let _ = std::process::Command::new("ip")
-                    .args(["netns", "exec", &ns, "ip", "link", "set", &tap, state])
-                    .status();
-            };
-            link("down");
-            std::thread::spawn(move || {
-                std::thread::sleep(Duration::from_millis(FAULT_MS));
-                link("up");
-            });
-        }
-        Kill::Stall => {
-            run_ok(
-                lab.host(primary),
-                "freezing the primary",
-                &format!(
-                    "(kill -STOP $(cat {pn}.pid); sleep {}; kill -CONT $(cat {pn}.pid)) >/dev/null 2>&1 &",
-                    FAULT_MS / 1000
-                ),
-                20,
-            )?;
-        }
-        Kill::Host => {
-            chain.powered_off = Some(primary);
-            lab.host(primary).kill()
-        }
+    if kill == Kill::Host {
+        chain.powered_off = Some(primary);
     }
+    let primary_died_first = take_away(lab, ns, primary, kill, n)?;
     let mut client = Some(client);
     let mut acked_seen = None;
     let mut checks_started = Instant::now();
@@ -422,6 +367,61 @@ pub fn round(
         ready_ms,
         checks_ms,
     })
+}
+
+/// Takes the primary on `primary` away as `kill` says. `Some(what it said)`: its mcvmm
+/// had ended before a process kill (the secondary took over on its own: the round's
+/// checks still hold; whether the round counts is the retry policy's, see `run`).
+fn take_away(
+    lab: &Lab,
+    ns: &str,
+    primary: usize,
+    kill: Kill,
+    n: usize,
+) -> Result<Option<String>, String> {
+    let pn = NODE[primary];
+    match kill {
+        Kill::Process => {
+            let out = run_ok(
+                lab.host(primary),
+                "killing the primary",
+                &format!(
+                    "kill -9 $(cat {pn}.pid) 2>/dev/null || {{ echo GONE; tail -3 {pn}.log; echo '-- its guest console:'; tail -25 {pn}.console; }}"
+                ),
+                20,
+            )?;
+            if out.contains("GONE") {
+                eprintln!("WARNING: round {n}: the primary had ended before the kill:\n{out}");
+                return Ok(Some(out));
+            }
+        }
+        Kill::Partition => {
+            let (ns, tap) = (ns.to_string(), mcvmm_lab::net::LabNet::tap(primary));
+            let link = move |state: &str| {
+                let _ = std::process::Command::new("ip")
+                    .args(["netns", "exec", &ns, "ip", "link", "set", &tap, state])
+                    .status();
+            };
+            link("down");
+            std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_millis(FAULT_MS));
+                link("up");
+            });
+        }
+        Kill::Stall => {
+            run_ok(
+                lab.host(primary),
+                "freezing the primary",
+                &format!(
+                    "(kill -STOP $(cat {pn}.pid); sleep {}; kill -CONT $(cat {pn}.pid)) >/dev/null 2>&1 &",
+                    FAULT_MS / 1000
+                ),
+                20,
+            )?;
+        }
+        Kill::Host => lab.host(primary).kill(),
+    }
+    Ok(None)
 }
 
 /// The primary of a partition or a stall, back, must have lost the fence and ended
@@ -538,7 +538,7 @@ fn lab_retry(lab: &Lab, chain: &Chain, label: &str, phase: Phase, why: &str) -> 
 /// Runs the rounds: process kills on one lab, then each host kill on a lab of its own
 /// (the killed host is gone for good).
 pub fn run(opts: &Options, log: &mut dyn FnMut(&str)) -> Result<Vec<Round>, String> {
-    let mut rng = Rng(opts.seed | 1);
+    let mut rng = Rng::new(opts.seed);
     log(&format!("seed {}", opts.seed));
     let mut rounds = Vec::new();
     let mut plan: VecDeque<Kill> = vec![Kill::Process; opts.process_rounds].into();

@@ -107,3 +107,26 @@ pub fn run_script(host: &mcvmm_lab::KvmHost, script: &str, secs: u64) -> Result<
     }
     Ok(out.stdout_text())
 }
+
+/// A small deterministic generator (xorshift): the drills print their seed, so a run can
+/// be replayed.
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Rng {
+        Rng(seed | 1)
+    }
+
+    /// A number below `n` (0 if `n` is 0).
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0 % n.max(1)
+    }
+
+    /// A number from `lo` to `hi`, both included.
+    pub fn between(&mut self, lo: u64, hi: u64) -> u64 {
+        lo + self.below(hi - lo + 1)
+    }
+}

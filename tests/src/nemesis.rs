@@ -23,6 +23,7 @@ use serde::Serialize;
 
 use crate::faults::{fenced_line, Doing, Fixture};
 use crate::pair::{agent, clean, other, protect_again, start_pair_with, NODE, PRIMARY};
+use crate::Rng;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
 pub enum FaultKind {
@@ -82,28 +83,10 @@ pub struct Options {
     pub fenced: bool,
 }
 
-/// A small generator of its own: the drill's choices follow from its seed alone.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
-    fn between(&mut self, lo: u64, hi: u64) -> u64 {
-        lo + self.below(hi - lo + 1)
-    }
-}
-
 /// Runs the drill; `log` gets a line per round.
 pub fn run(opts: &Options, log: &mut dyn FnMut(&str)) -> Result<Vec<Round>, String> {
     let f = Fixture::start(opts.mem_mib)?;
-    let mut rng = Rng(opts.seed | 1);
+    let mut rng = Rng::new(opts.seed);
     let mut rounds = Vec::new();
     let mut owner = None;
     // Every kind once, in a random order, then picks at random (the network and freeze

@@ -94,7 +94,6 @@ pub fn start(
         in_flight: AtomicU64::new(0),
         taken: Mutex::new(Vec::new()),
         handed_over: AtomicBool::new(false),
-        said_goodbye: AtomicBool::new(false),
         fenced,
         keep_open: Mutex::new(Some(stream.try_clone()?)),
         gate,

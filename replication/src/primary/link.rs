@@ -60,8 +60,6 @@ pub struct Link {
     pub(super) in_flight: AtomicU64,
     pub(super) taken: Mutex<Vec<(u64, Instant)>>,
     pub(super) handed_over: AtomicBool,
-    /// A goodbye was written and the connection shut down after it.
-    pub(super) said_goodbye: AtomicBool,
     /// With a fence, a lost secondary leaves held output held: only winning the fence
     /// releases it (or losing it drops it).
     pub(super) fenced: bool,
@@ -148,8 +146,9 @@ impl Link {
         self.handed_over.load(Ordering::SeqCst)
     }
 
+    /// Whether a goodbye was written and the connection shut down after it.
     pub fn said_goodbye(&self) -> bool {
-        self.said_goodbye.load(Ordering::SeqCst)
+        self.stats().goodbye.is_some()
     }
 
     pub fn is_fenced(&self) -> bool {
@@ -226,12 +225,11 @@ impl Link {
 
     /// Called by the sender once the goodbye is out and the connection shut down.
     pub(super) fn goodbye_said(&self, why: Farewell) {
-        self.stats().goodbye = Some(why);
         self.keep_open
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .take();
-        self.said_goodbye.store(true, Ordering::SeqCst);
+        self.stats().goodbye = Some(why);
     }
 
     fn send(&self, job: Job) -> bool {
@@ -272,17 +270,15 @@ impl Link {
 
 impl Drop for Link {
     fn drop(&mut self) {
-        // Closing a connection that never said goodbye reads as this process's death to
-        // a secondary that still listens on it: it stays open while the process lives.
-        if !self.said_goodbye() {
-            if let Some(s) = self
-                .keep_open
-                .get_mut()
-                .unwrap_or_else(PoisonError::into_inner)
-                .take()
-            {
-                std::mem::forget(s);
-            }
+        // Still held: no goodbye was said. Closing it would read as this process's death
+        // to a secondary that still listens on it: it stays open while the process lives.
+        if let Some(s) = self
+            .keep_open
+            .get_mut()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take()
+        {
+            std::mem::forget(s);
         }
     }
 }

@@ -74,7 +74,7 @@ impl DeviceLoop<'_> {
         let Role::Primary(p) = &mut *self.role else {
             return None;
         };
-        match outcome {
+        let line = match outcome {
             Outcome::Won(owner) => {
                 self.protectable.generation = owner.generation;
                 p.fence_settled = true;
@@ -86,23 +86,16 @@ impl DeviceLoop<'_> {
                     "fence: won generation {}: held output released; the guest runs UNPROTECTED",
                     owner.generation
                 );
-                None
+                return None;
             }
-            Outcome::Lost { generation, owner } => {
-                if !paused_by_claim && !self.paused {
-                    let _ = self.vm.vcpus.pause(PAUSE_LIMIT);
-                }
-                p.gate.discard();
-                Some(ExitReason::Fenced(fenced_line(generation, owner.as_ref())))
-            }
-            Outcome::Impossible(why) => {
-                if !paused_by_claim && !self.paused {
-                    let _ = self.vm.vcpus.pause(PAUSE_LIMIT);
-                }
-                p.gate.discard();
-                Some(ExitReason::Fenced(format!("fenced: {why}")))
-            }
+            Outcome::Lost { generation, owner } => fenced_line(generation, owner.as_ref()),
+            Outcome::Impossible(why) => format!("fenced: {why}"),
+        };
+        if !paused_by_claim && !self.paused {
+            let _ = self.vm.vcpus.pause(PAUSE_LIMIT);
         }
+        p.gate.discard();
+        Some(ExitReason::Fenced(line))
     }
 
     /// `ctl unprotect`: ends the protection on purpose. The secondary is told goodbye

@@ -74,11 +74,13 @@ impl DeviceLoop<'_> {
             self.reprotect = None;
             return Ok(());
         }
-        let peer = p.link.snapshot().peer;
+        // Runs after every round of events: the link's stats are read once, not each time.
         let r = self.reprotect.get_or_insert_with(|| {
+            let peer = p.link.snapshot().peer;
             tracing::info!("will protect the guest again at {peer}, trying from 1 s on");
             Reprotect::new(peer)
         });
+        // While an attempt is on its way `pending` is set; its end sets the next time.
         if self.pending.is_some()
             || self.claim.is_some()
             || self.paused
@@ -87,8 +89,6 @@ impl DeviceLoop<'_> {
             return Ok(());
         }
         r.attempts += 1;
-        // Until this attempt ends; `failed` sets the next.
-        r.next_at = Instant::now() + LONGEST_WAIT * 10;
         let (peer, attempt) = (r.peer.clone(), r.attempts);
         tracing::info!("protecting the guest again at {peer} (attempt {attempt})");
         self.pending = Some(protect::connect(

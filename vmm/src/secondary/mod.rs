@@ -17,9 +17,8 @@
 //!   keeps its last commit and waits: for the primary to speak again, for a new primary,
 //!   or for the operator's `ctl failover`.
 
-use std::io::{BufReader, Write};
+use std::io::Write;
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
@@ -29,18 +28,19 @@ use mcvmm_checkpoint::state::MachineState;
 use mcvmm_fence::{Claim, Fence, Owner};
 use mcvmm_replication::disk::{DiskError, Disks, Replica};
 use mcvmm_replication::messages::{self, Hello};
-use mcvmm_replication::secondary::{
-    self, check_hello, Ended, Expect, GiveUp, Patient, Progress, Receiver,
-};
+use mcvmm_replication::secondary::{check_hello, Expect, Progress, Receiver};
 use mcvmm_replication::wire::{self, Kind, WireError};
 use serde_json::{json, Value};
 
 use mcvmm_devices::virtio::tap::{Tap, TapError};
 
 mod control;
+mod listen;
+mod receive;
 mod verdict;
 
-use verdict::{verdict, Verdict};
+use listen::{next_primary, Held};
+use receive::{receive, Received};
 
 use crate::control::{ControlServer, Serving};
 
@@ -60,10 +60,6 @@ pub struct SecondaryConfig {
     /// `--etcd`: a takeover must win the next generation first.
     pub fence: Option<Fence>,
 }
-
-/// How often the replicas are synced while a primary streams: an acknowledged checkpoint
-/// is in the replicas' page cache at once, and on their disks within this.
-const REPLICA_SYNC_EVERY: Duration = Duration::from_secs(1);
 
 /// Why the secondary ended without a guest to run, or could not start it.
 #[derive(Debug, thiserror::Error)]
@@ -209,60 +205,6 @@ struct Session {
     hooks: Hooks,
 }
 
-/// How receiving from one primary ended.
-enum Received {
-    /// The primary was dropped, alive, or ended protection on purpose: the disks go back
-    /// to waiting for the next one.
-    Dropped(Disks),
-    /// The primary may be alive or dead, and there is no fence to ask: its last commit
-    /// is kept for the operator.
-    Orphaned { why: String, rx: Box<Receiver> },
-    /// The guest ended on the primary.
-    GuestEnded(String),
-    /// The primary is gone (or handed over): take over from what was committed, once
-    /// the fence (if any) says so.
-    Gone {
-        why: String,
-        detected: Instant,
-        rx: Box<Receiver>,
-    },
-}
-
-/// The disks while no primary streams: free, or in the receiver of a primary whose last
-/// commit is kept.
-enum Held {
-    Free(Disks),
-    Orphan {
-        session: Session,
-        rx: Box<Receiver>,
-        why: String,
-    },
-}
-
-impl Held {
-    fn disks(&self) -> &Disks {
-        match self {
-            Held::Free(d) => d,
-            Held::Orphan { rx, .. } => &rx.disks,
-        }
-    }
-
-    fn into_disks(self) -> Disks {
-        match self {
-            Held::Free(d) => d,
-            Held::Orphan { session, rx, .. } => {
-                tracing::warn!(
-                    "a new primary: the commit of epoch {} kept from {} is dropped",
-                    rx.committed(),
-                    session.peer
-                );
-                drop(session.prepared.join());
-                rx.disks
-            }
-        }
-    }
-}
-
 /// Receives from primaries until one is gone for good after a commit (or hands over, or
 /// the operator says so); then builds the VM. `control` is served meanwhile, and handed
 /// on with the VM. A signal or `ctl stop` before that ends the process.
@@ -270,42 +212,8 @@ pub fn run(
     mut cfg: SecondaryConfig,
     control: Option<ControlServer>,
 ) -> Result<Outcome, SecondaryError> {
-    let replicas = cfg
-        .disks
-        .iter()
-        .map(|d| Replica::open(&d.path))
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(SecondaryError::Disks)?;
-    // Attached now, not at takeover: a tap that comes up at takeover starts in a bridge
-    // port that is not yet forwarding, and the guest's first frames and announcements
-    // would be lost there. A missing tap is also better told now than at failover.
-    let tap = match &cfg.tap {
-        Some(name) => Some(Tap::open(name).map_err(|source| SecondaryError::Tap {
-            name: name.clone(),
-            source,
-        })?),
-        None => None,
-    };
-    let listen_err = |source| SecondaryError::Listen {
-        addr: cfg.listen.clone(),
-        source,
-    };
-    let listener = TcpListener::bind(&cfg.listen).map_err(listen_err)?;
-    // Polled, so that the operator can be heard between connections.
-    listener.set_nonblocking(true).map_err(listen_err)?;
-    tracing::info!(
-        "secondary listening on {} ({} disk(s), {}, {})",
-        cfg.listen,
-        cfg.disks.len(),
-        cfg.tap
-            .as_deref()
-            .map_or("no tap".to_string(), |t| format!("tap {t}")),
-        cfg.fence.as_ref().map_or(
-            "no fence: takes over only a primary whose process died, or when told".to_string(),
-            |f| format!("fenced by {}", f.key())
-        )
-    );
-    let fence = cfg.fence.take();
+    let (replicas, tap, listener) = open(&cfg)?;
+    let mut fence = cfg.fence.take();
     let shared = Arc::new(Shared::new(cfg.generation));
     let serving = control
         .map(|c| {
@@ -358,23 +266,20 @@ pub fn run(
                 held = Held::Orphan { session, rx, why };
             }
             Received::Gone { why, detected, rx } => {
-                let generation = session.hello.generation + 1;
                 let won = match &fence {
-                    Some(f) if rx.committed() > 0 => match claim(f, generation, &shared, &why)? {
-                        Ok(owner) => Some(owner),
-                        Err(()) => {
+                    Some(f) if rx.committed() > 0 => {
+                        let next = session.hello.generation + 1;
+                        let Some(owner) = claim(f, next, &shared, &why)? else {
                             held = Held::Free(rx.disks);
                             drop(session.prepared.join());
                             continue;
-                        }
-                    },
+                        };
+                        Some(owner)
+                    }
                     _ => None,
                 };
                 shared.receiving.store(false, Ordering::SeqCst);
-                let fence_won = match (fence, won) {
-                    (Some(f), Some(o)) => Some((f, o)),
-                    _ => None,
-                };
+                let fence_won = won.and_then(|o| fence.take().map(|f| (f, o)));
                 let took = take_over(&cfg, session, &why, detected, *rx, listener, fence_won)?;
                 return Ok(Outcome::TookOver(Box::new(with_control(took, serving))));
             }
@@ -382,19 +287,60 @@ pub fn run(
     }
 }
 
+/// The secondary's replicas, its tap and its listener (polled, so that the operator is
+/// heard between connections), opened before any primary comes.
+fn open(cfg: &SecondaryConfig) -> Result<(Vec<Replica>, Option<Tap>, TcpListener), SecondaryError> {
+    let replicas = cfg
+        .disks
+        .iter()
+        .map(|d| Replica::open(&d.path))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(SecondaryError::Disks)?;
+    // Attached now, not at takeover: a tap that comes up at takeover starts in a bridge
+    // port that is not yet forwarding, and the guest's first frames and announcements
+    // would be lost there. A missing tap is also better told now than at failover.
+    let tap = match &cfg.tap {
+        Some(name) => Some(Tap::open(name).map_err(|source| SecondaryError::Tap {
+            name: name.clone(),
+            source,
+        })?),
+        None => None,
+    };
+    let listen_err = |source| SecondaryError::Listen {
+        addr: cfg.listen.clone(),
+        source,
+    };
+    let listener = TcpListener::bind(&cfg.listen).map_err(listen_err)?;
+    // Polled, so that the operator can be heard between connections.
+    listener.set_nonblocking(true).map_err(listen_err)?;
+    tracing::info!(
+        "secondary listening on {} ({} disk(s), {}, {})",
+        cfg.listen,
+        cfg.disks.len(),
+        cfg.tap
+            .as_deref()
+            .map_or("no tap".to_string(), |t| format!("tap {t}")),
+        cfg.fence.as_ref().map_or(
+            "no fence: takes over only a primary whose process died, or when told".to_string(),
+            |f| format!("fenced by {}", f.key())
+        )
+    );
+    Ok((replicas, tap, listener))
+}
+
 fn with_control(mut took: TookOver, serving: Option<Serving>) -> TookOver {
     took.control = serving.and_then(Serving::hand_over);
     took
 }
 
-/// Claims `generation` for a takeover until etcd decides. `Err(())`: another node won;
-/// this one goes back to waiting for a primary.
+/// Claims `generation` for a takeover until etcd decides. `None`: another node won; this
+/// one goes back to waiting for a primary.
 fn claim(
     fence: &Fence,
     generation: u64,
     shared: &Shared,
     why: &str,
-) -> Result<Result<Owner, ()>, SecondaryError> {
+) -> Result<Option<Owner>, SecondaryError> {
     tracing::warn!("{why}; claiming generation {generation} in the fence before taking over");
     shared.set_phase("claiming the guest in the fence");
     let mut said = None;
@@ -404,7 +350,7 @@ fn claim(
         })
         .map_err(SecondaryError::Fence)?;
     match claim {
-        Claim::Won(owner) => Ok(Ok(owner)),
+        Claim::Won(owner) => Ok(Some(owner)),
         Claim::Lost { owner } => {
             let held = owner.as_ref().map_or(generation, |o| o.generation);
             shared.generation.fetch_max(held, Ordering::SeqCst);
@@ -413,60 +359,9 @@ fn claim(
                 owner.map_or_else(|| format!("generation {generation}"), |o| o.to_string())
             );
             shared.set_phase("waiting for a primary");
-            Ok(Err(()))
+            Ok(None)
         }
     }
-}
-
-/// The next connection on the (polled) listener; `None` when the operator asked for a
-/// failover meanwhile.
-fn next_primary(
-    listener: &TcpListener,
-    shared: &Shared,
-) -> Result<Option<(TcpStream, SocketAddr)>, SecondaryError> {
-    loop {
-        match listener.accept() {
-            Ok(c) => return Ok(Some(c)),
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                if shared.operator_takeover.load(Ordering::SeqCst) {
-                    return Ok(None);
-                }
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(SecondaryError::Accept(e)),
-        }
-    }
-}
-
-/// Whether a connection waits on the listener.
-fn connection_waiting(listener: RawFd) -> bool {
-    let mut pfd = libc::pollfd {
-        fd: listener,
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    // SAFETY: one valid pollfd on the stack; a zero timeout.
-    unsafe { libc::poll(&mut pfd, 1, 0) > 0 }
-}
-
-/// The rule a primary's silence is put to: with a fence, give up on it at once (the
-/// fence decides); without, only for the operator or for a new primary that is waiting.
-/// Either way the silence is logged every few seconds.
-fn silence_rule(shared: Arc<Shared>, listener: RawFd, fenced: bool) -> GiveUp {
-    let mut said: Option<Instant> = None;
-    Box::new(move |silent: Duration| {
-        let operator = shared.operator_takeover.load(Ordering::SeqCst);
-        let give_up = fenced || operator || connection_waiting(listener);
-        if !give_up && said.is_none_or(|t| t.elapsed() >= crate::fencing::SAY_EVERY) {
-            said = Some(Instant::now());
-            tracing::warn!(
-                "primary silent for {:.1} s: not taking over (without --etcd a silence proves nothing; `ctl failover` only if you know it is dead)",
-                silent.as_secs_f64()
-            );
-        }
-        give_up
-    })
 }
 
 /// Reads a new connection's Hello and accepts the primary if it fits; starts building
@@ -528,98 +423,6 @@ fn welcome(
         prepared,
         hooks,
     }))
-}
-
-/// Receives the sync and the checkpoints of an accepted primary, answering with
-/// heartbeats, until its stream ends; then judges what that means (see `verdict`).
-fn receive(
-    session: &Session,
-    cfg: &SecondaryConfig,
-    shared: &Arc<Shared>,
-    listener: &TcpListener,
-    fenced: bool,
-    disks: Disks,
-) -> Result<Received, SecondaryError> {
-    let Session {
-        stream, peer, mem, ..
-    } = session;
-    let connection = |source| SecondaryError::Connection {
-        peer: peer.clone(),
-        source,
-    };
-    shared.set_phase("syncing");
-    let _ = stream.set_nodelay(true);
-    stream
-        .set_read_timeout(Some(Patient::<TcpStream>::poll_interval(cfg.timeout)))
-        .map_err(connection)?;
-    stream
-        .set_write_timeout(Some(cfg.timeout))
-        .map_err(connection)?;
-    shared.set_primary(Some((
-        peer.clone(),
-        stream.try_clone().map_err(connection)?,
-    )));
-    let replies = Arc::new(Mutex::new(stream.try_clone().map_err(connection)?));
-    let stop_beats = Arc::new(AtomicBool::new(false));
-    let beats = secondary::heartbeats(
-        replies.clone(),
-        mcvmm_replication::primary::HEARTBEAT,
-        stop_beats.clone(),
-    );
-    let background = disks
-        .sync_in_background(REPLICA_SYNC_EVERY)
-        .map_err(connection)?;
-    let mut rx = Receiver::new(mem.clone(), disks, shared.progress.clone());
-    rx.watch_sync(background.failed());
-    let patient = Patient::new(
-        stream.try_clone().map_err(connection)?,
-        cfg.timeout,
-        silence_rule(shared.clone(), listener.as_raw_fd(), fenced),
-    );
-    let mut reader = BufReader::with_capacity(1 << 20, patient);
-    let ended = rx.run(&mut reader, &replies, cfg.timeout);
-    let detected = Instant::now();
-    drop(background);
-    let silent_for = reader.get_ref().silent_for();
-    stop_beats.store(true, Ordering::SeqCst);
-    shared.set_primary(None);
-    let operator = shared.operator_takeover.load(Ordering::SeqCst);
-    let v = verdict(&ended, silent_for, cfg.timeout, fenced, operator);
-    if !matches!(v, Verdict::TakeOver(_)) || rx.committed() == 0 {
-        if let Ended::Refused(e) = &ended {
-            refuse(stream, &e.to_string());
-        }
-        let _ = stream.shutdown(Shutdown::Both);
-        let _ = beats.join();
-    } else {
-        let _ = stream.shutdown(Shutdown::Both);
-        // Not joined: it may be asleep until its next beat, and it ends by itself.
-        drop(beats);
-    }
-    Ok(match v {
-        Verdict::End(why) => Received::GuestEnded(why),
-        Verdict::Wait(why) => {
-            tracing::warn!("{why}; waiting for a primary");
-            shared.set_phase("waiting for a primary");
-            Received::Dropped(rx.disks)
-        }
-        Verdict::Keep(_) | Verdict::TakeOver(_) if rx.committed() == 0 => {
-            tracing::warn!(
-                "primary {peer} gone before the first checkpoint committed: nothing consistent to run; waiting for a primary"
-            );
-            shared.set_phase("waiting for a primary");
-            Received::Dropped(rx.disks)
-        }
-        Verdict::Keep(why) => Received::Orphaned {
-            why,
-            rx: Box::new(rx),
-        },
-        Verdict::TakeOver(why) => Received::Gone {
-            why,
-            detected,
-            rx: Box::new(rx),
-        },
-    })
 }
 
 /// The VM a takeover would run, for the primary `hello` describes.
