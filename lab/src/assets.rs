@@ -431,6 +431,22 @@ ln -s /run /var/run
 for m in $(cat /etc/lab/modules); do
     insmod /lib/modules/$m.ko || echo "lab-host: insmod $m failed"
 done
+# The guests' KVM exits, kept for a lost guest's evidence: at a triple fault AMD's KVM
+# resets the vCPU before its VMM can read it, and only this trace keeps where it was.
+# Shutdown exits go to an instance of their own, so that later exits never push them out.
+t=/sys/kernel/tracing
+mount -t tracefs nodev $t 2>/dev/null
+if [ -d $t/events/kvm/kvm_exit ]; then
+    mkdir -p $t/instances/shutdowns
+    echo 'exit_reason == 127' > $t/instances/shutdowns/events/kvm/kvm_exit/filter
+    echo 1 > $t/instances/shutdowns/events/kvm/kvm_exit/enable
+    echo 512 > $t/buffer_size_kb
+    for e in kvm_exit kvm_inj_virq kvm_inj_exception kvm_userspace_exit; do
+        echo 1 > $t/events/kvm/$e/enable
+    done
+else
+    echo "lab-host: no KVM trace events: a lost guest's evidence will lack its last exits"
+fi
 arg() { sed -n "s/.*$1=\([^ ]*\).*/\1/p" /proc/cmdline; }
 hostname "$(arg lab.name)"
 ip=/usr/sbin/ip

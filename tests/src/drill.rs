@@ -302,6 +302,7 @@ pub fn round(
             // mcvmm's words for a guest that crashed, or that left its devices'
             // interrupts unacknowledged again and again (it takes none any more).
             let host_line = crate::guest::HOST_VMRUN_LINE;
+            let shutdowns = crate::crash_site::SHUTDOWN_EXITS_LINE;
             let crashed = run_ok(
                 lab.host(secondary),
                 "the secondary's log",
@@ -312,11 +313,12 @@ pub fn round(
                      # Where its vCPUs stand: one at the test host's own VMRUN holds the
                      # host's registers, the lab's (see crate::guest::stuck_vcpu).
                      [ \"$n\" -ge 3 ] && {{ {host_line}; for i in 1 2 3; do ./mcvmm ctl --api-sock {sn}.sock vcpus | tr -d ' \\n'; echo; done; }}
-                     tail -5 {sn}.console; true"
+                     tail -5 {sn}.console; {shutdowns}; true"
                 ),
                 20,
             )
             .unwrap_or_default();
+            let crashed = format!("{crashed}\n{}", crate::crash_site::describe(&crashed));
             if !crashed.contains("the guest crashed")
                 && !crashed.contains("the guest stopped taking interrupts")
             {
@@ -482,11 +484,13 @@ fn failure_report(l: &Lab, ns: &str, n: usize, e: &RoundFailure) -> String {
         .collect::<Vec<_>>()
         .join("\n---\n");
     let host_line = crate::guest::HOST_VMRUN_LINE;
+    let shutdowns = crate::crash_site::SHUTDOWN_EXITS_LINE;
     let logs = on_both_hosts(l, 45, |p| {
         format!(
             "echo '{p}.log:'; tail -15 {p}.log; echo '-- guest console:'; tail -15 {p}.console
              echo '-- status:'; timeout 10 ./mcvmm ctl --api-sock {p}.sock status 2>&1 | head -c 4000
              # Where its vCPUs stand, three looks: one stuck shows the same rip each time.
+             {shutdowns}
              echo '-- vcpus:'
              {host_line}
              for i in 1 2 3; do timeout 10 ./mcvmm ctl --api-sock {p}.sock vcpus 2>&1 | tr -d ' \\n' | head -c 1500; echo; done"
@@ -499,8 +503,9 @@ fn failure_report(l: &Lab, ns: &str, n: usize, e: &RoundFailure) -> String {
         .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
         .unwrap_or_default();
     let fdb: Vec<&str> = fdb.lines().filter(|l| l.contains("52:54:00")).collect();
+    let sites = crate::crash_site::describe(&logs);
     format!(
-        "round {n}: {e}\n{logs}\nlab switch entries for guest MACs:\n{}\ntest host consoles:\n{consoles}",
+        "round {n}: {e}\n{sites}\n{logs}\nlab switch entries for guest MACs:\n{}\ntest host consoles:\n{consoles}",
         fdb.join("\n")
     )
 }

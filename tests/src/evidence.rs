@@ -61,6 +61,9 @@ pub fn keep(
             .map(|o| o.stdout_text())
             .unwrap_or_else(|e| format!("(the test host did not give its files: {e})"));
         write(&format!("{}.guests.txt", h.name), &files);
+        if let Ok(o) = h.run(crate::crash_site::KVM_TRACE_LINES, Duration::from_secs(30)) {
+            write(&format!("{}.kvm-trace.txt", h.name), &o.stdout_text());
+        }
     }
     if let Some(k) = local.filter(|k| k.test_hosts().is_empty()) {
         let files = k

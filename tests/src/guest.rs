@@ -106,12 +106,25 @@ pub fn script(body: &str) -> String {
                 stderr: e.to_string().into_bytes(),
             },
         };
-        let text = format!("{}\n--- stderr\n{}", out.stdout_text(), out.stderr_text());
+        let mut text = format!("{}\n--- stderr\n{}", out.stdout_text(), out.stderr_text());
+        let sites = h
+            .run(
+                crate::crash_site::SHUTDOWN_EXITS_LINE,
+                Duration::from_secs(20),
+            )
+            .map(|o| crate::crash_site::describe(&o.stdout_text()))
+            .unwrap_or_default();
+        if !sites.is_empty() {
+            text.push_str(&format!("\n--- where\n{sites}\n"));
+        }
         let kept = crate::evidence::keep_kvm(&format!("try{attempt}"), &h, &text);
         let lost = lost_signature(&text);
-        let detail = lost
+        let mut detail = lost
             .as_ref()
             .map_or_else(String::new, |(_, line)| line.clone());
+        if !sites.is_empty() {
+            detail.push_str(&format!(" ({})", sites.replace('\n', "; ")));
+        }
         let cause = if !healthy(&h) {
             Some(Cause::HostDied)
         } else {
@@ -127,12 +140,10 @@ pub fn script(body: &str) -> String {
             }
         }
         panic!(
-            "script failed (status {}, timed out {}); evidence in {}:\n--- stdout\n{}\n--- stderr\n{}",
+            "script failed (status {}, timed out {}); evidence in {}:\n--- stdout\n{text}",
             out.status,
             out.timed_out,
             kept.display(),
-            out.stdout_text(),
-            out.stderr_text()
         );
     }
     unreachable!("the loop above returns or panics")

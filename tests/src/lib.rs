@@ -1,5 +1,6 @@
 //! Helpers shared by the integration tests.
 
+pub mod crash_site;
 pub mod drill;
 pub mod etcd;
 pub mod evidence;
