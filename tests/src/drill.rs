@@ -72,6 +72,10 @@ pub struct Round {
     pub ready_ms: u64,
     /// The checks after the kill (verify, new writes, shutdown, the disks), ms.
     pub checks_ms: u64,
+    /// The pair ran with the fence.
+    pub fenced: bool,
+    /// How long the secondary's claim in the fence took (fenced only), ms.
+    pub fence_claim_ms: Option<f64>,
     /// The primary's guest died on its own before the kill (the secondary took over by
     /// itself; every check still ran): what the primary's log and console said.
     pub primary_died_first: Option<String>,
@@ -85,6 +89,9 @@ pub struct Options {
     pub host_rounds: usize,
     pub guest_mem_mib: u32,
     pub seed: u64,
+    /// The pairs run with the fence (etcd). Unfenced, partition and stall rounds would
+    /// never take over: they need it.
+    pub fenced: bool,
 }
 
 /// How many rounds protected the running guest again.
@@ -185,7 +192,7 @@ fn prepare(
         });
     }
     let start = || -> Result<u64, String> {
-        start_pair(lab, opts.guest_mem_mib, "")
+        crate::pair::start_pair_with(lab, opts.guest_mem_mib, "", "", opts.fenced)
             .map_err(|e| format!("{e}\n{}", console_tails(lab)))?;
         let protected_ms = t.elapsed().as_millis() as u64;
         agent(ns, &["--wait", "60", "ping"])?;
@@ -365,6 +372,8 @@ pub fn round(
         primary_host: primary,
         protected_again,
         first_on_lab: false,
+        fenced: opts.fenced,
+        fence_claim_ms: status["took_over"]["fence_claim_ms"].as_f64(),
         protected_ms,
         ready_ms,
         checks_ms,
@@ -543,6 +552,9 @@ fn lab_retry(lab: &Lab, chain: &Chain, label: &str, phase: Phase, why: &str) -> 
 /// Runs the rounds: process kills on one lab, then each host kill on a lab of its own
 /// (the killed host is gone for good).
 pub fn run(opts: &Options, log: &mut dyn FnMut(&str)) -> Result<Vec<Round>, String> {
+    if !opts.fenced && opts.partition_rounds + opts.stall_rounds > 0 {
+        return Err("partition and stall rounds need the fence: without it the secondary never takes over from a primary that may be alive".into());
+    }
     let mut rng = Rng::new(opts.seed);
     log(&format!("seed {}", opts.seed));
     let mut rounds = Vec::new();

@@ -4,6 +4,7 @@ pub mod crash_site;
 pub mod drill;
 pub mod etcd;
 pub mod evidence;
+pub mod failover_bench;
 pub mod faults;
 pub mod guest;
 pub mod nemesis;

@@ -23,6 +23,7 @@ fn twenty_process_kills_and_a_host_kill_lose_no_acknowledged_write() {
         partition_rounds: 0,
         stall_rounds: 0,
         host_rounds: 1,
+        fenced: true,
         guest_mem_mib: 128,
         seed,
     };

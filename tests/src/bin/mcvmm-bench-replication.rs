@@ -8,15 +8,19 @@
 //! request/response latency to the agent. For protected runs also the pause-time
 //! distribution and bytes per epoch, with and without page compression and deltas, and
 //! with epochs ended early for output against fixed-length ones (the default), and with
-//! hot pages write-protected again every epoch against kept writable. Then failover
-//! rounds (SIGKILL of the primary at random moments). Prints tables, writes JSON.
+//! hot pages write-protected again every epoch against kept writable. The pairs run
+//! fenced (etcd on the lab network), and once at 50 ms without the fence. Then failover
+//! rounds, fenced and unfenced: SIGKILL of the primary's mcvmm at random moments, and the
+//! primary's test host powered off. Prints tables, writes JSON.
 //!
-//! Usage: mcvmm-bench-replication [--epochs-ms LIST] [--failovers N] [--out FILE]
+//! Usage: mcvmm-bench-replication [--epochs-ms LIST] [--failovers N] [--host-failovers N]
+//! [--out FILE]
 
 use std::time::Duration;
 
 use mcvmm_lab::Lab;
-use mcvmm_tests::drill::{self, agent, run_ok, value, Kill, PRIMARY, SECONDARY};
+use mcvmm_tests::drill::{self, agent, run_ok, value, PRIMARY, SECONDARY};
+use mcvmm_tests::failover_bench;
 use serde_json::{json, Value};
 
 const MEM_MIB: u32 = 128;
@@ -242,7 +246,7 @@ impl Hosts {
 
     /// One configuration, run again once (loudly) if it fails: the lab's protected guests
     /// have been seen to crash on their own (issue 6's notes), which says nothing of speed.
-    fn measure(&mut self, name: &str, extra: Option<&str>) -> Result<Value, String> {
+    fn measure(&mut self, name: &str, extra: Option<(&str, bool)>) -> Result<Value, String> {
         let e = match config_once(self.lab()?, &self.ns, name, extra) {
             Ok(v) => return Ok(v),
             Err(e) => e,
@@ -266,11 +270,20 @@ impl Hosts {
     }
 }
 
-fn config_once(lab: &Lab, ns: &str, name: &str, extra: Option<&str>) -> Result<Value, String> {
+/// `extra`: a pair's flags for the primary, and whether it runs fenced; `None` runs the
+/// guest unprotected.
+fn config_once(
+    lab: &Lab,
+    ns: &str,
+    name: &str,
+    extra: Option<(&str, bool)>,
+) -> Result<Value, String> {
     eprintln!("bench: {name}");
     match extra {
         None => drill::start_standalone(lab, MEM_MIB)?,
-        Some(flags) => drill::start_pair(lab, MEM_MIB, flags)?,
+        Some((flags, fenced)) => {
+            mcvmm_tests::pair::start_pair_with(lab, MEM_MIB, flags, "", fenced)?
+        }
     }
     agent(ns, &["--wait", "60", "ping"])?;
     let r = workloads(lab, ns, extra.is_some());
@@ -287,6 +300,7 @@ fn f(v: &Value, k: &str) -> f64 {
 fn main() {
     let mut epochs: Vec<u64> = vec![20, 50, 100];
     let mut failovers = 3usize;
+    let mut host_failovers = 1usize;
     let mut out = mcvmm_tests::repo_root().join("bench-results/replication.json");
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -295,99 +309,88 @@ fn main() {
                 epochs = v.split(',').filter_map(|x| x.parse().ok()).collect();
             }
             ("--failovers", Some(v)) => failovers = v.parse().unwrap_or(3),
+            ("--host-failovers", Some(v)) => host_failovers = v.parse().unwrap_or(1),
             ("--out", Some(v)) => out = v.into(),
             _ => {
                 eprintln!(
-                    "usage: mcvmm-bench-replication [--epochs-ms 20,50,100] [--failovers N] [--out FILE]"
+                    "usage: mcvmm-bench-replication [--epochs-ms 20,50,100] [--failovers N] [--host-failovers N] [--out FILE]"
                 );
                 std::process::exit(2)
             }
         }
     }
-    if let Err(e) = run(&epochs, failovers, &out) {
+    if let Err(e) = run(&epochs, failovers, host_failovers, &out) {
         eprintln!("mcvmm-bench-replication: {e}");
         std::process::exit(1);
     }
 }
 
-fn run(epochs: &[u64], failovers: usize, out: &std::path::Path) -> Result<(), String> {
+fn run(
+    epochs: &[u64],
+    failovers: usize,
+    host_failovers: usize,
+    out: &std::path::Path,
+) -> Result<(), String> {
     let mut hosts = Hosts::start()?;
     let base = hosts.measure("unprotected", None)?;
     // A protected configuration that fails twice is left out of the tables (and named in
     // the JSON's errors) rather than losing the others.
     let mut errors = Vec::new();
-    let mut measure = |hosts: &mut Hosts, name: String, flags: String| {
-        hosts.measure(&name, Some(&flags)).map_err(|e| {
+    let mut measure_as = |hosts: &mut Hosts, name: String, flags: String, fenced: bool| {
+        hosts.measure(&name, Some((&flags, fenced))).map_err(|e| {
             eprintln!("WARNING: bench: {name} left out: {e}");
             errors.push(format!("{name}: {e}"));
         })
     };
     let mut protected = Vec::new();
     for ms in epochs {
-        if let Ok(v) = measure(
+        if let Ok(v) = measure_as(
             &mut hosts,
             format!("protected {ms} ms"),
             format!("--epoch-ms {ms}"),
+            true,
         ) {
             protected.push(v);
         }
     }
     let default_ms = 50;
-    let none = measure(
+    let none = measure_as(
         &mut hosts,
         "protected 50 ms, no compression".into(),
         format!("--epoch-ms {default_ms} --compress none"),
+        true,
     )
     .ok();
     // Against the default (fixed-length epochs, pages as deltas where they can be):
     // epochs that may end early for the guest's output, LZ4 of whole pages, and every
-    // dirty page write-protected again at each pause.
-    for (name, flags) in [
-        ("early for output", "--epoch-min-ms 10"),
-        ("no delta", "--delta-cache-mib 0"),
-        ("no hot pages", "--hot-pages 0"),
+    // dirty page write-protected again at each pause; and without the fence (etcd is
+    // touched only when the guest changes hands, so an epoch should cost the same).
+    for (name, flags, fenced) in [
+        ("early for output", "--epoch-min-ms 10", true),
+        ("no delta", "--delta-cache-mib 0", true),
+        ("no hot pages", "--hot-pages 0", true),
+        ("unfenced", "", false),
     ] {
-        if let Ok(v) = measure(
+        if let Ok(v) = measure_as(
             &mut hosts,
             format!("protected {default_ms} ms, {name}"),
             format!("--epoch-ms {default_ms} {flags}"),
+            fenced,
         ) {
             protected.push(v);
         }
     }
-    let opts = drill::Options {
-        process_rounds: failovers,
-        partition_rounds: 0,
-        stall_rounds: 0,
-        host_rounds: 0,
-        guest_mem_mib: MEM_MIB,
-        seed: 7,
-    };
-    let mut rounds = Vec::new();
-    let mut chain = drill::Chain::default();
-    for n in 0..failovers {
-        let r = drill::round(
-            hosts.lab()?,
-            &hosts.ns,
-            &mut chain,
-            n + 1,
-            drill::KillAt {
-                kill: Kill::Process,
-                after_ms: 300 + 700 * n as u64,
-            },
-            &opts,
-            &mut |m| eprintln!("bench: {m}"),
-        );
-        match r {
-            Ok(r) => rounds.push(r),
-            Err(e) => {
-                eprintln!("WARNING: bench: failover round {} left out: {e}", n + 1);
-                errors.push(format!("failover round {}: {e}", n + 1));
-                chain = drill::Chain::default();
-                if !hosts.recover() {
-                    break;
-                }
-            }
+    // The failover drills boot labs of their own on the same lab network.
+    drop(hosts.lab.take());
+    let failover = failover_bench::run(failovers, host_failovers, MEM_MIB, &mut |m| {
+        eprintln!("bench: {m}")
+    });
+    for m in &failover {
+        if let Some(e) = &m.error {
+            errors.push(format!(
+                "{} failover rounds: {e}",
+                if m.fenced { "fenced" } else { "unfenced" }
+            ));
         }
     }
 
@@ -465,22 +468,9 @@ fn run(epochs: &[u64], failovers: usize, out: &std::path::Path) -> Result<(), St
             c["secondary_host"]["host_busy_percent"],
         );
     }
-    let mut fo: Vec<u64> = rounds.iter().map(|r| r.failover_ms).collect();
-    fo.sort_unstable();
-    let mut stall: Vec<u64> = rounds.iter().map(|r| r.client_stall_ms).collect();
-    stall.sort_unstable();
     println!(
-        "\nFailover (SIGKILL of the primary's mcvmm, {} rounds): new connections answered after median {} ms (max {}); the client's in-flight connection waited at most median {} ms (max {}); takeover build {:.0} ms median.",
-        rounds.len(),
-        fo.get(fo.len() / 2).copied().unwrap_or(0),
-        fo.last().copied().unwrap_or(0),
-        stall.get(stall.len() / 2).copied().unwrap_or(0),
-        stall.last().copied().unwrap_or(0),
-        {
-            let mut b: Vec<f64> = rounds.iter().map(|r| r.takeover_build_ms).collect();
-            b.sort_by(f64::total_cmp);
-            b.get(b.len() / 2).copied().unwrap_or(0.0)
-        }
+        "\nFailover, fenced (etcd on the lab network) and unfenced, in this run; the first answer is a new connection's, counted from the kill:\n\n{}",
+        failover_bench::table(&failover)
     );
     if let Some(dir) = out.parent() {
         let _ = std::fs::create_dir_all(dir);
@@ -489,7 +479,7 @@ fn run(epochs: &[u64], failovers: usize, out: &std::path::Path) -> Result<(), St
         "unprotected": base,
         "protected": protected,
         "no_compression": none,
-        "failover_rounds": rounds,
+        "failover": failover,
         "test_hosts_replaced": hosts.replaced,
         "errors": errors,
     });

@@ -48,6 +48,7 @@ fn main() {
         partition_rounds: 1,
         stall_rounds: 1,
         host_rounds: 1,
+        fenced: true,
         guest_mem_mib: 128,
         seed: SystemTime::now()
             .duration_since(UNIX_EPOCH)

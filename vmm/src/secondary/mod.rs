@@ -233,8 +233,12 @@ pub fn run(
                 Held::Orphan { session, rx, why } => {
                     shared.orphaned.store(0, Ordering::SeqCst);
                     shared.receiving.store(false, Ordering::SeqCst);
-                    let why = format!("operator asked for failover ({why})");
-                    let took = take_over(&cfg, session, &why, Instant::now(), *rx, listener, None)?;
+                    let how = Detected {
+                        why: format!("operator asked for failover ({why})"),
+                        at: Instant::now(),
+                        claim_ms: None,
+                    };
+                    let took = take_over(&cfg, session, how, *rx, listener, None)?;
                     return Ok(Outcome::TookOver(Box::new(with_control(took, serving))));
                 }
                 free => {
@@ -266,6 +270,7 @@ pub fn run(
                 held = Held::Orphan { session, rx, why };
             }
             Received::Gone { why, detected, rx } => {
+                let claimed = Instant::now();
                 let won = match &fence {
                     Some(f) if rx.committed() > 0 => {
                         let next = session.hello.generation + 1;
@@ -280,7 +285,15 @@ pub fn run(
                 };
                 shared.receiving.store(false, Ordering::SeqCst);
                 let fence_won = won.and_then(|o| fence.take().map(|f| (f, o)));
-                let took = take_over(&cfg, session, &why, detected, *rx, listener, fence_won)?;
+                let claim_ms = fence_won
+                    .as_ref()
+                    .map(|_| claimed.elapsed().as_secs_f64() * 1e3);
+                let how = Detected {
+                    why,
+                    at: detected,
+                    claim_ms,
+                };
+                let took = take_over(&cfg, session, how, *rx, listener, fence_won)?;
                 return Ok(Outcome::TookOver(Box::new(with_control(took, serving))));
             }
         }
@@ -493,19 +506,31 @@ fn prepare_in_background(
     (preparing, hooks)
 }
 
+/// Why a takeover happens, when the primary's end was seen, and how long the fence's
+/// claim took after that (fenced only).
+struct Detected {
+    why: String,
+    at: Instant,
+    claim_ms: Option<f64>,
+}
+
 /// Runs the guest from the last committed checkpoint of the primary that is gone.
 fn take_over(
     cfg: &SecondaryConfig,
     session: Session,
-    why: &str,
-    detected: Instant,
+    detected: Detected,
     rx: Receiver,
     listener: TcpListener,
     fence: Option<(Fence, Owner)>,
 ) -> Result<TookOver, SecondaryError> {
+    let Detected {
+        why,
+        at: detected,
+        claim_ms,
+    } = detected;
     let epoch = rx.committed();
     if epoch == 0 {
-        return Err(SecondaryError::NothingCommitted { why: why.into() });
+        return Err(SecondaryError::NothingCommitted { why });
     }
     tracing::warn!("{why}; taking over from committed epoch {epoch}");
     let Session {
@@ -526,6 +551,7 @@ fn take_over(
         "epoch": epoch,
         "why": why,
         "build_ms": ms,
+        "fence_claim_ms": claim_ms,
         "generation": generation,
     });
     // Stale primaries are refused on it by a thread that accepts blocking.

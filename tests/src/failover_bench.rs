@@ -1,0 +1,146 @@
+//! The failover part of `mcvmm-bench-replication`: the same drill rounds fenced (etcd on
+//! the lab network) and unfenced, one after the other in one run, so that what the
+//! fence adds to a takeover is read as a ratio of two measures taken together.
+
+use serde::Serialize;
+
+use crate::drill::{self, Kill, Round};
+
+/// What one mode's rounds gave.
+#[derive(Debug, Serialize)]
+pub struct ModeResult {
+    pub fenced: bool,
+    pub rounds: Vec<Round>,
+    /// Why the mode's drill stopped early, if it did.
+    pub error: Option<String>,
+}
+
+impl ModeResult {
+    fn of(&self, kill: Kill) -> impl Iterator<Item = &Round> {
+        self.rounds.iter().filter(move |r| r.kill == kill)
+    }
+}
+
+/// Process kills, then host power-offs (each on test hosts of its own), fenced and
+/// unfenced.
+pub fn run(
+    process_rounds: usize,
+    host_rounds: usize,
+    mem_mib: u32,
+    log: &mut dyn FnMut(&str),
+) -> Vec<ModeResult> {
+    [true, false]
+        .into_iter()
+        .map(|fenced| {
+            let opts = drill::Options {
+                process_rounds,
+                partition_rounds: 0,
+                stall_rounds: 0,
+                host_rounds,
+                guest_mem_mib: mem_mib,
+                seed: 7,
+                fenced,
+            };
+            let mode = if fenced { "fenced" } else { "unfenced" };
+            let mut rounds = Vec::new();
+            let mut on_round = |m: &str| log(&format!("{mode}: {m}"));
+            let error = match drill::run(&opts, &mut on_round) {
+                Ok(r) => {
+                    rounds = r;
+                    None
+                }
+                Err(e) => Some(e),
+            };
+            if let Some(e) = &error {
+                log(&format!("WARNING: {mode} failover rounds stopped: {e}"));
+            }
+            ModeResult {
+                fenced,
+                rounds,
+                error,
+            }
+        })
+        .collect()
+}
+
+fn median(mut v: Vec<f64>) -> Option<f64> {
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied()
+}
+
+fn cell(v: Option<f64>) -> String {
+    v.map_or_else(|| "-".into(), |x| format!("{x:.0}"))
+}
+
+/// The table: per mode and way of failing, the first answer on a new connection after
+/// the kill (median, max), the client's in-flight wait, detection to the guest running
+/// on the secondary (claim included), and the claim alone; then the ratio of medians.
+pub fn table(results: &[ModeResult]) -> String {
+    let mut out = String::from(
+        "| mode | failure | rounds | first answer median (ms) | max (ms) | in-flight wait median (ms) | detected → running median (ms) | fence claim median (ms) |\n|---|---|---|---|---|---|---|---|\n",
+    );
+    for m in results {
+        for (kill, name) in [
+            (Kill::Process, "process kill"),
+            (Kill::Host, "host power-off"),
+        ] {
+            let rounds: Vec<&Round> = m.of(kill).collect();
+            let first: Vec<f64> = rounds.iter().map(|r| r.failover_ms as f64).collect();
+            let max = first
+                .iter()
+                .copied()
+                .fold(None, |a: Option<f64>, x| Some(a.map_or(x, |a| a.max(x))));
+            out += &format!(
+                "| {} | {name} | {} | {} | {} | {} | {} | {} |\n",
+                if m.fenced { "fenced" } else { "unfenced" },
+                rounds.len(),
+                cell(median(first)),
+                cell(max),
+                cell(median(
+                    rounds.iter().map(|r| r.client_stall_ms as f64).collect()
+                )),
+                cell(median(rounds.iter().map(|r| r.takeover_build_ms).collect())),
+                cell(median(
+                    rounds.iter().filter_map(|r| r.fence_claim_ms).collect()
+                )),
+            );
+        }
+    }
+    for (kill, name) in [
+        (Kill::Process, "process kill"),
+        (Kill::Host, "host power-off"),
+    ] {
+        let med = |fenced: bool| {
+            results
+                .iter()
+                .find(|m| m.fenced == fenced)
+                .and_then(|m| median(m.of(kill).map(|r| r.failover_ms as f64).collect()))
+        };
+        if let (Some(f), Some(u)) = (med(true), med(false)) {
+            if u > 0.0 {
+                out += &format!(
+                    "\n{name}: fenced / unfenced first answer, medians: {:.2}",
+                    f / u
+                );
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn medians_of_nothing_print_as_a_dash() {
+        assert_eq!(cell(median(Vec::new())), "-");
+        assert_eq!(cell(median(vec![3.0, 1.0, 2.0])), "2");
+        let empty = [ModeResult {
+            fenced: true,
+            rounds: Vec::new(),
+            error: None,
+        }];
+        assert!(table(&empty).contains("| fenced | process kill | 0 | - |"));
+    }
+}
