@@ -10,6 +10,7 @@ packages=(
     linux-source-6.1     # the test guest kernel is built from it
     flex bison bc libelf-dev libssl-dev make gcc binutils xz-utils  # kernel build
     busybox-static dash iproute2 procps cpio  # test host user space, lab network, tests
+    dmsetup                  # test hosts: a replica disk that starts failing (EIO)
     etcd-server etcd-client  # the fence's consensus store (and etcdctl), for its tests and the lab
     protobuf-compiler libprotobuf-dev  # the etcd client crate compiles etcd's API definitions
 )

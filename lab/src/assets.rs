@@ -30,6 +30,10 @@ const HOST_MODULES: &[&str] = &[
     "veth",
     // netem, for tests that slow a test host's link (`tc qdisc ... netem delay`).
     "sch_netem",
+    // A disk that starts failing: a file system on a device-mapper device over a loop
+    // device, whose table is switched to `error` (the replica EIO test).
+    "loop",
+    "dm-mod",
 ];
 
 /// Firmware QEMU needs for `-M microvm` with `-kernel`.
@@ -367,6 +371,7 @@ impl<W: Write> ImageBuilder<W> {
         self.copy(busybox, "/bin/busybox", 0o755)?;
         self.binary(Path::new("/usr/sbin/ip"), "/usr/sbin/ip")?;
         self.binary(Path::new("/usr/sbin/tc"), "/usr/sbin/tc")?;
+        self.binary(Path::new("/usr/sbin/dmsetup"), "/usr/sbin/dmsetup")?;
         // busybox's own sh runs its applets before anything in PATH (so `ip` would be
         // busybox's, without netns or tuntap): commands get dash as /bin/sh instead.
         self.binary(Path::new("/bin/dash"), "/bin/sh")?;

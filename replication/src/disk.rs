@@ -150,6 +150,10 @@ pub struct Disks {
     held: BTreeMap<u64, Vec<HeldWrite>>,
     held_bytes: u64,
     committed: u64,
+    /// The first write or sync that failed on a replica, for good: after a failed sync
+    /// the kernel may have dropped the writes while the page cache still shows them, so
+    /// neither the replicas' digests nor their contents can be trusted again.
+    failed: Arc<Mutex<Option<String>>>,
 }
 
 impl Disks {
@@ -159,7 +163,23 @@ impl Disks {
             held: BTreeMap::new(),
             held_bytes: 0,
             committed: 0,
+            failed: Arc::new(Mutex::new(None)),
         }
+    }
+
+    /// Why a replica cannot be trusted any more (see the field), if one failed.
+    pub fn failed(&self) -> Option<String> {
+        self.failed
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Keeps the first failure; passes `e` on.
+    fn failing(&self, e: DiskError) -> DiskError {
+        let mut f = self.failed.lock().unwrap_or_else(PoisonError::into_inner);
+        f.get_or_insert_with(|| e.to_string());
+        e
     }
 
     pub fn replicas(&self) -> &[Replica] {
@@ -206,15 +226,15 @@ impl Disks {
     /// Initial sync: a chunk goes to the replica at once (nothing is committed yet).
     pub fn write_chunk(&mut self, disk: u32, offset: u64, data: &[u8]) -> Result<(), DiskError> {
         let r = self.check(disk, offset, data.len())?;
-        r.file
-            .write_all_at(data, offset)
-            .map_err(|source| DiskError::Write {
+        r.file.write_all_at(data, offset).map_err(|source| {
+            self.failing(DiskError::Write {
                 index: disk as usize,
                 path: r.name(),
                 offset,
                 len: data.len(),
                 source,
             })
+        })
     }
 
     /// A guest write of `epoch`: held until that epoch commits.
@@ -264,15 +284,15 @@ impl Disks {
         let mut written = 0;
         for w in due.into_values().flatten() {
             let r = &self.replicas[w.disk as usize];
-            r.file
-                .write_all_at(&w.data, w.offset)
-                .map_err(|source| DiskError::Write {
+            r.file.write_all_at(&w.data, w.offset).map_err(|source| {
+                self.failing(DiskError::Write {
                     index: w.disk as usize,
                     path: r.name(),
                     offset: w.offset,
                     len: w.data.len(),
                     source,
-                })?;
+                })
+            })?;
             written += w.data.len() as u64;
         }
         self.held_bytes -= written;
@@ -283,10 +303,12 @@ impl Disks {
     /// Makes everything committed so far durable.
     pub fn sync(&self) -> Result<(), DiskError> {
         for (index, r) in self.replicas.iter().enumerate() {
-            r.file.sync_data().map_err(|source| DiskError::Io {
-                index,
-                path: r.name(),
-                source,
+            r.file.sync_data().map_err(|source| {
+                self.failing(DiskError::Io {
+                    index,
+                    path: r.name(),
+                    source,
+                })
             })?;
         }
         Ok(())
@@ -304,7 +326,8 @@ impl Disks {
             .map(|r| Ok((r.name(), r.file.try_clone()?)))
             .collect::<std::io::Result<Vec<_>>>()?;
         let stop = Arc::new(AtomicBool::new(false));
-        let error = Arc::new(Mutex::new(None));
+        // A failure here is the replicas' for good, as any other (see `failed`).
+        let error = self.failed.clone();
         let (s, e) = (stop.clone(), error.clone());
         std::thread::Builder::new()
             .name("replica-sync".into())
@@ -314,8 +337,9 @@ impl Disks {
                     for (name, f) in &files {
                         if let Err(err) = f.sync_data() {
                             tracing::error!("syncing replica {name}: {err}");
-                            *e.lock().unwrap_or_else(PoisonError::into_inner) =
-                                Some(format!("syncing replica {name}: {err}"));
+                            e.lock()
+                                .unwrap_or_else(PoisonError::into_inner)
+                                .get_or_insert_with(|| format!("syncing replica {name}: {err}"));
                             return;
                         }
                     }
@@ -388,6 +412,33 @@ mod tests {
         assert_eq!(&contents(&d, 0)[..3], b"one", "discarded writes stay out");
         assert_eq!(contents(&d, 1)[512..515], [0, 0, 0]);
         assert_eq!(d.held_bytes(), 0);
+    }
+
+    /// A replica whose writes fail (here: its file opened read-only, so every write
+    /// fails as a failing disk's would) is distrusted for good, and says why.
+    #[test]
+    fn a_replica_that_failed_a_write_is_never_trusted_again() {
+        let (dir, mut d) = disks(1, 4096);
+        assert_eq!(d.failed(), None);
+        let path = dir.path().join("d0");
+        d.replicas[0].file = File::open(&path).expect("read-only");
+        d.hold(1, 0, 0, b"lost").expect("hold");
+        let e = d.commit(1).expect_err("a write that fails");
+        assert!(matches!(e, DiskError::Write { .. }), "{e}");
+        let why = d.failed().expect("remembered");
+        assert!(why.contains("writing 4 bytes at 0"), "{why}");
+        // Later writes that happen to succeed change nothing.
+        d.replicas[0].file = OpenOptions::new().write(true).open(&path).expect("rw");
+        d.write_chunk(0, 0, b"fine").expect("write");
+        assert_eq!(d.failed(), Some(why.clone()));
+        let bg = d
+            .sync_in_background(std::time::Duration::from_millis(1))
+            .expect("sync thread");
+        assert_eq!(
+            bg.failed().lock().expect("lock").clone(),
+            Some(why),
+            "a background sync reports the failure from the start"
+        );
     }
 
     #[test]

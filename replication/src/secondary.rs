@@ -90,6 +90,11 @@ pub struct Expect<'a> {
 
 /// Checks a `Hello`; returns the `Accept` to send, or the reason to refuse.
 pub fn check_hello(hello: &Hello, want: &Expect) -> Result<Accept, Refusal> {
+    if let Some(why) = want.disks.failed() {
+        return Err(Refusal(format!(
+            "a replica of this secondary failed ({why}), so it cannot be trusted to hold what was written to it: restart this secondary on disks that work"
+        )));
+    }
     if hello.protocol != PROTOCOL_VERSION {
         return Err(Refusal(format!(
             "protocol version {} (this secondary speaks {PROTOCOL_VERSION})",

@@ -9,6 +9,8 @@ use std::time::{Duration, Instant};
 use mcvmm_lab::{net, Lab};
 
 use crate::pair::{agentctl, run_ok, value, with_etcd, NODE};
+use crate::retry::{Cause, Phase};
+use crate::soak::Signature;
 
 pub struct Fixture {
     pub lab: Lab,
@@ -43,6 +45,41 @@ impl Fixture {
         let n = NODE[host];
         self.sh(host, "is mcvmm alive", &format!("kill -0 $(cat {n}.pid)"))
             .is_ok()
+    }
+
+    /// What the lab may have done here, for the retry policy to judge: a test host that
+    /// died, or a guest that an mcvmm says crashed (its signature from that mcvmm's log
+    /// and its console, judged in the phase the log ends in). `None`: neither.
+    pub fn lab_trouble(&self) -> Option<(Cause, String)> {
+        for (h, node) in NODE.iter().enumerate() {
+            let host = self.lab.host(h);
+            if host.was_killed() || host.kernel_stall().is_some() {
+                return Some((Cause::HostDied, format!("test host {h} died")));
+            }
+            let log = self.log(h);
+            if !log.contains("the guest crashed") {
+                continue;
+            }
+            let console = self
+                .sh(h, "console", &format!("tail -20 {node}.console"))
+                .unwrap_or_default();
+            let sites = self
+                .sh(h, "trace", crate::crash_site::SHUTDOWN_EXITS_LINE)
+                .map(|t| crate::crash_site::describe(&t))
+                .unwrap_or_default();
+            let seen = format!("{log}\n{console}\n{sites}");
+            let (signature, line) = crate::guest::lost_signature(&seen)
+                .unwrap_or((Signature::StoppedAnswering, "the guest crashed".to_string()));
+            let cause = Cause::GuestLost {
+                signature,
+                phase: Phase::from_vmm_log(&log),
+            };
+            return Some((
+                cause,
+                format!("the guest crashed on host {h}: {line} {sites}"),
+            ));
+        }
+        None
     }
 
     /// Waits up to `secs` for the mcvmm of `host` to end.

@@ -13,8 +13,9 @@
 //!
 //! Then the pair is made whole again (protected again by its own attempts, by `ctl
 //! protect`, or booted afresh) and the next fault comes. Host power-off is the failover
-//! drill's (a lab of its own each). A round that cannot be judged (a test host died, the
-//! guest crashed) is counted as such, never retried.
+//! drill's (a lab of its own each). A round that a test host's death or a guest's crash
+//! spoilt goes to the retry policy (`retry`): what it grants as the lab's is counted as
+//! not judged (and in the run's retries), anything else is a wrong outcome.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -23,6 +24,7 @@ use serde::Serialize;
 
 use crate::faults::{fenced_line, Doing, Fixture};
 use crate::pair::{agent, clean, other, protect_again, start_pair_with, NODE, PRIMARY};
+use crate::retry::{self, Cause};
 use crate::Rng;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
@@ -102,7 +104,17 @@ pub fn run(opts: &Options, log: &mut dyn FnMut(&str)) -> Result<Vec<Round>, Stri
         };
         let r = match whole_again(&f, opts, &mut owner) {
             Ok(p) => round(&f, n, kind, p, &mut rng, &mut owner),
-            Err(e) => unjudged(n, kind, format!("the pair could not be made whole: {e}")),
+            Err(e) => {
+                let r = unjudged(n, kind, format!("the pair could not be made whole: {e}"));
+                match f.lab_trouble() {
+                    Some((cause, what)) => judged_by_policy(&f, r, cause, what),
+                    // Nothing says it was the lab's: mcvmm failed to protect or start.
+                    None => Round {
+                        unjudged: false,
+                        ..r
+                    },
+                }
+            }
         };
         f.heal();
         log(&format!(
@@ -277,17 +289,28 @@ fn settle(f: &Fixture, within: Duration) -> Result<Option<usize>, String> {
     Err(format!("not settled in {} s: {last}", within.as_secs()))
 }
 
-/// Whether the guest crashed, or a test host died: the round cannot be judged.
-fn lab_trouble(f: &Fixture) -> Option<String> {
-    for h in 0..2 {
-        if f.lab.host(h).was_killed() {
-            return Some(format!("test host {h} died"));
-        }
-        if f.log(h).contains("the guest crashed") {
-            return Some(format!("the guest crashed on host {h}"));
-        }
-    }
-    None
+/// A round the lab may have spoilt (a test host died, a guest crashed): the retry policy
+/// judges it. Granted, the round is not judged (and the run's ledger counts it);
+/// refused, it is wrong: a guest lost that way may be mcvmm's doing.
+fn judged_by_policy(f: &Fixture, mut r: Round, cause: Cause, what: String) -> Round {
+    let hosts: Vec<&mcvmm_lab::TestHost> = f.lab.hosts().iter().collect();
+    let kept = crate::evidence::keep(&format!("round{}", r.n), &hosts, None, &what);
+    let granted = retry::allow(
+        cause.clone(),
+        &format!("{what}; evidence in {}", kept.display()),
+    );
+    r.unjudged = granted;
+    r.correct = false;
+    r.what = format!(
+        "{what} ({cause:?}, {}; evidence in {})",
+        if granted {
+            "the lab's: not judged"
+        } else {
+            "not shown to be the lab's"
+        },
+        kept.display()
+    );
+    r
 }
 
 fn round(
@@ -307,6 +330,7 @@ fn round(
     let client = match f.client(run, 4 + r.fault_ms / 1000) {
         Ok(c) => c,
         Err(e) => {
+            r.unjudged = false;
             r.what = e;
             return r;
         }
@@ -328,9 +352,8 @@ fn round(
     // The client ends on its own (its time, or its first failed write once the guest
     // ended).
     let acked = Fixture::acked(client);
-    if let Some(trouble) = lab_trouble(f) {
-        r.what = trouble;
-        return r;
+    if let Some((cause, what)) = f.lab_trouble() {
+        return judged_by_policy(f, r, cause, what);
     }
     r.unjudged = false;
     let (who, acked) = match (settled, acked) {
@@ -376,6 +399,10 @@ fn round(
             );
         }
         Err(e) => {
+            // A guest that crashed while it was being checked.
+            if let Some((cause, what)) = f.lab_trouble() {
+                return judged_by_policy(f, r, cause, format!("{e}; {what}"));
+            }
             if !ends_guest {
                 r.missing = acked;
             }

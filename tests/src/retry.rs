@@ -59,6 +59,30 @@ impl Phase {
         }
     }
 
+    /// What the guest of an mcvmm was doing at the end of its log: booting until its
+    /// first protection's sync starts, in that sync until it is done, under epochs
+    /// after it, running on alone once the secondary is lost. Once it took over there,
+    /// anything but a sync is after the takeover.
+    pub fn from_vmm_log(log: &str) -> Phase {
+        let mut took_over = false;
+        let mut phase = Phase::Boot;
+        for l in log.lines() {
+            if l.contains("TOOK OVER") {
+                took_over = true;
+                phase = Phase::AfterTakeover;
+            } else if l.contains("initial sync started") {
+                phase = Phase::Sync;
+            } else if l.contains("initial sync done") || l.contains("runs UNPROTECTED") {
+                phase = match (took_over, l.contains("UNPROTECTED")) {
+                    (true, _) => Phase::AfterTakeover,
+                    (false, true) => Phase::Running,
+                    (false, false) => Phase::Epochs,
+                };
+            }
+        }
+        phase
+    }
+
     /// The last phase a script announced in `text` (lines `MCVMM-PHASE name`).
     pub fn last_in(text: &str) -> Phase {
         text.lines()
@@ -269,6 +293,28 @@ mod tests {
     fn the_last_phase_a_script_announced_counts() {
         let text = "MCVMM-PHASE boot\nx\nMCVMM-PHASE running\nMCVMM-PHASE after-takeover\ny";
         assert_eq!(Phase::last_in(text), Phase::AfterTakeover);
+    }
+
+    #[test]
+    fn a_vmm_log_says_where_its_guest_was() {
+        let booted = "mcvmm: VM started in 80 ms\nmcvmm: secondary 10.0.0.2:7777 accepted the VM (generation 1); initial sync started\n";
+        assert_eq!(
+            Phase::from_vmm_log("mcvmm: VM started in 80 ms\n"),
+            Phase::Boot
+        );
+        assert_eq!(Phase::from_vmm_log(booted), Phase::Sync);
+        let protected = format!("{booted}mcvmm: initial sync done in 2500 ms (...)\n");
+        assert_eq!(Phase::from_vmm_log(&protected), Phase::Epochs);
+        let alone = format!(
+            "{protected}mcvmm: warning: SECONDARY LOST (x): held output released; the guest runs UNPROTECTED\n"
+        );
+        assert_eq!(Phase::from_vmm_log(&alone), Phase::Running);
+        let took = "mcvmm: warning: TOOK OVER at epoch 45 in 83.8 ms; this is now an unprotected primary (generation 2)\n";
+        assert_eq!(Phase::from_vmm_log(took), Phase::AfterTakeover);
+        let again = format!("{took}mcvmm: secondary 10.0.0.1:7777 accepted the VM (generation 2); initial sync started\n");
+        assert_eq!(Phase::from_vmm_log(&again), Phase::Sync);
+        let protected_again = format!("{again}mcvmm: initial sync done in 2000 ms\n");
+        assert_eq!(Phase::from_vmm_log(&protected_again), Phase::AfterTakeover);
         assert_eq!(Phase::last_in("nothing"), Phase::Unknown);
     }
 }

@@ -64,10 +64,23 @@ fn start(f: &Fixture, fenced: bool) -> Result<(), String> {
 }
 
 fn frozen_primary_fenced(f: &Fixture) -> Result<String, String> {
+    frozen_primary_fenced_for(f, 1, 3000)
+}
+
+/// Frozen far past the takeover: the issue saw a 9 s freeze hang a whole test host
+/// (before the fence). The thawed primary must end fenced, and its test host live on.
+fn frozen_primary_nine_seconds(f: &Fixture) -> Result<String, String> {
+    let how = frozen_primary_fenced_for(f, 7, 9000)?;
+    f.sh(PRIMARY, "the thawed primary's test host", "true")
+        .map_err(|e| format!("the primary's test host after the thaw: {e}"))?;
+    Ok(format!("{how}; its test host lives on"))
+}
+
+fn frozen_primary_fenced_for(f: &Fixture, run: u64, ms: u64) -> Result<String, String> {
     start(f, true)?;
-    let client = f.client(1, 8)?;
+    let client = f.client(run, 4 + ms / 1000)?;
     std::thread::sleep(Duration::from_millis(1500));
-    f.freeze(PRIMARY, 3000)?;
+    f.freeze(PRIMARY, ms)?;
     if !f.wait_gone(PRIMARY, 30) {
         return Err(format!(
             "the thawed primary still runs its guest:\n{}",
@@ -80,7 +93,7 @@ fn frozen_primary_fenced(f: &Fixture) -> Result<String, String> {
     if s["took_over"].is_null() || s["fence"]["owner"]["node"] != node_name(SECONDARY) {
         return Err(format!("the secondary did not take over: {s:#}"));
     }
-    let acked = f.check_acked(client, 1, SECONDARY)?;
+    let acked = f.check_acked(client, run, SECONDARY)?;
     Ok(format!(
         "secondary took over at generation {}; {acked} acknowledged records on its disk; the primary said: {line}",
         s["fence"]["owner"]["generation"]
@@ -241,64 +254,129 @@ secondary {s:#}"
     ))
 }
 
-fn replica_disk_full(f: &Fixture) -> Result<String, String> {
+/// A replica on storage that fails, how and when a case says.
+struct FailingReplica {
+    /// Shell lines (on the secondary's host, before the pair starts) that put the
+    /// secondary's second replica, `s2.img`, on that storage.
+    prepare: &'static str,
+    /// Shell lines run there 2 s into the client's writes, if the storage fails only
+    /// then.
+    fail: Option<&'static str>,
+    /// What the secondary's log says when it meets the failure (any of these).
+    said: &'static [&'static str],
+    /// Shell lines that remove the storage, whatever happened.
+    cleanup: &'static str,
+}
+
+/// The secondary meets the failure and acknowledges nothing after it: every record the
+/// client saw acknowledged is on the primary's disk, the secondary never takes over and
+/// lives on, and refuses to protect the guest again on a replica that failed (the
+/// primary tries by itself), so the guest is left unprotected.
+fn replica_fails(f: &Fixture, run: u64, how: &FailingReplica) -> Result<String, String> {
     clean(&f.lab);
-    // The secondary's second disk, sparse, on a file system with no room left.
-    f.sh(
-        SECONDARY,
-        "a small file system for a replica",
-        "umount small 2>/dev/null; mkdir -p small && mount -t tmpfs -o size=34M tmpfs small
-         truncate -s 32M small/s2.img && ln -sf small/s2.img s2.img
-         rm -f s1.img s3.img
-         dd if=/dev/zero of=small/filler bs=64k 2>/dev/null; df small | tail -1",
-    )?;
+    f.sh(SECONDARY, "the failing replica's storage", how.prepare)?;
     let started = start_pair_on(&f.lab, MEM_MIB, "", "", true, false)
         .and_then(|()| agent(&f.ns, &["--wait", "60", "ping"]).map(drop));
     let outcome = started.and_then(|()| {
-        let client = f.client(5, 8)?;
-        let acked = f.check_acked(client, 5, PRIMARY)?;
+        let client = f.client(run, 8)?;
+        if let Some(fail) = how.fail {
+            std::thread::sleep(Duration::from_secs(2));
+            f.sh(SECONDARY, "the replica's storage failing", fail)?;
+        }
+        let acked = f.check_acked(client, run, PRIMARY)?;
         let s = f.status(SECONDARY)?;
         let log = f.log(SECONDARY);
         if !s["took_over"].is_null() || !f.alive(SECONDARY) {
-            return Err(format!("the secondary: {s:#}
-{log}"));
+            return Err(format!("the secondary: {s:#}\n{log}"));
         }
-        let refused = log
+        let met = log
             .lines()
-            .find(|l| l.contains("No space left"))
-            .ok_or(format!("the secondary never met the full disk:
-{log}"))?
+            .find(|l| how.said.iter().any(|w| l.contains(w)))
+            .ok_or(format!("the secondary never met the failure:\n{log}"))?
             .to_string();
+        // The primary tries again by itself (1 s, 2 s, 4 s after): it must be refused.
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while !f.log(SECONDARY).contains("cannot be trusted to hold") {
+            if Instant::now() > deadline {
+                return Err(format!(
+                    "no try to protect again was refused:\n{}",
+                    f.log(SECONDARY)
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        }
         let p = f.status(PRIMARY)?;
         if p["protected"] == true {
-            return Err(format!("protected on a full replica: {p:#}"));
+            return Err(format!("protected on a replica that failed: {p:#}"));
         }
         Ok(format!(
-            "{acked} acknowledged records on the primary's disk; the secondary said: {refused}; the primary runs on ({}), trying again: {}",
+            "{acked} acknowledged records on the primary's disk; the secondary said: {met}; it refused the primary's next tries; the primary runs on ({}), trying again: {}",
             p["phase"], p["protecting_again"]
         ))
     });
     clean(&f.lab);
-    let _ = f.sh(
-        SECONDARY,
-        "removing the small file system",
-        "rm -f s2.img; umount small",
-    );
+    let _ = f.sh(SECONDARY, "removing the replica's storage", how.cleanup);
     outcome
+}
+
+fn replica_disk_full(f: &Fixture) -> Result<String, String> {
+    // Sparse, on a file system with no room left.
+    let full = FailingReplica {
+        prepare:
+            "umount small 2>/dev/null; mkdir -p small && mount -t tmpfs -o size=34M tmpfs small
+             truncate -s 32M small/s2.img && ln -sf small/s2.img s2.img
+             rm -f s1.img s3.img
+             dd if=/dev/zero of=small/filler bs=64k 2>/dev/null; df small | tail -1",
+        fail: None,
+        said: &["No space left"],
+        cleanup: "rm -f s2.img; umount small",
+    };
+    replica_fails(f, 5, &full)
+}
+
+fn replica_disk_eio(f: &Fixture) -> Result<String, String> {
+    // ext2 on a device-mapper device over a loop device: 48 MiB, 98304 sectors. At the
+    // failure the device's table becomes `error`: every I/O to it fails with EIO. (No
+    // udev in a test host: dmsetup makes its device nodes itself.)
+    let eio = FailingReplica {
+        prepare: "DM_DISABLE_UDEV=1; export DM_DISABLE_UDEV
+             umount -l failing 2>/dev/null; dmsetup remove failing 2>/dev/null
+             [ -f failing.loop ] && losetup -d $(cat failing.loop) 2>/dev/null
+             rm -f failing.back s2.img; truncate -s 48M failing.back
+             loop=$(losetup -f) && losetup $loop failing.back && echo $loop >failing.loop
+             dmsetup create failing --table \"0 98304 linear $loop 0\"
+             mke2fs /dev/mapper/failing >/dev/null
+             mkdir -p failing && mount -t ext2 /dev/mapper/failing failing
+             truncate -s 32M failing/s2.img && ln -sf failing/s2.img s2.img
+             rm -f s1.img s3.img",
+        fail: Some(
+            "DM_DISABLE_UDEV=1; export DM_DISABLE_UDEV
+             dmsetup suspend --nolockfs failing
+             dmsetup load failing --table '0 98304 error'
+             dmsetup resume failing",
+        ),
+        said: &["Input/output error", "Read-only file system"],
+        cleanup: "rm -f s2.img; umount -l failing
+             DM_DISABLE_UDEV=1 dmsetup remove --force failing
+             losetup -d $(cat failing.loop); rm -f failing.back failing.loop",
+    };
+    replica_fails(f, 6, &eio)
 }
 
 #[test]
 fn faults_other_than_a_crash_never_leave_two_live_copies_nor_lose_an_acknowledged_write() {
     let f = Fixture::start(MEM_MIB).expect("the lab");
     type Case = fn(&Fixture) -> Result<String, String>;
-    let cases: [(&str, Case); 7] = [
+    let cases: [(&str, Case); 9] = [
         ("primary frozen 3 s, fenced", frozen_primary_fenced),
+        ("primary frozen 9 s, fenced", frozen_primary_nine_seconds),
         ("primary frozen 3 s, no fence", frozen_primary_unfenced),
         ("replication link cut 3 s, fenced", partition_fenced),
         ("ctl stop", stop_ends_both),
         ("ctl unprotect, then protect", unprotect_then_protect),
         ("secondary frozen 3 s, fenced", frozen_secondary_fenced),
         ("replica disk full", replica_disk_full),
+        ("replica disk failing (EIO)", replica_disk_eio),
     ];
     // For work on one case: MCVMM_FENCING_CASES=word runs those whose name holds it.
     let only = std::env::var("MCVMM_FENCING_CASES").ok();

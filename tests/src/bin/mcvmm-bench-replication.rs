@@ -302,7 +302,10 @@ fn main() {
     let mut failovers = 3usize;
     let mut host_failovers = 1usize;
     let mut out = mcvmm_tests::repo_root().join("bench-results/replication.json");
-    let mut args = std::env::args().skip(1);
+    // A flag without a value, taken out before the pairs below.
+    let all: Vec<String> = std::env::args().skip(1).collect();
+    let failover_only = all.iter().any(|a| a == "--failover-only");
+    let mut args = all.into_iter().filter(|a| a != "--failover-only");
     while let Some(a) = args.next() {
         match (a.as_str(), args.next()) {
             ("--epochs-ms", Some(v)) => {
@@ -313,16 +316,47 @@ fn main() {
             ("--out", Some(v)) => out = v.into(),
             _ => {
                 eprintln!(
-                    "usage: mcvmm-bench-replication [--epochs-ms 20,50,100] [--failovers N] [--host-failovers N] [--out FILE]"
+                    "usage: mcvmm-bench-replication [--epochs-ms 20,50,100] [--failovers N] [--host-failovers N] [--failover-only] [--out FILE]"
                 );
                 std::process::exit(2)
             }
         }
     }
-    if let Err(e) = run(&epochs, failovers, host_failovers, &out) {
+    let done = if failover_only {
+        failover_alone(failovers, host_failovers, &out)
+    } else {
+        run(&epochs, failovers, host_failovers, &out)
+    };
+    if let Err(e) = done {
         eprintln!("mcvmm-bench-replication: {e}");
         std::process::exit(1);
     }
+}
+
+/// `--failover-only`: the failover rounds, fenced and unfenced, and nothing else.
+fn failover_alone(
+    failovers: usize,
+    host_failovers: usize,
+    out: &std::path::Path,
+) -> Result<(), String> {
+    let failover = failover_bench::run(failovers, host_failovers, MEM_MIB, &mut |m| {
+        eprintln!("bench: {m}")
+    });
+    println!(
+        "\nFailover, fenced (etcd on the lab network) and unfenced, in this run; the first answer is a new connection's, counted from the kill:\n\n{}",
+        failover_bench::table(&failover)
+    );
+    write_json(out, &json!({ "failover": failover }))
+}
+
+fn write_json(out: &std::path::Path, json: &Value) -> Result<(), String> {
+    if let Some(dir) = out.parent() {
+        let _ = std::fs::create_dir_all(dir);
+    }
+    let text = serde_json::to_string_pretty(json).map_err(|e| e.to_string())?;
+    std::fs::write(out, text).map_err(|e| format!("{}: {e}", out.display()))?;
+    println!("\nJSON: {}", out.display());
+    Ok(())
 }
 
 fn run(
@@ -386,7 +420,7 @@ fn run(
         eprintln!("bench: {m}")
     });
     for m in &failover {
-        if let Some(e) = &m.error {
+        for e in &m.errors {
             errors.push(format!(
                 "{} failover rounds: {e}",
                 if m.fenced { "fenced" } else { "unfenced" }
@@ -472,9 +506,6 @@ fn run(
         "\nFailover, fenced (etcd on the lab network) and unfenced, in this run; the first answer is a new connection's, counted from the kill:\n\n{}",
         failover_bench::table(&failover)
     );
-    if let Some(dir) = out.parent() {
-        let _ = std::fs::create_dir_all(dir);
-    }
     let json = json!({
         "unprotected": base,
         "protected": protected,
@@ -483,8 +514,5 @@ fn run(
         "test_hosts_replaced": hosts.replaced,
         "errors": errors,
     });
-    let text = serde_json::to_string_pretty(&json).map_err(|e| e.to_string())?;
-    std::fs::write(out, text).map_err(|e| format!("{}: {e}", out.display()))?;
-    println!("\nJSON: {}", out.display());
-    Ok(())
+    write_json(out, &json)
 }

@@ -58,6 +58,7 @@ fn status(shared: &Shared) -> Value {
         "generation": shared.generation.load(Ordering::SeqCst),
         "last_committed_epoch": p.committed_epoch,
         "kept_commit_of_lost_primary": shared.orphaned.load(Ordering::SeqCst),
+        "fence": shared.fence.lock().unwrap_or_else(PoisonError::into_inner).clone(),
         "uptime_ms": shared.started.elapsed().as_millis() as u64,
         "progress": p,
     })
@@ -143,5 +144,27 @@ mod tests {
         assert_eq!(status["state"], "taking over");
         let failover = api::request(&sock, "failover").expect("failover");
         assert_eq!(failover["error"], "taking over already");
+    }
+
+    #[test]
+    fn status_shows_a_claim_etcd_has_not_decided_and_why() {
+        let dir = tempfile::tempdir().expect("dir");
+        let (sock, shared, _serving) = control_socket(&dir);
+        assert!(api::request(&sock, "status").expect("status")["fence"].is_null());
+        *shared.fence.lock().expect("fence") = Some(crate::fencing::FenceStatus {
+            key: "/mcvmm/vm1/owner".into(),
+            node: "b".into(),
+            ..Default::default()
+        });
+        shared.fence_status(|s| {
+            s.claiming = Some(5);
+            s.claiming_for_ms = 3250;
+            s.etcd_error = Some("etcd at http://10.0.0.1:2379: deadline has elapsed".into());
+        });
+        let fence = &api::request(&sock, "status").expect("status")["fence"];
+        assert_eq!(fence["claiming"], 5);
+        assert_eq!(fence["claiming_for_ms"], 3250);
+        let why = fence["etcd_error"].as_str().expect("etcd's error");
+        assert!(why.contains("deadline has elapsed"), "{why}");
     }
 }

@@ -43,6 +43,7 @@ use listen::{next_primary, Held};
 use receive::{receive, Received};
 
 use crate::control::{ControlServer, Serving};
+use crate::fencing::FenceStatus;
 
 use crate::protect::Hooks;
 use crate::vm::{
@@ -126,6 +127,9 @@ struct Shared {
     /// failover` may still run it. 0: none.
     orphaned: AtomicU64,
     started: Instant,
+    /// What `status` shows of the fence (none without one): a claim etcd has not decided
+    /// yet, and etcd's last error meanwhile.
+    fence: Mutex<Option<FenceStatus>>,
 }
 
 impl Shared {
@@ -141,6 +145,7 @@ impl Shared {
             receiving: AtomicBool::new(true),
             orphaned: AtomicU64::new(0),
             started: Instant::now(),
+            fence: Mutex::new(None),
         }
     }
 
@@ -149,6 +154,13 @@ impl Shared {
             phase,
             ..Progress::default()
         };
+    }
+
+    fn fence_status(&self, update: impl FnOnce(&mut FenceStatus)) {
+        let mut f = self.fence.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(f) = f.as_mut() {
+            update(f);
+        }
     }
 
     fn set_primary(&self, primary: Option<(String, TcpStream)>) {
@@ -215,6 +227,13 @@ pub fn run(
     let (replicas, tap, listener) = open(&cfg)?;
     let mut fence = cfg.fence.take();
     let shared = Arc::new(Shared::new(cfg.generation));
+    if let Some(f) = &fence {
+        *shared.fence.lock().unwrap_or_else(PoisonError::into_inner) = Some(FenceStatus {
+            key: f.key().to_string(),
+            node: f.node().to_string(),
+            ..FenceStatus::default()
+        });
+    }
     let serving = control
         .map(|c| {
             let s = shared.clone();
@@ -356,12 +375,25 @@ fn claim(
 ) -> Result<Option<Owner>, SecondaryError> {
     tracing::warn!("{why}; claiming generation {generation} in the fence before taking over");
     shared.set_phase("claiming the guest in the fence");
+    let began = Instant::now();
+    shared.fence_status(|s| s.claiming = Some(generation));
     let mut said = None;
-    let claim = fence
-        .claim_until_decided(generation, crate::fencing::RETRY, |e, waited| {
-            crate::fencing::say_undecided(generation, e, waited, &mut said)
-        })
-        .map_err(SecondaryError::Fence)?;
+    let claim = fence.claim_until_decided(generation, crate::fencing::RETRY, |e, waited| {
+        shared.fence_status(|s| {
+            s.etcd_error = Some(e.to_string());
+            s.claiming_for_ms = waited.as_millis() as u64;
+        });
+        crate::fencing::say_undecided(generation, e, waited, &mut said)
+    });
+    shared.fence_status(|s| {
+        s.claiming = None;
+        s.etcd_error = None;
+        s.claiming_for_ms = began.elapsed().as_millis() as u64;
+        if let Ok(Claim::Won(o) | Claim::Lost { owner: Some(o) }) = &claim {
+            s.owner = Some(o.clone());
+        }
+    });
+    let claim = claim.map_err(SecondaryError::Fence)?;
     match claim {
         Claim::Won(owner) => Ok(Some(owner)),
         Claim::Lost { owner } => {
