@@ -47,12 +47,16 @@ ax.set_title("Epoch pause distribution")
 ax.legend(fontsize=8)
 
 ax = axes[2]
-rounds = data["failover_rounds"]
-ax.bar([str(r["round"]) for r in rounds], [r["failover_ms"] for r in rounds], label="new connection answered")
-ax.plot([str(r["round"]) for r in rounds], [r["client_stall_ms"] for r in rounds], "ko-",
-        label="in-flight client's longest wait")
-ax.set_xlabel("round (SIGKILL of the primary)")
-ax.set_ylabel("ms")
+# Fenced and unfenced, each mode's rounds by kind, side by side.
+for mode in data["failover"]:
+    name = "fenced" if mode["fenced"] else "unfenced"
+    for kill, marker in (("Process", "o"), ("Host", "s")):
+        rounds = [r for r in mode["rounds"] if r["kill"] == kill]
+        if rounds:
+            ax.plot(range(1, len(rounds) + 1), [r["failover_ms"] for r in rounds],
+                    marker=marker, label=f"{name}, {'process kill' if kill == 'Process' else 'host power-off'}")
+ax.set_xlabel("round")
+ax.set_ylabel("ms to a new connection's first answer")
 ax.set_title("Failover")
 ax.legend(fontsize=8)
 

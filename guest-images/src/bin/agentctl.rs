@@ -20,9 +20,8 @@ commands:
   records-for DISK RUN SECS      like records, for SECS seconds or until a write fails (a
                                  failover drill); prints acknowledged=N, and error=... if one
                                  did; exits 0 either way
-  answer-within SECS             (failover probes) a new connection every 20 ms, each
-                                 waiting on its own, until the agent answers a PING;
-                                 prints answered_ms=N
+  answer-within SECS             (failover probes) new connections every 100 ms until the
+                                 agent answers a PING; prints answered_ms=N
   check-records FILE RUN COUNT   (no agent) checks a disk image holds records 0..COUNT of RUN
   diskbench DISK MIB             sequential write+read throughput inside the guest (overwrites!)
   cpubench MS                    an integer loop for MS ms inside the guest; prints iters=N
@@ -90,7 +89,23 @@ fn run() -> Result<(), String> {
     }
     if command == "answer-within" {
         let secs: f64 = arg(&args, 1, "SECS")?;
-        return answer_within(&addr, Duration::from_secs_f64(secs));
+        let start = Instant::now();
+        loop {
+            let answered = AgentClient::connect(addr.as_str(), Duration::from_millis(100))
+                .and_then(|c| {
+                    c.set_timeout(Duration::from_secs(1))?;
+                    let mut c = c;
+                    c.ping()
+                });
+            if answered.is_ok() {
+                println!("answered_ms={}", start.elapsed().as_millis());
+                return Ok(());
+            }
+            if start.elapsed().as_secs_f64() > secs {
+                return Err(format!("no answer within {secs} s"));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
     let mut c = AgentClient::connect_retry(&addr, Duration::from_secs_f64(wait))
         .map_err(|e| e.to_string())?;
@@ -217,39 +232,4 @@ fn run() -> Result<(), String> {
         other => return Err(format!("unknown command {other:?}\n{USAGE}")),
     }
     Ok(())
-}
-
-/// How often `answer-within` starts a new connection.
-const PROBE_EVERY: Duration = Duration::from_millis(20);
-
-/// Starts a new connection every [`PROBE_EVERY`], each waiting up to 1 s to connect and
-/// 1 s for its PING, without waiting for the ones before: a SYN lost while nothing
-/// answered at the address (a failover under way) would otherwise hold the probe for its
-/// whole timeout. Prints when the first PING came back.
-fn answer_within(addr: &str, limit: Duration) -> Result<(), String> {
-    let start = Instant::now();
-    let (answered, first) = std::sync::mpsc::channel();
-    let mut last = None::<Instant>;
-    loop {
-        if first.try_recv().is_ok() {
-            println!("answered_ms={}", start.elapsed().as_millis());
-            return Ok(());
-        }
-        if start.elapsed() > limit {
-            return Err(format!("no answer within {} s", limit.as_secs_f64()));
-        }
-        if last.is_none_or(|t| t.elapsed() >= PROBE_EVERY) {
-            last = Some(Instant::now());
-            let (addr, answered) = (addr.to_string(), answered.clone());
-            std::thread::spawn(move || {
-                let ok = AgentClient::connect(addr.as_str(), Duration::from_secs(1))
-                    .and_then(|mut c| c.ping());
-                if ok.is_ok() {
-                    // The probe may have ended already: nobody to tell.
-                    let _ = answered.send(());
-                }
-            });
-        }
-        std::thread::sleep(Duration::from_millis(2));
-    }
 }
