@@ -563,7 +563,10 @@ impl Receiver {
         pr.disk_bytes_committed += disk_bytes;
         match verify {
             None => {}
-            Some(Ok(())) => pr.verified_epochs += 1,
+            Some(Ok(())) => {
+                tracing::info!("verified epoch {epoch}: memory and disks match the primary's");
+                pr.verified_epochs += 1;
+            }
             Some(Err(why)) => {
                 tracing::error!("VERIFY FAILED at epoch {epoch}: {why}");
                 pr.verify_failures += 1;

@@ -58,6 +58,9 @@ pub struct Round {
     pub failover_ms: u64,
     /// What the secondary reports of the takeover.
     pub took_over_epoch: u64,
+    /// The epoch the secondary verified whole against the primary before the kill
+    /// (`ctl verify` at protection), if it committed it in time.
+    pub verified_epoch: Option<u64>,
     pub takeover_build_ms: f64,
     /// The host whose mcvmm was the primary (0 or 1).
     pub primary_host: usize,
@@ -263,6 +266,16 @@ pub fn round(
         .stderr(Stdio::piped())
         .spawn()
         .map_err(|e| format!("client: {e}"))?;
+    // The secondary checks its image and replicas whole against the primary's at the
+    // next epoch: a guest lost after the takeover then says whether what it was restored
+    // from was right a few epochs before.
+    let pn = NODE[primary];
+    run_ok(
+        lab.host(primary),
+        "asking for a verified epoch",
+        &format!("./mcvmm ctl --api-sock {pn}.sock verify"),
+        20,
+    )?;
     std::thread::sleep(Duration::from_millis(kill_after_ms));
     let t0 = Instant::now();
     if kill == Kill::Host {
@@ -271,6 +284,7 @@ pub fn round(
     let primary_died_first = take_away(lab, ns, primary, kill, n)?;
     let mut client = Some(client);
     let mut acked_seen = None;
+    let mut verified_epoch = None;
     let mut checks_started = Instant::now();
     let checked = (|| -> Result<_, String> {
         let probe = agent(ns, &["answer-within", "30"])?;
@@ -292,6 +306,22 @@ pub fn round(
         if status["took_over"].is_null() {
             return Err(format!("the secondary did not take over: {status:#}"));
         }
+        let verified = run_ok(
+            lab.host(secondary),
+            "the secondary's verification",
+            &format!("grep -h 'VERIFY FAILED\\|verified epoch' {sn}.log | tail -1; true"),
+            20,
+        )?;
+        if verified.contains("VERIFY FAILED") {
+            return Err(format!(
+                "the secondary's image was not the primary's: {verified}"
+            ));
+        }
+        verified_epoch = verified
+            .split_whitespace()
+            .skip_while(|w| *w != "epoch")
+            .nth(1)
+            .and_then(|e| e.trim_end_matches(':').parse().ok());
         let verify = agent(ns, &["mem-verify"])?;
         if !verify.contains("errors=0") {
             return Err(format!("memory patterns after failover: {verify}"));
@@ -340,9 +370,10 @@ pub fn round(
             let disks = acked.and_then(|a| check_disks(lab, secondary, run, &[before, a]));
             return Err(match disks {
                 Ok(d) => RoundFailure::GuestCrashed(format!(
-                    "{e}\n{}\nits disks: {}",
+                    "{e}\n{}\nits disks: {}\nthe secondary's image verified whole at epoch {}",
                     crashed.trim(),
-                    d.trim().replace('\n', "; ")
+                    d.trim().replace('\n', "; "),
+                    verified_epoch.map_or("(none before the kill)".into(), |v: u64| v.to_string())
                 )),
                 Err(d) => RoundFailure::Check(format!("{e}\n{crashed}\nits disks: {d}")),
             });
@@ -353,7 +384,9 @@ pub fn round(
         chain.running_on = Some(secondary);
     }
     log(&format!(
-        "round {n}: {kill:?} kill of host {primary}'s primary {kill_after_ms} ms after protection; {acked} writes acknowledged through it (longest wait {stall} ms); new connections answered {failover_ms} ms after the kill (+{kill_issued_ms} ms issuing it); {}; {how}; ready in {:.1} s, checked in {:.1} s",
+        "round {n}: {kill:?} kill of host {primary}'s primary {kill_after_ms} ms after protection; {acked} writes acknowledged through it (longest wait {stall} ms); new connections answered {failover_ms} ms after the kill (+{kill_issued_ms} ms issuing it); took over at epoch {} (verified whole at {}); {}; {how}; ready in {:.1} s, checked in {:.1} s",
+        status["took_over"]["epoch"],
+        verified_epoch.map_or("none".into(), |v| v.to_string()),
         check.trim().replace('\n', "; "),
         ready_ms as f64 / 1000.0,
         checks_ms as f64 / 1000.0
@@ -367,6 +400,7 @@ pub fn round(
         client_stall_ms: stall,
         failover_ms,
         took_over_epoch: status["took_over"]["epoch"].as_u64().unwrap_or(0),
+        verified_epoch,
         takeover_build_ms: status["took_over"]["build_ms"].as_f64().unwrap_or(0.0),
         primary_died_first,
         primary_host: primary,
