@@ -10,6 +10,7 @@
 //! The VMM is not async: [`Fence`] runs the etcd client on a runtime of its own, and
 //! every call is bounded by the fence's timeout.
 
+use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use etcd_client::{Client, Compare, CompareOp, ConnectOptions, Txn, TxnOp, TxnOpResponse};
@@ -66,6 +67,27 @@ pub enum FenceError {
     NoGeneration(u64),
     #[error("the fence's runtime: {0}")]
     Runtime(std::io::Error),
+    #[error("{key} changed under {tries} claims in a row without leaving generation {generation}")]
+    Contended {
+        key: String,
+        generation: u64,
+        tries: usize,
+    },
+}
+
+/// The key as read: its owner and the revision it was written at, or absent.
+type View = Option<(Owner, i64)>;
+
+/// Transactions one claim makes at most while the key keeps changing under it at the
+/// generation before the one claimed (nothing writes it that way; the cap only keeps a
+/// claim from looping on a misbehaving writer).
+const CLAIM_TRIES: usize = 4;
+
+/// How one claim's transaction went.
+enum Swap {
+    Done(Owner),
+    /// The key was not as the claim saw it; this is how it is.
+    Changed(View),
 }
 
 /// One VM's fence in etcd, for one node.
@@ -76,6 +98,8 @@ pub struct Fence {
     key: String,
     node: String,
     timeout: Duration,
+    /// The key as this fence last saw it (a read, or a claim's answer); `None`: not yet.
+    seen: Mutex<Option<View>>,
 }
 
 /// Whether `name` can be a VM's name in an etcd key: no separators, no control
@@ -122,6 +146,7 @@ impl Fence {
             key: format!("/mcvmm/{vm_name}/owner"),
             node: node.to_string(),
             timeout,
+            seen: Mutex::new(None),
         };
         // The client connects lazily: one read proves that etcd answers.
         fence.owner()?;
@@ -139,7 +164,7 @@ impl Fence {
     }
 
     /// The owner and the revision its record was last written at.
-    fn read(&self) -> Result<Option<(Owner, i64)>, FenceError> {
+    fn read(&self) -> Result<View, FenceError> {
         let mut client = self.client.clone();
         let got = bounded(
             &self.rt,
@@ -147,9 +172,28 @@ impl Fence {
             self.timeout,
             client.get(self.key.as_str(), None),
         )?;
-        match got.kvs().first() {
-            None => Ok(None),
-            Some(kv) => Ok(Some((self.decode(kv.value())?, kv.mod_revision()))),
+        let view = match got.kvs().first() {
+            None => None,
+            Some(kv) => Some((self.decode(kv.value())?, kv.mod_revision())),
+        };
+        self.saw(view.clone());
+        Ok(view)
+    }
+
+    fn saw(&self, view: View) {
+        *self.seen.lock().unwrap_or_else(PoisonError::into_inner) = Some(view);
+    }
+
+    /// The key as last seen, if that view leads to `generation`: its generation is the
+    /// one before (absent, for generation 1).
+    fn seen_before(&self, generation: u64) -> Option<View> {
+        let seen = self.seen.lock().unwrap_or_else(PoisonError::into_inner);
+        match &*seen {
+            Some(Some((o, r))) if o.generation.checked_add(1) == Some(generation) => {
+                Some(Some((o.clone(), *r)))
+            }
+            Some(None) if generation == 1 => Some(None),
+            _ => None,
         }
     }
 
@@ -163,30 +207,67 @@ impl Fence {
     /// Claims `generation` for this node: won only if this transaction moves the key
     /// from `generation - 1` (no key for 1) to `generation`, compared on the revision the
     /// record was read at, so that nothing written in between is overwritten.
+    ///
+    /// A view of the key seen before (a read when a primary was accepted, or a claim's
+    /// answer) that says `generation - 1` lets the transaction go at once: one round
+    /// trip. It is never enough to decide: the transaction compares the revision, so a
+    /// stale view cannot win, and a claim decides a loss only on what etcd answered.
     pub fn claim(&self, generation: u64) -> Result<Claim, FenceError> {
         if generation == 0 {
             return Err(FenceError::NoGeneration(0));
         }
         let began = std::time::Instant::now();
-        let current = self.read()?;
-        let held = current.as_ref().map_or(0, |(o, _)| o.generation);
-        if let Some((o, _)) = &current {
-            if o.generation == generation && o.node == self.node {
-                return Ok(Claim::Won(o.clone()));
+        let (mut view, mut fresh) = match self.seen_before(generation) {
+            Some(v) => (v, false),
+            None => (self.read()?, true),
+        };
+        for _ in 0..CLAIM_TRIES {
+            if fresh {
+                let held = view.as_ref().map_or(0, |(o, _)| o.generation);
+                if let Some((o, _)) = &view {
+                    if o.generation == generation && o.node == self.node {
+                        return Ok(Claim::Won(o.clone()));
+                    }
+                }
+                if held != generation - 1 {
+                    return Ok(Claim::Lost {
+                        owner: view.map(|(o, _)| o),
+                    });
+                }
+            }
+            match self.swap(generation, &view)? {
+                Swap::Done(owner) => {
+                    tracing::info!(
+                        "fence: {} won generation {generation} of {} ({:.1} ms)",
+                        self.node,
+                        self.key,
+                        began.elapsed().as_secs_f64() * 1e3
+                    );
+                    return Ok(Claim::Won(owner));
+                }
+                Swap::Changed(now) => {
+                    view = now;
+                    fresh = true;
+                }
             }
         }
-        if held != generation - 1 {
-            return Ok(Claim::Lost {
-                owner: current.map(|(o, _)| o),
-            });
-        }
+        Err(FenceError::Contended {
+            key: self.key.clone(),
+            generation,
+            tries: CLAIM_TRIES,
+        })
+    }
+
+    /// One transaction: this node's record for `generation` if the key is still as in
+    /// `view` (compared on its revision), else the key as it is now.
+    fn swap(&self, generation: u64, view: &View) -> Result<Swap, FenceError> {
         let owner = Owner {
             generation,
             node: self.node.clone(),
             since: now_ms(),
         };
         let value = serde_json::to_vec(&owner).map_err(FenceError::Encode)?;
-        let unchanged = match &current {
+        let unchanged = match view {
             Some((_, revision)) => {
                 Compare::mod_revision(self.key.as_str(), CompareOp::Equal, *revision)
             }
@@ -200,23 +281,23 @@ impl Fence {
         let mut client = self.client.clone();
         let done = bounded(&self.rt, &self.urls, self.timeout, client.txn(txn))?;
         if done.succeeded() {
-            tracing::info!(
-                "fence: {} won generation {generation} of {} ({:.1} ms)",
-                self.node,
-                self.key,
-                began.elapsed().as_secs_f64() * 1e3
-            );
-            return Ok(Claim::Won(owner));
+            // The put is the transaction's only write: its revision is the record's.
+            match done.header().map(|h| h.revision()) {
+                Some(revision) => self.saw(Some((owner.clone(), revision))),
+                None => *self.seen.lock().unwrap_or_else(PoisonError::into_inner) = None,
+            }
+            return Ok(Swap::Done(owner));
         }
         let now = done.op_responses().into_iter().find_map(|r| match r {
             TxnOpResponse::Get(g) => Some(g),
             _ => None,
         });
-        let owner = match now.as_ref().and_then(|g| g.kvs().first()) {
-            Some(kv) => Some(self.decode(kv.value())?),
+        let now = match now.as_ref().and_then(|g| g.kvs().first()) {
+            Some(kv) => Some((self.decode(kv.value())?, kv.mod_revision())),
             None => None,
         };
-        Ok(Claim::Lost { owner })
+        self.saw(now.clone());
+        Ok(Swap::Changed(now))
     }
 
     /// [`Fence::claim`] until etcd decides: a claim that could not be made (etcd

@@ -240,3 +240,39 @@ fn a_claim_waits_out_a_frozen_etcd_and_is_decided_once_it_answers() {
         Err(FenceError::NoGeneration(0))
     ));
 }
+
+/// A claim tries its transaction at once on the key as last seen, and that view may be
+/// stale. It can never win on it, and a loss is decided on what etcd answers.
+#[test]
+fn a_claim_on_a_stale_view_cannot_win_and_a_moved_record_is_claimed_anew() {
+    let e = etcd();
+    let a = fence(&e, "vm5", "a");
+    let b = fence(&e, "vm5", "b");
+    assert!(matches!(a.claim(1).expect("claim"), Claim::Won(_)));
+    // b sees generation 1 and takes generation 2; a's view is still generation 1.
+    assert_eq!(b.owner().expect("owner").map(|o| o.generation), Some(1));
+    assert!(matches!(b.claim(2).expect("claim"), Claim::Won(_)));
+    match a.claim(2).expect("claim") {
+        Claim::Lost { owner: Some(o) } => assert_eq!((o.node.as_str(), o.generation), ("b", 2)),
+        other => panic!("a won or lost wrongly on a stale view: {other:?}"),
+    }
+    // c sees b's record; then the record is written again at the same generation (a new
+    // revision): c's view is stale, but its generation is right, so c claims anew.
+    let c = fence(&e, "vm5", "c");
+    assert_eq!(c.owner().expect("owner").map(|o| o.generation), Some(2));
+    let put = Command::new("etcdctl")
+        .env("ETCDCTL_API", "3")
+        .args(["--endpoints", &e.url, "put", "/mcvmm/vm5/owner"])
+        .arg(r#"{"generation":2,"node":"b","since":1}"#)
+        .output()
+        .expect("etcdctl (Debian's etcd-client, installed by scripts/setup.sh)");
+    assert!(put.status.success(), "{put:?}");
+    match c.claim(3).expect("claim") {
+        Claim::Won(o) => assert_eq!((o.node.as_str(), o.generation), ("c", 3)),
+        other => panic!("c did not claim over a rewritten record: {other:?}"),
+    }
+    assert_eq!(
+        a.owner().expect("owner").map(|o| (o.node, o.generation)),
+        Some(("c".to_string(), 3))
+    );
+}

@@ -266,8 +266,12 @@ pub fn run(
                 }
             }
         };
-        let Some(session) = welcome(stream, addr, &cfg, &shared, held.disks(), tap.as_ref())?
-        else {
+        let seen = Welcome {
+            disks: held.disks(),
+            tap: tap.as_ref(),
+            fence: fence.as_ref(),
+        };
+        let Some(session) = welcome(stream, addr, &cfg, &shared, seen)? else {
             continue;
         };
         shared.orphaned.store(0, Ordering::SeqCst);
@@ -409,6 +413,13 @@ fn claim(
     }
 }
 
+/// What a new primary is welcomed with.
+struct Welcome<'a> {
+    disks: &'a Disks,
+    tap: Option<&'a Tap>,
+    fence: Option<&'a Fence>,
+}
+
 /// Reads a new connection's Hello and accepts the primary if it fits; starts building
 /// its VM. `None`: the connection was refused or went away, wait for the next.
 fn welcome(
@@ -416,9 +427,9 @@ fn welcome(
     addr: SocketAddr,
     cfg: &SecondaryConfig,
     shared: &Shared,
-    disks: &Disks,
-    tap: Option<&Tap>,
+    with: Welcome,
 ) -> Result<Option<Session>, SecondaryError> {
+    let Welcome { disks, tap, fence } = with;
     let peer = addr.to_string();
     let hello = match read_hello(&mut stream) {
         Ok(h) => h,
@@ -442,6 +453,14 @@ fn welcome(
             return Ok(None);
         }
     };
+    // The fence's view of the key now, while the primary waits for its answer anyway: a
+    // takeover's claim then goes in one round trip to etcd (see `Fence::claim`). If etcd
+    // does not answer now, the claim reads first.
+    if let Some(f) = fence {
+        if let Err(e) = f.owner() {
+            tracing::warn!("fence: reading {}: {e}", f.key());
+        }
+    }
     let mem = vm::guest_memory(hello.shape.mem_mib).map_err(SecondaryError::Memory)?;
     // The VM around the replica memory is built now, while the checkpoints come in:
     // a takeover then only restores the committed state into it.
