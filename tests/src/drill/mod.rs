@@ -13,7 +13,7 @@
 //! had to start over.
 
 use std::collections::VecDeque;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use mcvmm_lab::Lab;
@@ -23,8 +23,12 @@ pub use crate::pair::{
     agent, clean, run_ok, start_lab, start_pair, start_standalone, value, PRIMARY, SECONDARY,
 };
 use crate::pair::{agentctl, other, protect_again, NODE};
-use crate::retry::{self, Cause, Phase};
+use crate::retry::Phase;
 use crate::Rng;
+
+mod report;
+
+use report::{console_tails, failure_report, lab_retry, Seen};
 
 /// How a round kills the primary.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -212,26 +216,6 @@ fn prepare(
     })
 }
 
-/// What `command(prefix)` prints on host 0 ("p") and host 1 ("s"), each under a
-/// heading; a host that does not answer adds nothing (diagnostics only).
-fn on_both_hosts(lab: &Lab, secs: u64, command: impl Fn(&str) -> String) -> String {
-    [(PRIMARY, NODE[PRIMARY]), (SECONDARY, NODE[SECONDARY])]
-        .iter()
-        .map(|(i, p)| {
-            lab.host(*i)
-                .run(&command(p), Duration::from_secs(secs))
-                .map(|o| format!("-- {p}:\n{}", o.stdout_text()))
-                .unwrap_or_default()
-        })
-        .collect::<Vec<_>>()
-        .join("\n")
-}
-
-/// The end of both guests' consoles: where a guest that never got ready stopped.
-fn console_tails(lab: &Lab) -> String {
-    on_both_hosts(lab, 10, |p| format!("tail -20 {p}.console 2>&1"))
-}
-
 /// One round; `lab` must have both hosts up with nothing running.
 pub fn round(
     lab: &Lab,
@@ -336,47 +320,17 @@ pub fn round(
     let (failover_ms, kill_issued_ms, acked, stall, status, check) = match checked {
         Ok(c) => c,
         Err(e) => {
-            // mcvmm's words for a guest that crashed, or that left its devices'
-            // interrupts unacknowledged again and again (it takes none any more).
-            let host_line = crate::guest::HOST_VMRUN_LINE;
-            let shutdowns = crate::crash_site::SHUTDOWN_EXITS_LINE;
-            let crashed = run_ok(
-                lab.host(secondary),
-                "the secondary's log",
-                &format!(
-                    "grep -h 'the guest crashed' {sn}.log
-                     n=$(grep -c 'interrupt unacknowledged for over' {sn}.log)
-                     [ \"$n\" -ge 3 ] && echo \"the guest stopped taking interrupts ($n interrupts raised again)\"
-                     # Where its vCPUs stand: one at the test host's own VMRUN holds the
-                     # host's registers, the lab's (see crate::guest::stuck_vcpu).
-                     [ \"$n\" -ge 3 ] && {{ {host_line}; for i in 1 2 3; do ./mcvmm ctl --api-sock {sn}.sock vcpus | tr -d ' \\n'; echo; done; }}
-                     tail -5 {sn}.console; {shutdowns}; true"
-                ),
-                20,
-            )
-            .unwrap_or_default();
-            let crashed = format!("{crashed}\n{}", crate::crash_site::describe(&crashed));
-            if !crashed.contains("the guest crashed")
-                && !crashed.contains("the guest stopped taking interrupts")
-            {
-                return Err(RoundFailure::Check(e));
-            }
-            // The guest cannot be asked any more, but what the client saw acknowledged
-            // must still be on the secondary's disks: checked all the same.
-            let acked = match acked_seen {
+            let acked = || match acked_seen {
                 Some(a) => Ok(a),
                 None => client_result(client.take()).map(|(a, _)| a),
             };
-            let disks = acked.and_then(|a| check_disks(lab, secondary, run, &[before, a]));
-            return Err(match disks {
-                Ok(d) => RoundFailure::GuestCrashed(format!(
-                    "{e}\n{}\nits disks: {}\nthe secondary's image verified whole at epoch {}",
-                    crashed.trim(),
-                    d.trim().replace('\n', "; "),
-                    verified_epoch.map_or("(none before the kill)".into(), |v: u64| v.to_string())
-                )),
-                Err(d) => RoundFailure::Check(format!("{e}\n{crashed}\nits disks: {d}")),
-            });
+            let seen = Seen {
+                secondary,
+                run,
+                before,
+                verified_epoch,
+            };
+            return Err(report::after_failed_check(lab, e, acked, seen));
         }
     };
     let checks_ms = checks_started.elapsed().as_millis() as u64;
@@ -515,72 +469,6 @@ fn check_disks(lab: &Lab, host: usize, run: u64, counts: &[u64]) -> Result<Strin
         &script.join("\n"),
         60,
     )
-}
-
-/// What a failed round leaves to read: the failure, both sides' logs, guest consoles and
-/// status, where the lab's switch sends guest MACs, and the test hosts' consoles.
-fn failure_report(l: &Lab, ns: &str, n: usize, e: &RoundFailure) -> String {
-    let consoles: String = l
-        .hosts()
-        .iter()
-        .map(|h| h.console_tail())
-        .collect::<Vec<_>>()
-        .join("\n---\n");
-    let host_line = crate::guest::HOST_VMRUN_LINE;
-    let shutdowns = crate::crash_site::SHUTDOWN_EXITS_LINE;
-    let logs = on_both_hosts(l, 45, |p| {
-        format!(
-            "echo '{p}.log:'; tail -15 {p}.log; echo '-- guest console:'; tail -15 {p}.console
-             echo '-- status:'; timeout 10 ./mcvmm ctl --api-sock {p}.sock status 2>&1 | head -c 4000
-             # Where its vCPUs stand, three looks: one stuck shows the same rip each time.
-             {shutdowns}
-             echo '-- vcpus:'
-             {host_line}
-             for i in 1 2 3; do timeout 10 ./mcvmm ctl --api-sock {p}.sock vcpus 2>&1 | tr -d ' \\n' | head -c 1500; echo; done"
-        )
-    });
-    // A stale entry pointing at the old primary's port keeps the guest unreachable.
-    let fdb = Command::new("ip")
-        .args(["netns", "exec", ns, "bridge", "fdb", "show"])
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
-        .unwrap_or_default();
-    let fdb: Vec<&str> = fdb.lines().filter(|l| l.contains("52:54:00")).collect();
-    let sites = crate::crash_site::describe(&logs);
-    format!(
-        "round {n}: {e}\n{sites}\n{logs}\nlab switch entries for guest MACs:\n{}\ntest host consoles:\n{consoles}",
-        fdb.join("\n")
-    )
-}
-
-/// Keeps the evidence of a failure on `lab` and asks the retry policy whether what
-/// failed may run again: a test host that died (not the one a round powered off) is the
-/// lab's; a guest lost with a signature in `why` is judged in `phase`; anything else is
-/// not retried.
-fn lab_retry(lab: &Lab, chain: &Chain, label: &str, phase: Phase, why: &str) -> bool {
-    let all: Vec<&mcvmm_lab::TestHost> = lab.hosts().iter().collect();
-    let kept = crate::evidence::keep(label, &all, None, why);
-    let dead = all.iter().enumerate().any(|(i, h)| {
-        chain.powered_off != Some(i)
-            && (h.kernel_stall().is_some()
-                || !h
-                    .run("true", Duration::from_secs(20))
-                    .is_ok_and(|o| o.success()))
-    });
-    let lost = crate::guest::lost_signature(why);
-    let cause = if dead {
-        Cause::HostDied
-    } else if let Some((signature, _)) = &lost {
-        Cause::GuestLost {
-            signature: signature.clone(),
-            phase,
-        }
-    } else {
-        eprintln!("drill: {label} failed; evidence in {}", kept.display());
-        return false;
-    };
-    let line = lost.map(|(_, l)| l).unwrap_or_default();
-    retry::allow(cause, &format!("{line}; evidence in {}", kept.display()))
 }
 
 /// Runs the rounds: process kills on one lab, then each host kill on a lab of its own
