@@ -7,20 +7,46 @@
 use std::path::Path;
 use std::process::Command;
 
-/// Shell lines that print a test host's shutdown exits (at most the last 8), then its
-/// last KVM events (a guest that died is the last to have any). The test host's uptime
-/// comes first: the records are the host's whole history, and their times say which are
-/// this test's.
+/// Shell lines that print a test host's shutdown exits (at most the last 8), then the
+/// last KVM events of the vCPU thread of the latest one. The test host's uptime comes
+/// first: the records are the host's whole history, and their times say which are this
+/// test's.
 pub const SHUTDOWN_EXITS_LINE: &str = "echo '-- shutdown exits (test host KVM trace):'; \
      echo \"uptime=$(cut -d' ' -f1 /proc/uptime)\"; \
      grep -v '^#' /sys/kernel/tracing/instances/shutdowns/trace 2>/dev/null | tail -8; \
-     echo '-- last KVM events:'; tail -12 /sys/kernel/tracing/trace 2>/dev/null";
+     echo '-- last KVM events of that vCPU:'; \
+     v=$(grep -v '^#' /sys/kernel/tracing/instances/shutdowns/trace 2>/dev/null | tail -1 | awk '{print $1}'); \
+     [ -n \"$v\" ] && grep -F -- \"$v \" /sys/kernel/tracing/trace | tail -6; true";
 
 /// Shell lines that print both traces whole, for the evidence folder: every shutdown
 /// exit, and the last of all the guests' exits and injections.
 pub const KVM_TRACE_LINES: &str = "echo '=== shutdown exits'; \
      cat /sys/kernel/tracing/instances/shutdowns/trace 2>/dev/null; \
      echo '=== last KVM events'; tail -n 3000 /sys/kernel/tracing/trace 2>/dev/null";
+
+/// `text` without the trace lines older than `within` seconds by their host's clock (the
+/// `uptime=` line above them): a test host's records are its whole history, and a test
+/// must not be judged by a guest that an earlier one lost there.
+pub fn recent(text: &str, within: f64) -> String {
+    let mut uptime: Option<f64> = None;
+    text.lines()
+        .filter(|l| {
+            if let Some(u) = l.trim().strip_prefix("uptime=") {
+                uptime = u.parse().ok();
+                return true;
+            }
+            let at = l
+                .find(": kvm_")
+                .and_then(|i| l[..i].split_whitespace().last())
+                .and_then(|t| t.parse::<f64>().ok());
+            match (at, uptime) {
+                (Some(at), Some(u)) => u - at <= within,
+                _ => true,
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
 
 /// One shutdown exit read from a trace line.
 #[derive(Debug, Clone, PartialEq)]
@@ -74,6 +100,39 @@ pub fn shutdowns(text: &str) -> Vec<Shutdown> {
             })
         })
         .collect()
+}
+
+/// A triple fault that only the lab's translation can have caused (see
+/// [`crate::soak::Signature::FetchFaultAfterNestedFault`]): in `text`, a shutdown exit
+/// delivering a page fault (vector 14) whose error code says instruction fetch, right
+/// after the same vCPU thread's nested page fault at the same `rip`. Returns the two
+/// trace lines.
+pub fn fetch_fault_after_nested_fault(text: &str) -> Option<String> {
+    let exits: Vec<(&str, &str)> = text
+        .lines()
+        .filter(|l| l.contains("kvm_exit:"))
+        .filter_map(|l| Some((l.split_whitespace().next()?, l)))
+        .collect();
+    let word_after = |l: &str, key: &str| -> Option<u64> {
+        let at = l.find(key)? + key.len();
+        let w = l[at..].split_whitespace().next()?;
+        u64::from_str_radix(w.trim_start_matches("0x"), 16).ok()
+    };
+    exits.iter().enumerate().find_map(|(i, (thread, line))| {
+        let intr = word_after(line, " intr_info ")?;
+        let code = word_after(line, " error_code ")?;
+        let fetch_fault = line.contains("reason shutdown")
+            && intr & (1 << 31) != 0
+            && intr & 0xff == 14
+            && code & (1 << 4) != 0;
+        if !fetch_fault {
+            return None;
+        }
+        let rip = word_after(line, " rip ")?;
+        let (_, before) = exits[..i].iter().rev().find(|(t, _)| t == thread)?;
+        (before.contains("reason npf") && word_after(before, " rip ")? == rip)
+            .then(|| format!("{}\n{}", before.trim(), line.trim()))
+    })
 }
 
 /// The function symbols of an ELF, sorted by address, from `nm` (binutils).
@@ -193,6 +252,42 @@ mod tests {
         if mcvmm_lab::reference::GuestImages::locate().is_ok() {
             assert!(said.contains("native_machine_emergency_restart+"), "{said}");
         }
+    }
+
+    /// As traced in a clean-clone CI (a guest under epochs, 2026-12-08).
+    #[test]
+    fn a_fetch_fault_right_after_a_nested_fault_at_the_same_rip_is_the_labs() {
+        let npf = "vcpu0-154 [000] ..... 39.624403: kvm_exit: vcpu 0 reason npf rip 0x7fa1071733d6 info1 0x0000000100000007 info2 0x00000000023a9000 intr_info 0x00000000 error_code 0x00000000";
+        let other = "vcpu1-155 [001] ..... 39.624500: kvm_exit: vcpu 1 reason hlt rip 0xffffffff812d4052 info1 0x0 info2 0x0 intr_info 0x00000000 error_code 0x00000000";
+        let shutdown = "vcpu0-154 [000] ..... 39.624771: kvm_exit: vcpu 0 reason shutdown rip 0x7fa1071733d6 info1 0x0000000000000000 info2 0x0000000000000000 intr_info 0x80000b0e error_code 0x00000014";
+        let seen = fetch_fault_after_nested_fault(&format!("{npf}\n{other}\n{shutdown}\n"));
+        assert!(seen.is_some_and(|s| s.contains("reason shutdown")));
+        // Another rip, a data fault, a fault with no nested one before it, or another
+        // vector: not this signature.
+        let elsewhere = npf.replace("0x7fa1071733d6", "0x7fa1071733d0");
+        assert_eq!(
+            fetch_fault_after_nested_fault(&format!("{elsewhere}\n{shutdown}")),
+            None
+        );
+        let data = shutdown.replace("error_code 0x00000014", "error_code 0x00000006");
+        assert_eq!(
+            fetch_fault_after_nested_fault(&format!("{npf}\n{data}")),
+            None
+        );
+        assert_eq!(fetch_fault_after_nested_fault(shutdown), None);
+        let timer = shutdown.replace("intr_info 0x80000b0e", "intr_info 0x800000ec");
+        assert_eq!(
+            fetch_fault_after_nested_fault(&format!("{npf}\n{timer}")),
+            None
+        );
+    }
+
+    #[test]
+    fn old_records_of_a_host_are_left_out() {
+        let text = format!("header\nuptime=300.0\n{LINE}\nuptime=205.0\n{LINE}\n");
+        let kept = recent(&text, 10.0);
+        assert_eq!(shutdowns(&kept).len(), 1, "{kept}");
+        assert!(kept.starts_with("header\nuptime=300.0\nuptime=205.0"));
     }
 
     #[test]

@@ -63,11 +63,13 @@ impl Fixture {
             let console = self
                 .sh(h, "console", &format!("tail -20 {node}.console"))
                 .unwrap_or_default();
-            let sites = self
+            // A nemesis round or a fencing case lasts well under 90 s.
+            let trace = self
                 .sh(h, "trace", crate::crash_site::SHUTDOWN_EXITS_LINE)
-                .map(|t| crate::crash_site::describe(&t))
+                .map(|t| crate::crash_site::recent(&t, 90.0))
                 .unwrap_or_default();
-            let seen = format!("{log}\n{console}\n{sites}");
+            let sites = crate::crash_site::describe(&trace);
+            let seen = format!("{log}\n{console}\n{sites}\n{trace}");
             let (signature, line) = crate::guest::lost_signature(&seen)
                 .unwrap_or((Signature::StoppedAnswering, "the guest crashed".to_string()));
             let cause = Cause::GuestLost {

@@ -81,6 +81,7 @@ pub fn script(body: &str) -> String {
     for attempt in 1.. {
         let h = host();
         let prelude = if attempt == 1 { "" } else { FRESH_FOLDER };
+        let ran = std::time::Instant::now();
         let result = h.run(
             &format!("{prelude}. ./guest.sh\ntrap cleanup_guests EXIT\nset -e\n{body}"),
             Duration::from_secs(240),
@@ -107,15 +108,17 @@ pub fn script(body: &str) -> String {
             },
         };
         let mut text = format!("{}\n--- stderr\n{}", out.stdout_text(), out.stderr_text());
-        let sites = h
+        // The test host's records of this script's time only.
+        let trace = h
             .run(
                 crate::crash_site::SHUTDOWN_EXITS_LINE,
                 Duration::from_secs(20),
             )
-            .map(|o| crate::crash_site::describe(&o.stdout_text()))
+            .map(|o| crate::crash_site::recent(&o.stdout_text(), ran.elapsed().as_secs_f64() + 5.0))
             .unwrap_or_default();
+        let sites = crate::crash_site::describe(&trace);
         if !sites.is_empty() {
-            text.push_str(&format!("\n--- where\n{sites}\n"));
+            text.push_str(&format!("\n--- where\n{sites}\n{trace}\n"));
         }
         let kept = crate::evidence::keep_kvm(&format!("try{attempt}"), &h, &text);
         let lost = lost_signature(&text);
@@ -165,6 +168,9 @@ pub fn lost_signature(text: &str) -> Option<(Signature, String)> {
             .find(|l| l.contains(needle))
             .map(str::to_string)
     };
+    if let Some(l) = crate::crash_site::fetch_fault_after_nested_fault(text) {
+        return Some((Signature::FetchFaultAfterNestedFault, l));
+    }
     if let Some(l) = line("triple fault") {
         return Some((Signature::TripleFault, l));
     }

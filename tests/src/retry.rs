@@ -15,7 +15,13 @@
 //!   QEMU loses restored guests while migrating them. Any other loss after a restore or
 //!   a takeover is never retried on that ground;
 //! * a vCPU found holding the test host's own registers (its `rip` at the host's VMRUN),
-//!   in any phase: the emulated SVM wrote them there, no VMM can.
+//!   in any phase: the emulated SVM wrote them there, no VMM can;
+//! * a triple fault that the test host's KVM trace shows as a page fault on the fetch of
+//!   the instruction the same vCPU had just left at with a nested page fault, whose
+//!   delivery failed, in any phase: the instruction had just been fetched through the
+//!   same guest page tables, the vCPU ran nothing in between, and delivering the fault
+//!   failed on kernel structures that are always mapped. Only the translation (the
+//!   emulated nested paging) changed, and no VMM writes that.
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -118,6 +124,7 @@ pub const LAB_LOSSES: &[(Signature, &[Phase])] = &[
     ),
     (Signature::NoBoot, &[Phase::Boot]),
     (Signature::StuckAfterVmrun, &ANY_PHASE),
+    (Signature::FetchFaultAfterNestedFault, &ANY_PHASE),
 ];
 
 /// A vCPU that holds the test host's own registers (`guest::stuck_vcpu`) is the
@@ -257,7 +264,10 @@ mod tests {
         // Guest losses that could be a restore's or a takeover's are never the lab's,
         // but for a vCPU holding the test host's registers, which no VMM can write.
         for (signature, phases) in LAB_LOSSES {
-            let proven = *signature == Signature::StuckAfterVmrun;
+            let proven = matches!(
+                signature,
+                Signature::StuckAfterVmrun | Signature::FetchFaultAfterNestedFault
+            );
             assert_eq!(phases.contains(&Phase::AfterRestore), proven);
             assert_eq!(phases.contains(&Phase::AfterTakeover), proven);
             assert_eq!(phases.contains(&Phase::Unknown), proven, "{signature:?}");

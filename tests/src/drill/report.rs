@@ -10,6 +10,10 @@ use super::{check_disks, Chain, RoundFailure, PRIMARY, SECONDARY};
 use crate::pair::{run_ok, NODE};
 use crate::retry::{self, Cause, Phase};
 
+/// How far back a test host's KVM records are this round's: a round lasts well under
+/// this, and an earlier round's loss on the same hosts must not speak for this one.
+const RECENT_S: f64 = 90.0;
+
 /// What `command(prefix)` prints on host 0 ("p") and host 1 ("s"), each under a
 /// heading; a host that does not answer adds nothing (diagnostics only).
 pub(super) fn on_both_hosts(lab: &Lab, secs: u64, command: impl Fn(&str) -> String) -> String {
@@ -73,6 +77,8 @@ pub(super) fn after_failed_check(
         20,
     )
     .unwrap_or_default();
+    // A crash found now is at most a round old.
+    let crashed = crate::crash_site::recent(&crashed, RECENT_S);
     let crashed = format!("{crashed}\n{}", crate::crash_site::describe(&crashed));
     if !crashed.contains("the guest crashed")
         && !crashed.contains("the guest stopped taking interrupts")
@@ -120,6 +126,7 @@ pub(super) fn failure_report(l: &Lab, ns: &str, n: usize, e: &RoundFailure) -> S
         .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
         .unwrap_or_default();
     let fdb: Vec<&str> = fdb.lines().filter(|l| l.contains("52:54:00")).collect();
+    let logs = crate::crash_site::recent(&logs, RECENT_S);
     let sites = crate::crash_site::describe(&logs);
     format!(
         "round {n}: {e}\n{sites}\n{logs}\nlab switch entries for guest MACs:\n{}\ntest host consoles:\n{consoles}",

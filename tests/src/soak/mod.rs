@@ -128,6 +128,12 @@ pub enum Signature {
     /// A vCPU found at the same instruction with an exception pending in three looks:
     /// the lab's SVM left the test host's own registers in it (its `rip` after VMRUN).
     StuckAfterVmrun,
+    /// A triple fault whose test host's trace shows a page fault on the fetch of the very
+    /// instruction at which the same vCPU had just left with a nested page fault, and
+    /// its delivery failing: the instruction had been fetched through the same guest
+    /// page tables a moment before, and nothing ran in the guest in between (see
+    /// `crate::crash_site::fetch_fault_after_nested_fault`).
+    FetchFaultAfterNestedFault,
     /// The VMM raised a device interrupt again and again and the guest never took it.
     InterruptsUnacknowledged,
     /// The pauses themselves failed (`ctl epochs` or the pacer reported an error).
@@ -146,6 +152,7 @@ impl Signature {
             Signature::TripleFault => "triple fault",
             Signature::GuestPanic => "guest panic",
             Signature::StuckAfterVmrun => "stuck after vmrun",
+            Signature::FetchFaultAfterNestedFault => "fetch fault after a nested fault",
             Signature::InterruptsUnacknowledged => "interrupts unacknowledged",
             Signature::PausesFailed => "pauses failed",
             Signature::MemoryCorrupt => "memory corrupt",
