@@ -51,11 +51,10 @@ impl Fixture {
     /// died, or a guest that an mcvmm says crashed (its signature from that mcvmm's log
     /// and its console, judged in the phase the log ends in). `None`: neither.
     pub fn lab_trouble(&self) -> Option<(Cause, String)> {
+        if !self.hosts_alive() {
+            return Some((Cause::HostDied, "a test host died".into()));
+        }
         for (h, node) in NODE.iter().enumerate() {
-            let host = self.lab.host(h);
-            if host.was_killed() || host.kernel_stall().is_some() {
-                return Some((Cause::HostDied, format!("test host {h} died")));
-            }
             let log = self.log(h);
             if !log.contains("the guest crashed") {
                 continue;
@@ -82,6 +81,18 @@ impl Fixture {
             ));
         }
         None
+    }
+
+    /// Whether both test hosts still run commands (and neither reported a stuck CPU).
+    pub fn hosts_alive(&self) -> bool {
+        (0..2).all(|h| {
+            let host = self.lab.host(h);
+            !host.was_killed()
+                && host.kernel_stall().is_none()
+                && host
+                    .run("true", Duration::from_secs(20))
+                    .is_ok_and(|o| o.success())
+        })
     }
 
     /// Waits up to `secs` for the mcvmm of `host` to end.

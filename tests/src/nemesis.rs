@@ -87,7 +87,7 @@ pub struct Options {
 
 /// Runs the drill; `log` gets a line per round.
 pub fn run(opts: &Options, log: &mut dyn FnMut(&str)) -> Result<Vec<Round>, String> {
-    let f = Fixture::start(opts.mem_mib)?;
+    let mut f = Fixture::start(opts.mem_mib)?;
     let mut rng = Rng::new(opts.seed);
     let mut rounds = Vec::new();
     let mut owner = None;
@@ -136,6 +136,14 @@ pub fn run(opts: &Options, log: &mut dyn FnMut(&str)) -> Result<Vec<Round>, Stri
             owner = None;
         }
         rounds.push(r);
+        // A test host that died stays dead: the next rounds get new ones (the round it
+        // spoilt went to the retry policy above).
+        if !f.hosts_alive() {
+            log("a test host died: the next rounds run on new test hosts");
+            drop(f);
+            f = Fixture::start(opts.mem_mib)?;
+            owner = None;
+        }
     }
     clean(&f.lab);
     Ok(rounds)
