@@ -576,6 +576,16 @@ impl TestHost {
             &std::fs::read_to_string(self.dir.join("console.log")).unwrap_or_default(),
         )
     }
+
+    /// Whether the host still runs commands and its kernel reported no stuck CPU (see
+    /// [`TestHost::kernel_stall`]: such a host may answer yet hang what it is given).
+    pub fn healthy(&self) -> bool {
+        !self.was_killed()
+            && self.kernel_stall().is_none()
+            && self
+                .run("true", Duration::from_secs(20))
+                .is_ok_and(|o| o.success())
+    }
 }
 
 impl Drop for TestHost {

@@ -275,8 +275,6 @@ pub struct Receiver {
     /// The committed pages a delta run is rebuilt from.
     base: Vec<u8>,
     pub progress: Arc<Mutex<Progress>>,
-    /// The error of the replicas' sync in the background, once one failed.
-    sync_failed: Option<Arc<Mutex<Option<String>>>>,
 }
 
 impl Receiver {
@@ -292,13 +290,7 @@ impl Receiver {
             scratch: Vec::new(),
             base: Vec::new(),
             progress,
-            sync_failed: None,
         }
-    }
-
-    /// Refuses to commit (and so to acknowledge) once `failed` holds an error.
-    pub fn watch_sync(&mut self, failed: Arc<Mutex<Option<String>>>) {
-        self.sync_failed = Some(failed);
     }
 
     pub fn committed(&self) -> u64 {
@@ -521,11 +513,9 @@ impl Receiver {
 
     /// Applies a complete checkpoint: nothing of it is applied unless all of it arrived.
     fn commit(&mut self, stage: Stage, end: &End) -> Result<(), ReceiveError> {
-        if let Some(why) = self
-            .sync_failed
-            .as_ref()
-            .and_then(|f| f.lock().unwrap_or_else(PoisonError::into_inner).clone())
-        {
+        // A replica that failed a write or a sync (also the background one) holds no
+        // acknowledged checkpoint any more: nothing is committed, so nothing acknowledged.
+        if let Some(why) = self.disks.failed() {
             return Err(ReceiveError::ReplicaSync(why));
         }
         let epoch = stage.epoch;

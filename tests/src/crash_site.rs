@@ -28,24 +28,39 @@ pub const KVM_TRACE_LINES: &str = "echo '=== shutdown exits'; \
 /// `uptime=` line above them): a test host's records are its whole history, and a test
 /// must not be judged by a guest that an earlier one lost there.
 pub fn recent(text: &str, within: f64) -> String {
-    let mut uptime: Option<f64> = None;
-    text.lines()
-        .filter(|l| {
-            if let Some(u) = l.trim().strip_prefix("uptime=") {
-                uptime = u.parse().ok();
-                return true;
-            }
-            let at = l
-                .find(": kvm_")
-                .and_then(|i| l[..i].split_whitespace().last())
-                .and_then(|t| t.parse::<f64>().ok());
-            match (at, uptime) {
-                (Some(at), Some(u)) => u - at <= within,
-                _ => true,
-            }
+    with_uptime(text)
+        .filter(|(uptime, l)| match (time_of(l), uptime) {
+            (Some(at), Some(u)) => u - at <= within,
+            _ => true,
         })
+        .map(|(_, l)| l)
         .collect::<Vec<_>>()
         .join("\n")
+}
+
+/// Each line of `text` with its host's uptime as the last `uptime=` line above it (or
+/// that line itself) says.
+fn with_uptime(text: &str) -> impl Iterator<Item = (Option<f64>, &str)> {
+    let mut uptime = None;
+    text.lines().map(move |l| {
+        if let Some(u) = l.trim().strip_prefix("uptime=") {
+            uptime = u.parse().ok();
+        }
+        (uptime, l)
+    })
+}
+
+/// When a trace line's KVM event happened, in seconds since its host booted.
+fn time_of(line: &str) -> Option<f64> {
+    let i = line.find(": kvm_")?;
+    line[..i].split_whitespace().last()?.parse().ok()
+}
+
+/// The hexadecimal number after `key` in a trace line (`rip 0x...`, `intr_info 0x...`).
+fn hex_after(line: &str, key: &str) -> Option<u64> {
+    let at = line.find(key)? + key.len();
+    let word = line[at..].split_whitespace().next()?;
+    u64::from_str_radix(word.trim_start_matches("0x"), 16).ok()
 }
 
 /// One shutdown exit read from a trace line.
@@ -66,31 +81,19 @@ pub struct Shutdown {
 /// The shutdown exits in `text` (lines of the `kvm_exit` trace event), of one test host
 /// or several, each after its `uptime=` line.
 pub fn shutdowns(text: &str) -> Vec<Shutdown> {
-    let mut uptime: Option<f64> = None;
-    text.lines()
-        .filter_map(|l| {
-            if let Some(u) = l.trim().strip_prefix("uptime=") {
-                uptime = u.parse().ok();
-                return None;
-            }
+    with_uptime(text)
+        .filter_map(|(uptime, l)| {
             if !(l.contains("kvm_exit:") && l.contains("reason shutdown")) {
                 return None;
             }
-            let word_after = |key: &str| {
-                let at = l.find(key)? + key.len();
-                l[at..].split_whitespace().next()
-            };
-            let at = l[..l.find("kvm_exit:")?]
+            let at = time_of(l)?;
+            let vcpu = l[l.find("vcpu ")? + 5..]
                 .split_whitespace()
-                .last()?
-                .trim_end_matches(':')
+                .next()?
                 .parse()
                 .ok()?;
-            let vcpu = word_after("vcpu ")?.parse().ok()?;
-            let rip =
-                u64::from_str_radix(word_after(" rip ")?.trim_start_matches("0x"), 16).ok()?;
-            let intr_info = word_after(" intr_info ")
-                .and_then(|w| u32::from_str_radix(w.trim_start_matches("0x"), 16).ok());
+            let rip = hex_after(l, " rip ")?;
+            let intr_info = hex_after(l, " intr_info ").and_then(|i| u32::try_from(i).ok());
             Some(Shutdown {
                 vcpu,
                 rip,
@@ -113,14 +116,9 @@ pub fn fetch_fault_after_nested_fault(text: &str) -> Option<String> {
         .filter(|l| l.contains("kvm_exit:"))
         .filter_map(|l| Some((l.split_whitespace().next()?, l)))
         .collect();
-    let word_after = |l: &str, key: &str| -> Option<u64> {
-        let at = l.find(key)? + key.len();
-        let w = l[at..].split_whitespace().next()?;
-        u64::from_str_radix(w.trim_start_matches("0x"), 16).ok()
-    };
     exits.iter().enumerate().find_map(|(i, (thread, line))| {
-        let intr = word_after(line, " intr_info ")?;
-        let code = word_after(line, " error_code ")?;
+        let intr = hex_after(line, " intr_info ")?;
+        let code = hex_after(line, " error_code ")?;
         let fetch_fault = line.contains("reason shutdown")
             && intr & (1 << 31) != 0
             && intr & 0xff == 14
@@ -128,9 +126,9 @@ pub fn fetch_fault_after_nested_fault(text: &str) -> Option<String> {
         if !fetch_fault {
             return None;
         }
-        let rip = word_after(line, " rip ")?;
+        let rip = hex_after(line, " rip ")?;
         let (_, before) = exits[..i].iter().rev().find(|(t, _)| t == thread)?;
-        (before.contains("reason npf") && word_after(before, " rip ")? == rip)
+        (before.contains("reason npf") && hex_after(before, " rip ")? == rip)
             .then(|| format!("{}\n{}", before.trim(), line.trim()))
     })
 }

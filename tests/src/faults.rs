@@ -85,14 +85,7 @@ impl Fixture {
 
     /// Whether both test hosts still run commands (and neither reported a stuck CPU).
     pub fn hosts_alive(&self) -> bool {
-        (0..2).all(|h| {
-            let host = self.lab.host(h);
-            !host.was_killed()
-                && host.kernel_stall().is_none()
-                && host
-                    .run("true", Duration::from_secs(20))
-                    .is_ok_and(|o| o.success())
-        })
+        (0..2).all(|h| self.lab.host(h).healthy())
     }
 
     /// Waits up to `secs` for the mcvmm of `host` to end.

@@ -141,13 +141,10 @@ pub(super) fn failure_report(l: &Lab, ns: &str, n: usize, e: &RoundFailure) -> S
 pub(super) fn lab_retry(lab: &Lab, chain: &Chain, label: &str, phase: Phase, why: &str) -> bool {
     let all: Vec<&mcvmm_lab::TestHost> = lab.hosts().iter().collect();
     let kept = crate::evidence::keep(label, &all, None, why);
-    let dead = all.iter().enumerate().any(|(i, h)| {
-        chain.powered_off != Some(i)
-            && (h.kernel_stall().is_some()
-                || !h
-                    .run("true", Duration::from_secs(20))
-                    .is_ok_and(|o| o.success()))
-    });
+    let dead = all
+        .iter()
+        .enumerate()
+        .any(|(i, h)| chain.powered_off != Some(i) && !h.healthy());
     let lost = crate::guest::lost_signature(why);
     let cause = if dead {
         Cause::HostDied

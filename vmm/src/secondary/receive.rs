@@ -78,7 +78,6 @@ pub(super) fn receive(
         .sync_in_background(REPLICA_SYNC_EVERY)
         .map_err(connection)?;
     let mut rx = Receiver::new(mem.clone(), disks, shared.progress.clone());
-    rx.watch_sync(background.failed());
     let patient = Patient::new(
         stream.try_clone().map_err(connection)?,
         cfg.timeout,
